@@ -1,0 +1,64 @@
+"""CapaBoost bottleneck adapter beside (or after) a transformer block's MLP.
+
+AdaptFormer-style parallel adapter (the CapaBoost paper's "PAdapter"):
+
+    out = mlp(x) + s * [ sum_i (W_up⊙M^up_i) act((W_down⊙M^down_i) x + b_down) + b_up ]
+
+computed as ONE bottleneck of width d*b: W_down_cat = [W_down⊙M^down_1; ...] (d*b x dim), b_down repeated d times,
+W_up_cat = [W_up⊙M^up_1 | ...] (dim x d*b); b_up is added once. ``placement='sequential'`` feeds the MLP's
+output instead: out = mlp(x) + s * adapter(mlp(x)).
+
+The adapter is attached as ``mlp.capaboost_adapter`` and runs from a forward hook on the MLP, so every base
+parameter name (``blocks.0.mlp.fc1.weight``...) stays as it was.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import CapaBoostConfig
+from .masks import InferenceCache, apply_masks, make_masks
+
+
+class CapaBoostAdapter(nn.Module):
+    """Masked-branch bottleneck adapter with one shared (W_down, b_down, W_up, b_up)."""
+
+    def __init__(self, dim: int, config: CapaBoostConfig, name: str, device=None, dtype=None) -> None:
+        super().__init__()
+        b, d = config.adapter_bottleneck, config.num_masks
+        if b > dim:
+            raise ValueError(f'adapter_bottleneck={b} is invalid for {name} (width {dim}): it must be at most {dim}')
+        self.num_masks, self.scale, self.placement = d, config.adapter_scale, config.adapter_placement
+        dd = dict(device=device, dtype=dtype)
+        self.down_weight = nn.Parameter(torch.empty(b, dim, **dd))
+        self.down_bias = nn.Parameter(torch.zeros(b, **dd))
+        self.up_weight = nn.Parameter(torch.zeros(dim, b, **dd))  # zero: output = base at init
+        self.up_bias = nn.Parameter(torch.zeros(dim, **dd))
+        nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
+        self.act = nn.ReLU()
+        masks = dict(num_masks=d, density=config.mask_density, mask_type=config.mask_type, nm=config.nm,
+                     seed=config.seed)
+        mask_down = make_masks((b, dim), name=f'{name}.down_weight', **masks)  # (d, b, dim)
+        mask_up = make_masks((dim, b), name=f'{name}.up_weight', **masks)  # (d, dim, b)
+        self.register_buffer('mask_down', mask_down.to(device))  # (d, b, dim)
+        self.register_buffer('mask_up', mask_up.permute(1, 0, 2).contiguous().to(device))  # (dim, d, b)
+        self._cache = InferenceCache()
+
+    def masked_weights(self):
+        """(W_down_cat (d*b, dim), b_down_cat (d*b,), W_up_cat (dim, d*b))."""
+        down = (self.down_weight.unsqueeze(0) * self.mask_down).flatten(0, 1)  # (d, b, dim) -> (d*b, dim)
+        return down, self.down_bias.repeat(self.num_masks), apply_masks(self.up_weight, self.mask_up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = (self.down_weight, self.down_bias, self.up_weight)
+        down, down_bias, up = self._cache.get(params, self.masked_weights)
+        return self.scale * F.linear(self.act(F.linear(x, down, down_bias)), up, self.up_bias)
+
+    def mlp_hook(self, mlp: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the MLP: add the adapter's output to the MLP's."""
+        return output + self(args[0] if self.placement == 'parallel' else output)
+
+    def extra_repr(self) -> str:
+        b, dim = self.down_weight.shape
+        return f'dim={dim}, bottleneck={b}, num_masks={self.num_masks}, scale={self.scale}, placement={self.placement}'

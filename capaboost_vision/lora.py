@@ -1,0 +1,80 @@
+"""CapaBoost-LoRA: a LoRA ``nn.Linear`` whose update is the sum of d masked copies of one shared (A, B).
+
+    y = x W0^T + b + (alpha/r) * sum_i x (A⊙M^A_i)^T (B⊙M^B_i)^T = x W0^T + b + (alpha/r) * x A_cat^T B_cat^T
+
+with A_cat = [A⊙M^A_1; ...; A⊙M^A_d] (d*r x in) and B_cat = [B⊙M^B_1 | ... | B⊙M^B_d] (out x d*r): one rank-d*r
+product, so the stored parameters are those of a rank-r LoRA while rank(ΔW) reaches d*r. Gradients on the shared
+(A, B) are automatically the sum of the per-branch masked gradients (the official tied-copies semantics).
+Being an ``nn.Linear`` subclass (as in microsoft/loralib), the base ``weight``/``bias`` names never change.
+"""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import CapaBoostConfig
+from .masks import InferenceCache, apply_masks, make_masks
+
+
+class CapaBoostLoRALinear(nn.Linear):
+    """LoRA linear layer with ``num_masks`` static masked branches of one shared rank-r pair (A, B)."""
+
+    def __init__(self, base: nn.Linear, config: CapaBoostConfig, name: str) -> None:
+        out_features, in_features = base.weight.shape
+        if config.rank > min(in_features, out_features):
+            raise ValueError(
+                f'rank={config.rank} is invalid for {name} ({in_features}->{out_features}): '
+                f'it must be at most {min(in_features, out_features)}')
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight, self.bias = base.weight, base.bias  # shared with the base layer: same names, no copy
+        self.rank, self.num_masks, self.scaling = config.rank, config.num_masks, config.scaling
+        dd = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(config.rank, in_features, **dd))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, **dd))  # zero: output = base at init
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        masks = dict(num_masks=config.num_masks, density=config.mask_density, mask_type=config.mask_type,
+                     nm=config.nm, seed=config.seed)
+        # each factor's masks have its reduction dim last (N:M groups run along it): A (r, in), B (out, r)
+        mask_a = make_masks((config.rank, in_features), name=f'{name}.lora_A', **masks)  # (d, r, in)
+        mask_b = make_masks((out_features, config.rank), name=f'{name}.lora_B', **masks)  # (d, out, r)
+        self.register_buffer('lora_mask_A', mask_a.to(dd['device']))  # (d, r, in)
+        self.register_buffer('lora_mask_B', mask_b.permute(1, 0, 2).contiguous().to(dd['device']))  # (out, d, r)
+        self._cache = InferenceCache()
+
+    def masked_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(A_cat, B_cat): A_cat (d*r, in), B_cat (out, d*r), the concatenated masked branches."""
+        a_cat = (self.lora_A.unsqueeze(0) * self.lora_mask_A).flatten(0, 1)  # (d, r, in) -> (d*r, in)
+        b_cat = apply_masks(self.lora_B, self.lora_mask_B)  # (out, d*r)
+        return a_cat, b_cat
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = (alpha/r) * B_cat A_cat, shape (out, in)."""
+        a_cat, b_cat = self.masked_factors()
+        return self.scaling * b_cat @ a_cat
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a_cat, b_cat = self._cache.get((self.lora_A, self.lora_B), self.masked_factors)
+        # scaling folded into the small factor rather than the (tokens x out) result
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.lora_dropout(x), a_cat),
+                                                              b_cat * self.scaling)
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with ΔW folded into the base weight."""
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            merged.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
+            if self.bias is not None:
+                merged.bias.copy_(self.bias)
+        merged.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            merged.bias.requires_grad_(self.bias.requires_grad)
+        return merged
+
+    def extra_repr(self) -> str:
+        return (f'{super().extra_repr()}, rank={self.rank}, num_masks={self.num_masks}, '
+                f'scaling={self.scaling:g}, max_rank={min(self.num_masks * self.rank, self.in_features, self.out_features)}')

@@ -1,0 +1,100 @@
+"""Static binary masks for CapaBoost.
+
+Each adapted factor gets ``num_masks`` masks, drawn once at creation and never trained. They are generated on
+the CPU from a generator seeded by a stable hash of (seed, module name, factor name, branch index), so the same
+config gives the same masks in any process, whatever the global RNG state. The masks are also stored as buffers
+and saved with the adapter, so a reload never depends on regenerating them.
+"""
+import hashlib
+from typing import Sequence, Tuple
+
+import torch
+
+MASK_TYPES = ('random', 'nm')
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from the parts' text, stable across processes and Python versions (unlike ``hash()``)."""
+    digest = hashlib.sha256('/'.join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], 'little') & ((1 << 63) - 1)
+
+
+def random_mask(shape: Sequence[int], density: float, generator: torch.Generator) -> torch.Tensor:
+    """A bool mask keeping exactly floor(density * numel) entries, chosen uniformly at random."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    keep = int(density * numel)
+    flat = torch.zeros(numel, dtype=torch.bool)
+    flat[torch.randperm(numel, generator=generator)[:keep]] = True
+    return flat.view(*shape)
+
+
+def nm_mask(shape: Sequence[int], n: int, m: int, generator: torch.Generator) -> torch.Tensor:
+    """An N:M structured mask: in every group of M consecutive entries along the last (reduction) dim, N are kept.
+
+    This is the layout sparse tensor cores accelerate (2:4 along the input dimension of a weight).
+    """
+    *lead, last = shape
+    if last % m:
+        raise ValueError(f'mask_type="nm" needs the reduction dimension ({last}) divisible by M={m}')
+    groups = torch.rand(*lead, last // m, m, generator=generator)  # (..., groups, M)
+    keep = groups.argsort(dim=-1)[..., :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.view(*shape)
+
+
+def make_masks(
+        shape: Sequence[int],
+        num_masks: int,
+        density: float,
+        mask_type: str,
+        nm: Tuple[int, int],
+        seed: int,
+        name: str,
+) -> torch.Tensor:
+    """``num_masks`` independent masks for one factor of shape ``shape``: a bool tensor (num_masks, *shape).
+
+    ``density == 1`` gives all-ones masks (plain, unmasked branches).
+    """
+    masks = []
+    for branch in range(num_masks):
+        generator = torch.Generator(device='cpu').manual_seed(stable_seed(seed, name, branch))
+        if density >= 1.0:
+            masks.append(torch.ones(*shape, dtype=torch.bool))
+        elif mask_type == 'nm':
+            masks.append(nm_mask(shape, nm[0], nm[1], generator))
+        else:
+            masks.append(random_mask(shape, density, generator))
+    return torch.stack(masks)
+
+
+def apply_masks(weight: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Concatenate the masked copies of ``weight`` along its last (rank) dimension, without d parameter copies.
+
+    weight: (rows, k); masks: (rows, d, k) bool  ->  (rows, d*k) = [W⊙M_1 | W⊙M_2 | ... | W⊙M_d]
+    """
+    rows, num_masks, k = masks.shape
+    return (weight.unsqueeze(1) * masks).reshape(rows, num_masks * k)
+
+
+class InferenceCache:
+    """Holds tensors computed from parameters (masked, concatenated weights) while nothing can change them.
+
+    Used only when autograd is off (``torch.no_grad``/``inference_mode``), so inference pays for masking once.
+    The key is every parameter's in-place version counter, pointer and dtype: an optimizer step,
+    ``load_state_dict`` or ``.to()`` invalidates it.
+    """
+
+    def __init__(self) -> None:
+        self.key = None
+        self.value = None
+
+    def get(self, params: Sequence[torch.Tensor], compute):
+        if torch.is_grad_enabled():
+            self.key = self.value = None
+            return compute()
+        key = tuple((p._version, p.data_ptr(), p.dtype) for p in params) + (torch.is_inference_mode_enabled(),)
+        if key != self.key:
+            self.value, self.key = compute(), key
+        return self.value

@@ -1,0 +1,191 @@
+"""CapaBoost deep prompts (VPT-deep) for ViT and Swin.
+
+The prompts of all blocks of one width, stacked, form a matrix P (blocks*n x dim). Plain VPT-deep learns P
+directly. CapaBoost factorises it, P = sum_i (U⊙M^U_i)(V⊙M^V_i)^T = U_cat V_cat^T with U (blocks*n x r) and
+V (dim x r), so P reaches rank d*r at the stored cost of rank r (masking P itself would only rescale it).
+P is materialised once per forward pass (and once at all at inference, see ``InferenceCache``), so inference
+costs plain VPT-deep.
+
+- ViT: n prompt tokens are inserted after the prefix (class/register) tokens before block 0 and replaced
+  before every later block (VPT-deep); they are dropped after the last block so pooling sees the usual tokens.
+- Swin: each window attention gets its block's n prompts as extra keys/values (projected by the block's own
+  frozen qkv), with zero relative-position bias and no shift mask for them.
+
+Everything runs from hooks (and, for Swin, a subclass of timm's WindowAttention swapped in place), so every base
+parameter name stays as it was; the prompts live under ``capaboost_prompt``.
+"""
+import math
+from functools import partial
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.swin_transformer import WindowAttention
+
+from .config import CapaBoostConfig
+from .masks import InferenceCache, apply_masks, make_masks
+
+
+class PromptBank(nn.Module):
+    """The stacked prompts of ``num_blocks`` blocks of width ``dim``: plain, or CapaBoost-factorised."""
+
+    def __init__(self, num_blocks: int, dim: int, config: CapaBoostConfig, name: str, init_bound: float,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_blocks, self.length, self.dim = num_blocks, config.prompt_length, dim
+        rows = num_blocks * config.prompt_length
+        dd = dict(device=device, dtype=dtype)
+        if config.prompt_rank is None:  # plain VPT-deep: uniform init as in VPT
+            self.prompt = nn.Parameter(torch.empty(rows, dim, **dd).uniform_(-init_bound, init_bound))
+            return
+        r, d, rho = config.prompt_rank, config.num_masks, config.mask_density
+        if r > min(rows, dim):
+            raise ValueError(f'prompt_rank={r} is invalid for {name} ({rows}x{dim} prompts): '
+                             f'it must be at most {min(rows, dim)}')
+        # balanced factors whose product has VPT's prompt variance (bound^2 / 3) over ~d*r*rho^2 kept terms
+        std = (init_bound ** 2 / 3 / (d * r * rho * rho)) ** 0.25
+        self.prompt_U = nn.Parameter(torch.randn(rows, r, **dd) * std)
+        self.prompt_V = nn.Parameter(torch.randn(dim, r, **dd) * std)
+        masks = dict(num_masks=d, density=rho, mask_type=config.mask_type, nm=config.nm, seed=config.seed)
+        mask_u = make_masks((rows, r), name=f'{name}.prompt_U', **masks)  # (d, rows, r)
+        mask_v = make_masks((dim, r), name=f'{name}.prompt_V', **masks)  # (d, dim, r)
+        self.register_buffer('mask_U', mask_u.permute(1, 0, 2).contiguous().to(device))  # (rows, d, r)
+        self.register_buffer('mask_V', mask_v.permute(1, 0, 2).contiguous().to(device))  # (dim, d, r)
+        self._cache = InferenceCache()
+
+    @property
+    def factorised(self) -> bool:
+        return not hasattr(self, 'prompt')
+
+    def materialize(self) -> torch.Tensor:
+        """The prompts, shape (num_blocks, n, dim)."""
+        if not self.factorised:
+            prompts = self.prompt
+        else:
+            # (rows, d*r) @ (d*r, dim) -> (rows, dim)
+            prompts = apply_masks(self.prompt_U, self.mask_U) @ apply_masks(self.prompt_V, self.mask_V).t()
+        return prompts.view(self.num_blocks, self.length, self.dim)
+
+    def max_rank(self) -> int:
+        rows = self.num_blocks * self.length
+        if not self.factorised:
+            return min(rows, self.dim)
+        return min(self.mask_U.shape[1] * self.prompt_U.shape[1], rows, self.dim)
+
+    def cached(self) -> torch.Tensor:
+        if not self.factorised:
+            return self.materialize()
+        return self._cache.get((self.prompt_U, self.prompt_V), self.materialize)
+
+
+class DeepPrompt(nn.Module):
+    """All prompt banks of a model (one per block width), materialised once per forward pass."""
+
+    def __init__(self, banks: List[PromptBank], dropout: float) -> None:
+        super().__init__()
+        self.banks = nn.ModuleList(banks)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.current: Optional[List[torch.Tensor]] = None
+
+    def start(self) -> None:
+        self.current = [self.dropout(bank.cached()) for bank in self.banks]
+
+    def stop(self) -> None:
+        self.current = None  # drop the references to this pass's graph
+
+    def get(self, group: int, index: int) -> torch.Tensor:
+        """The (n, dim) prompts of block ``index`` of width group ``group``."""
+        if self.current is None:
+            raise RuntimeError('prompts requested outside a forward pass through the first block')
+        return self.current[group][index]
+
+    # ViT hooks
+    def vit_pre_hook(self, index: int, num_prefix: int, block: nn.Module, args, kwargs):
+        if kwargs.get('attn_mask') is not None or kwargs.get('is_causal'):
+            raise ValueError('capaboost prompt models do not support attn_mask/is_causal: the prompts change the '
+                             'token count')
+        if index == 0:
+            self.start()
+        x = args[0]  # (B, prefix [+ n prompts] + patches, dim)
+        prompts = self.get(0, index).to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n, dim)
+        rest = x[:, num_prefix:] if index == 0 else x[:, num_prefix + prompts.shape[1]:]
+        return (torch.cat([x[:, :num_prefix], prompts, rest], dim=1), *args[1:]), kwargs
+
+    def vit_last_hook(self, num_prefix: int, block: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        n = self.banks[0].length
+        self.stop()
+        return torch.cat([output[:, :num_prefix], output[:, num_prefix + n:]], dim=1)
+
+    # Swin hooks
+    def start_hook(self, module: nn.Module, args) -> None:
+        self.start()
+
+    def stop_hook(self, module: nn.Module, args, output) -> None:
+        self.stop()
+
+
+class PromptedWindowAttention(WindowAttention):
+    """timm's WindowAttention with the block's prompts as extra keys/values (zero bias, never masked)."""
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        deep_prompt, group, index = self._capaboost_prompt
+        prompt = deep_prompt.get(group, index).to(x.dtype)  # (n, C)
+        B_, N, C = x.shape
+        n = prompt.shape[0]
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, H, N, hd)
+        _, pk, pv = self.qkv(prompt).reshape(n, 3, self.num_heads, -1).permute(1, 2, 0, 3).unbind(0)  # (H, n, hd)
+        k = torch.cat([pk.expand(B_, -1, -1, -1), k], dim=2)  # (B_, H, n+N, hd)
+        v = torch.cat([pv.expand(B_, -1, -1, -1), v], dim=2)
+        bias = self._get_rel_pos_bias()  # (1, H, N, N)
+        if mask is not None:  # (nW, N, N) shift mask, windows innermost in B_ as in timm
+            num_win = mask.shape[0]
+            bias = (bias.unsqueeze(1) + mask.view(1, num_win, 1, N, N)).expand(B_ // num_win, -1, -1, -1, -1)
+            bias = bias.reshape(B_, self.num_heads, N, N)
+        bias = F.pad(bias, (n, 0)).to(q.dtype)  # (.., N, n+N): zero bias on the prompt keys
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.proj(x.transpose(1, 2).reshape(B_, N, -1))
+        return self.proj_drop(x)
+
+
+def vpt_init_bound(patch_size, dim: int) -> float:
+    """VPT's uniform init bound sqrt(6 / (3 * patch_area + dim))."""
+    return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
+
+
+def build_vit_prompt(model: nn.Module, config: CapaBoostConfig) -> DeepPrompt:
+    p = model.blocks[0].attn.qkv.weight
+    bound = vpt_init_bound(model.patch_embed.patch_size, model.embed_dim)
+    bank = PromptBank(len(model.blocks), model.embed_dim, config, 'capaboost_prompt.banks.0', bound,
+                      device=p.device, dtype=p.dtype)
+    return DeepPrompt([bank], config.prompt_dropout)
+
+
+def install_vit_prompt(model: nn.Module, deep_prompt: DeepPrompt) -> None:
+    model.capaboost_prompt = deep_prompt
+    num_prefix = model.num_prefix_tokens
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(partial(deep_prompt.vit_pre_hook, i, num_prefix), with_kwargs=True)
+    model.blocks[-1].register_forward_hook(partial(deep_prompt.vit_last_hook, num_prefix))
+
+
+def build_swin_prompt(model: nn.Module, config: CapaBoostConfig) -> DeepPrompt:
+    banks = []
+    for s, stage in enumerate(model.layers):
+        qkv = stage.blocks[0].attn.qkv
+        dim = qkv.in_features
+        bound = vpt_init_bound(model.patch_embed.patch_size, dim)
+        banks.append(PromptBank(len(stage.blocks), dim, config, f'capaboost_prompt.banks.{s}', bound,
+                                device=qkv.weight.device, dtype=qkv.weight.dtype))
+    return DeepPrompt(banks, config.prompt_dropout)
+
+
+def install_swin_prompt(model: nn.Module, deep_prompt: DeepPrompt) -> None:
+    model.capaboost_prompt = deep_prompt
+    for s, stage in enumerate(model.layers):
+        for j, block in enumerate(stage.blocks):
+            block.attn.__class__ = PromptedWindowAttention
+            block.attn._capaboost_prompt = (deep_prompt, s, j)  # a plain tuple: not registered as a submodule
+    model.layers[0].blocks[0].register_forward_pre_hook(deep_prompt.start_hook)
+    model.layers[-1].blocks[-1].register_forward_hook(deep_prompt.stop_hook)

@@ -1,0 +1,159 @@
+"""Applying CapaBoost to a timm ViT or Swin: plan every module first, then install them all (never half-way)."""
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import torch.nn as nn
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
+
+from .adapter import CapaBoostAdapter
+from .config import CapaBoostConfig
+from .lora import CapaBoostLoRALinear
+from .prompt import build_swin_prompt, build_vit_prompt, install_swin_prompt, install_vit_prompt
+
+CAPABOOST_MODULES = (CapaBoostLoRALinear, CapaBoostAdapter)
+
+
+def model_family(model: nn.Module) -> str:
+    """'vit' or 'swin'; a ValueError for anything else."""
+    if isinstance(model, VisionTransformer):
+        return 'vit'
+    if isinstance(model, SwinTransformer):
+        return 'swin'
+    raise ValueError(f'model of type {type(model).__name__} is not supported: CapaBoost applies to timm '
+                     f'VisionTransformer (ViT, DeiT, DINOv2) and SwinTransformer models')
+
+
+def transformer_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(qualified name, block) for every transformer block, in order."""
+    if model_family(model) == 'vit':
+        return [(f'blocks.{i}', b) for i, b in enumerate(model.blocks)]
+    return [(f'layers.{s}.blocks.{j}', b) for s, stage in enumerate(model.layers) for j, b in enumerate(stage.blocks)]
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classifier: ``head`` for ViT, ``head.fc`` for Swin."""
+    return model.head if model_family(model) == 'vit' else model.head.fc
+
+
+def is_capaboost_key(key: str) -> bool:
+    """True for state-dict keys that belong to CapaBoost (parameters and masks), not to the base model."""
+    return any(part.startswith(('lora_', 'capaboost_')) for part in key.split('.'))
+
+
+def apply_capaboost(model: nn.Module, config: CapaBoostConfig) -> nn.Module:
+    """Add CapaBoost ``config.method`` to a timm ViT/Swin in place and freeze all but it and the head.
+
+    Base parameter names are unchanged, so a base checkpoint still loads into the returned model.
+    Raises ValueError (and leaves the model untouched) when the model or a setting does not fit.
+    """
+    family = model_family(model)
+    config.validate()
+    if getattr(model, 'capaboost_config', None) is not None:
+        raise ValueError('model already has CapaBoost applied (capaboost_config is set); start from a plain model')
+    blocks = transformer_blocks(model)
+
+    if config.method == 'lora':  # plan: build every layer before replacing any
+        planned = []
+        for block_name, block in blocks:
+            for target in config.target_modules:
+                parent_name, attr = target.rsplit('.', 1)
+                parent = block.get_submodule(parent_name)
+                base = getattr(parent, attr)
+                planned.append((parent, attr, CapaBoostLoRALinear(base, config, f'{block_name}.{target}')))
+        for parent, attr, layer in planned:
+            setattr(parent, attr, layer)
+    elif config.method == 'adapter':
+        planned = []
+        for block_name, block in blocks:
+            ref = block.mlp.fc1.weight
+            planned.append((block.mlp, CapaBoostAdapter(block.mlp.fc1.in_features, config,
+                                                        f'{block_name}.mlp.capaboost_adapter',
+                                                        device=ref.device, dtype=ref.dtype)))
+        for mlp, adapter in planned:
+            mlp.capaboost_adapter = adapter
+            mlp.register_forward_hook(adapter.mlp_hook)
+    else:  # prompt
+        if family == 'vit':
+            install_vit_prompt(model, build_vit_prompt(model, config))
+        else:
+            install_swin_prompt(model, build_swin_prompt(model, config))
+
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_capaboost_key(name))
+    if config.train_head:
+        head_module(model).requires_grad_(True)
+    model.capaboost_config = config
+    return model
+
+
+def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fold every CapaBoost-LoRA update into its base weight and return a plain timm model.
+
+    The result has exactly the base model's modules and state-dict keys and gives the same outputs.
+    """
+    config = getattr(model, 'capaboost_config', None)
+    if config is None or config.method != 'lora':
+        raise ValueError('merge() needs a model with CapaBoost method="lora" applied '
+                         f'(got {config.method if config else "a model without CapaBoost"}); adapters and '
+                         'prompts are not linear in the input and cannot be folded into the weights')
+    model = model if inplace else copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CapaBoostLoRALinear):
+            parent_name, attr = name.rsplit('.', 1)
+            setattr(model.get_submodule(parent_name), attr, module.to_linear())
+    del model.capaboost_config
+    return model
+
+
+@dataclass
+class ParameterReport:
+    """Parameter counts of a CapaBoost model. ``stored`` = what an adapter file holds (CapaBoost + head)."""
+    total: int
+    trainable: int
+    capaboost: int
+    head: int
+    mask_entries: int
+    max_rank: int
+    per_module: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def stored(self) -> int:
+        return self.capaboost + self.head
+
+    def __str__(self) -> str:
+        lines = [f'total parameters       {self.total:>12,}',
+                 f'trainable              {self.trainable:>12,} ({100 * self.trainable / max(self.total, 1):.3f}%)',
+                 f'  capaboost (stored)   {self.capaboost:>12,} ({self.capaboost / 1e6:.4f}M, excl. head)',
+                 f'  head                 {self.head:>12,}',
+                 f'static mask entries    {self.mask_entries:>12,} (buffers, never trained)',
+                 f'max rank of update     {self.max_rank:>12}']
+        return '\n'.join(lines)
+
+
+def parameter_report(model: nn.Module) -> ParameterReport:
+    """Trainable/stored counts, per-module CapaBoost counts and the maximum reachable rank (d*r)."""
+    head_ids = {id(p) for p in head_module(model).parameters()}
+    per_module: Dict[str, int] = {}
+    capaboost = head = trainable = total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+        if is_capaboost_key(name):
+            capaboost += p.numel()
+            module = name.rsplit('.', 1)[0]
+            per_module[module] = per_module.get(module, 0) + p.numel()
+        elif id(p) in head_ids and p.requires_grad:
+            head += p.numel()
+    masks = sum(b.numel() for n, b in model.named_buffers() if is_capaboost_key(n))
+    max_rank = 0
+    for module in model.modules():
+        if isinstance(module, CapaBoostLoRALinear):
+            max_rank = max(max_rank, min(module.num_masks * module.rank, module.in_features, module.out_features))
+        elif isinstance(module, CapaBoostAdapter):
+            max_rank = max(max_rank, module.mask_down.shape[0] * module.down_weight.shape[0])
+    prompt = getattr(model, 'capaboost_prompt', None)
+    if prompt is not None:
+        max_rank = max(bank.max_rank() for bank in prompt.banks)
+    return ParameterReport(total, trainable, capaboost, head, masks, max_rank, per_module)
