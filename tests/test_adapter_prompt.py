@@ -1,0 +1,108 @@
+import copy
+
+import pytest
+import torch
+
+from capaboost_vision import CapaBoostConfig, apply_capaboost
+from capaboost_vision.adapter import CapaBoostAdapter
+from capaboost_vision.prompt import PromptBank, PromptedWindowAttention
+from conftest import tiny_swin, tiny_vit
+from reference import naive_adapter, naive_prompts, naive_vpt_deep_vit, window_attention_with_prompts
+
+
+@pytest.mark.parametrize('cfg', [dict(), dict(num_masks=3, mask_density=0.25), dict(mask_type='nm')])
+def test_adapter_equals_naive_branch_sum_float64(cfg):
+    adapter = CapaBoostAdapter(32, CapaBoostConfig(method='adapter', **cfg), 'a', dtype=torch.float64)
+    with torch.no_grad():
+        adapter.up_weight.normal_()
+        adapter.up_bias.normal_()
+        adapter.down_bias.normal_()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    assert torch.allclose(adapter(x), naive_adapter(adapter, x), atol=1e-10, rtol=0)
+    with torch.no_grad():  # the cached inference path gives the same result
+        assert torch.allclose(adapter(x), naive_adapter(adapter, x), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
+@pytest.mark.parametrize('placement', ['parallel', 'sequential'])
+def test_adapter_model_equals_base_at_init_and_learns(make, placement):
+    base = make().eval()
+    model = apply_capaboost(copy.deepcopy(base), CapaBoostConfig(method='adapter', adapter_placement=placement))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model.eval()(x), base(x))
+    for name, p in model.named_parameters():
+        assert p.requires_grad == ('capaboost_adapter' in name or name.startswith('head')), name
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(x).logsumexp(-1).sum().backward()
+    opt.step()
+    assert not torch.allclose(model.eval()(x), base(x))
+
+
+@pytest.mark.parametrize('cfg', [dict(), dict(num_masks=3, mask_density=0.3, prompt_rank=2),
+                                 dict(prompt_rank=None)])
+def test_prompt_bank_equals_naive_branch_sum_float64(cfg):
+    bank = PromptBank(4, 24, CapaBoostConfig(method='prompt', prompt_length=3, **cfg), 'b', 0.1,
+                      dtype=torch.float64)
+    assert torch.allclose(bank.materialize(), naive_prompts(bank), atol=1e-10, rtol=0)
+
+
+def test_factorised_prompts_reach_rank_d_times_r():
+    bank = PromptBank(6, 32, CapaBoostConfig(method='prompt', prompt_length=4, prompt_rank=3), 'b', 0.1,
+                      dtype=torch.float64)
+    assert torch.linalg.matrix_rank(bank.materialize().reshape(24, 32)) == 6 == bank.max_rank()
+
+
+@pytest.mark.parametrize('cfg', [dict(), dict(prompt_rank=None), dict(num_masks=3, mask_density=0.4)])
+def test_vit_prompt_model_equals_written_out_vpt_deep_float64(cfg):
+    model = apply_capaboost(tiny_vit(reg_tokens=1).double(),
+                            CapaBoostConfig(method='prompt', prompt_length=3, prompt_rank=cfg.pop('prompt_rank', 4),
+                                            **cfg)).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref = naive_vpt_deep_vit(model, x)
+    assert torch.allclose(model(x), ref, atol=1e-10, rtol=0)
+    with torch.no_grad():  # the cached prompts at inference give the same result
+        assert torch.allclose(model(x), ref, atol=1e-10, rtol=0)
+        assert torch.allclose(model(x), ref, atol=1e-10, rtol=0)
+
+
+def test_swin_prompted_window_attention_equals_explicit_softmax_float64():
+    model = apply_capaboost(tiny_swin().double(), CapaBoostConfig(method='prompt', prompt_length=3, prompt_rank=2)).eval()
+    attn = model.layers[0].blocks[1].attn  # a shifted block
+    assert isinstance(attn, PromptedWindowAttention)
+    model.capaboost_prompt.start()
+    prompt = model.capaboost_prompt.get(0, 1)
+    x = torch.randn(2 * 4, 16, 16, dtype=torch.float64)  # (batch * windows, window area, C)
+    mask = torch.zeros(4, 16, 16, dtype=torch.float64)
+    mask[1:, :8, 8:] = float('-inf')
+    mask[1:, 8:, :8] = float('-inf')
+    assert torch.allclose(attn(x, mask=mask), window_attention_with_prompts(attn, x, prompt, mask), atol=1e-10)
+    assert torch.allclose(attn(x), window_attention_with_prompts(attn, x, prompt), atol=1e-10)
+    model.capaboost_prompt.stop()
+
+
+@pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
+def test_prompt_cache_is_invalidated_by_an_optimizer_step(make):
+    model = apply_capaboost(make(), CapaBoostConfig(method='prompt', prompt_length=2, prompt_rank=2))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model.eval()(x)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(x).logsumexp(-1).sum().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        cached = model(x)
+    assert not torch.allclose(before, cached)
+    assert torch.allclose(cached, model(x), atol=1e-6)  # grad-enabled (uncached) pass agrees
+
+
+def test_swin_prompt_model_trains_only_prompts_and_head():
+    model = apply_capaboost(tiny_swin(), CapaBoostConfig(method='prompt', prompt_length=2, prompt_rank=2))
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == ['capaboost_prompt.banks.0.prompt_U', 'capaboost_prompt.banks.0.prompt_V',
+                         'capaboost_prompt.banks.1.prompt_U', 'capaboost_prompt.banks.1.prompt_V',
+                         'head.fc.bias', 'head.fc.weight']
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(model.get_parameter(n).grad is not None for n in trainable)

@@ -1,0 +1,74 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from capaboost_vision import parameter_report
+
+NAMES = timm.list_models('*capaboost*')
+
+
+def test_all_names_registered_with_pretrained_tags():
+    expected = {f'{f}_capaboost_{m}' for f in ('vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'vit_small_dinov2',
+                                              'swin_tiny', 'swin_small', 'swin_base')
+                for m in ('lora', 'adapter', 'prompt')}
+    assert set(NAMES) == expected
+    tags = set(timm.list_pretrained('*capaboost*'))
+    assert 'vit_base_capaboost_lora.orig_in21k' in tags
+    assert 'vit_tiny_capaboost_prompt.augreg_in21k' in tags
+    assert 'swin_base_capaboost_adapter.ms_in22k' in tags
+    assert 'vit_small_dinov2_capaboost_lora.lvd142m' in tags
+    cfg = timm.models.get_pretrained_cfg('vit_base_capaboost_lora.orig_in21k')
+    assert cfg.hf_hub_id == 'timm/vit_base_patch16_224.orig_in21k'
+
+
+def _small_kwargs(name):
+    if name.startswith('swin'):
+        return dict(img_size=32, window_size=4, num_classes=3)
+    return dict(img_size=28 if 'dinov2' in name else 32, num_classes=3)
+
+
+@pytest.mark.parametrize('name', [n for n in NAMES if 'large' not in n and 'swin_base' not in n
+                                  and 'swin_small' not in n])
+def test_every_name_builds_and_runs_forward_backward(name):
+    model = timm.create_model(name, prompt_rank=4, **_small_kwargs(name))
+    size = _small_kwargs(name)['img_size']
+    out = model(torch.randn(2, 3, size, size))
+    out.sum().backward()
+    assert out.shape == (2, 3)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    assert parameter_report(model).capaboost > 0
+
+
+@pytest.mark.parametrize('name', ['vit_large_capaboost_lora', 'swin_small_capaboost_adapter',
+                                  'swin_base_capaboost_prompt'])
+def test_large_names_build_on_meta_device(name):
+    # building the big ones for real is slow on CPU; the meta device checks construction and CapaBoost wiring
+    with torch.device('meta'):
+        model = timm.create_model(name, num_classes=3)
+    assert parameter_report(model).capaboost > 0
+
+
+def test_settings_are_kwargs_and_recorded_in_model_args():
+    model = timm.create_model('vit_tiny_capaboost_lora', img_size=32, num_classes=3, rank=4, num_masks=3,
+                              mask_density=0.25, seed=5, target_modules=['attn.qkv', 'mlp.fc1'])
+    args = model._model_args
+    assert args['rank'] == 4 and args['num_masks'] == 3 and args['mask_density'] == 0.25 and args['seed'] == 5
+    assert list(args['target_modules']) == ['attn.qkv', 'mlp.fc1']
+    assert args['lora_alpha'] == 8.0  # defaults are recorded too
+    assert model.capaboost_config.num_masks == 3
+    with pytest.raises(ValueError, match='method'):
+        timm.create_model('vit_tiny_capaboost_lora', method='adapter')
+
+
+def test_pretrained_cfg_overlay_file_loads_local_base_weights(tmp_path):
+    base = timm.create_model('vit_tiny_patch16_224', img_size=32, num_classes=0)
+    path = tmp_path / 'base.safetensors'
+    save_file(base.state_dict(), str(path))
+    model = timm.create_model('vit_tiny_capaboost_lora', pretrained=True, img_size=32, num_classes=7,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert torch.equal(model.blocks[3].attn.qkv.weight, base.blocks[3].attn.qkv.weight)
+    assert model.pretrained_cfg['architecture'] == 'vit_tiny_capaboost_lora'
+    assert model.head.out_features == 7 and model.head.weight.requires_grad
+    assert not model.blocks[3].attn.qkv.weight.requires_grad
