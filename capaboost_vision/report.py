@@ -1,0 +1,146 @@
+"""Aggregate ``results.json`` files into the standard VTAB-1k table (Markdown, CSV) and a params-vs-accuracy plot.
+
+Averages, as the literature reports them: the mean of each group (Natural, Specialized, Structured), the mean of
+the three group means (VPT, NOAH, FacT) and the plain mean over tasks (SSF, V-PETL). Each is computed per seed and
+reported as mean ± std over seeds. Trainable parameters exclude the classifier head, as the literature counts.
+"""
+import csv
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ._io import atomic_path, write_text_atomic
+from .vtab import GROUPS, TASKS
+
+
+def collect(runs_dir: Path) -> List[Dict[str, Any]]:
+    results = [json.loads(p.read_text()) for p in sorted(Path(runs_dir).rglob('results.json'))]
+    if not results:
+        raise FileNotFoundError(f'no results.json under {runs_dir}')
+    return results
+
+
+def _mean_std(values: List[float]) -> Dict[str, Optional[float]]:
+    if not values:
+        return {'mean': None, 'std': None, 'n': 0}
+    return {'mean': statistics.fmean(values), 'std': statistics.stdev(values) if len(values) > 1 else 0.0,
+            'n': len(values)}
+
+
+def averages(task_acc: Dict[str, float], groups: Dict[str, str]) -> Dict[str, Optional[float]]:
+    """Group means, mean of group means, and mean over tasks, for one seed's {task: top1}."""
+    out: Dict[str, Optional[float]] = {}
+    group_means = []
+    for group in GROUPS:
+        accs = [a for t, a in task_acc.items() if groups[t] == group]
+        out[group] = statistics.fmean(accs) if accs else None
+        if accs:
+            group_means.append(out[group])
+    out['mean_of_groups'] = statistics.fmean(group_means) if group_means else None
+    out['mean_of_tasks'] = statistics.fmean(task_acc.values()) if task_acc else None
+    return out
+
+
+def summarize(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (model family, method)."""
+    by_key: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        by_key[(r['family'], r['method'])].append(r)
+    rows = []
+    for (family, method), runs in sorted(by_key.items()):
+        groups = {r['task']: r['group'] for r in runs}
+        per_seed: Dict[int, Dict[str, float]] = defaultdict(dict)
+        for r in runs:
+            per_seed[r['seed']][r['task']] = r['top1']
+        row: Dict[str, Any] = {'family': family, 'method': method, 'seeds': len(per_seed), 'tasks': sorted(groups),
+                               'params_M': statistics.fmean(r['trainable_params_excl_head'] for r in runs) / 1e6}
+        row['task'] = {t: _mean_std([s[t] for s in per_seed.values() if t in s]) for t in groups}
+        seed_avgs = [averages(s, groups) for s in per_seed.values()]
+        for key in (*GROUPS, 'mean_of_groups', 'mean_of_tasks'):
+            row[key] = _mean_std([a[key] for a in seed_avgs if a[key] is not None])
+        rows.append(row)
+    return rows
+
+
+def _fmt(cell: Dict[str, Optional[float]]) -> str:
+    if cell['mean'] is None:
+        return '–'
+    return f'{cell["mean"]:.1f}' + (f' ± {cell["std"]:.1f}' if cell['n'] > 1 else '')
+
+
+def _ordered_tasks(rows: List[Dict[str, Any]]) -> List[str]:
+    """The VTAB tasks present, in the standard order, then any custom tasks."""
+    present = {t for r in rows for t in r['tasks']}
+    return [t for t in TASKS if t in present] + sorted(present - set(TASKS))
+
+
+def to_markdown(rows: List[Dict[str, Any]]) -> str:
+    tasks = _ordered_tasks(rows)
+    header = ['model', 'method', 'params (M)', *tasks, 'Natural', 'Specialized', 'Structured',
+              'Mean (3 groups)', 'Mean (tasks)', 'seeds']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for r in rows:
+        cells = [r['family'], r['method'], f'{r["params_M"]:.3f}',
+                 *[_fmt(r['task'][t]) if t in r['task'] else '–' for t in tasks],
+                 *[_fmt(r[g]) for g in GROUPS], _fmt(r['mean_of_groups']), _fmt(r['mean_of_tasks']),
+                 str(r['seeds'])]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def to_csv(rows: List[Dict[str, Any]], path: Path) -> None:
+    tasks = _ordered_tasks(rows)
+    keys = [*GROUPS, 'mean_of_groups', 'mean_of_tasks']
+    with atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['family', 'method', 'params_M', 'seeds', *[f'{t}_{s}' for t in tasks + keys
+                                                               for s in ('mean', 'std')]])
+        for r in rows:
+            cells = []
+            for t in tasks + keys:
+                cell = r['task'].get(t) if t in tasks else r[t]
+                cells += ['' if not cell or cell['mean'] is None else f'{cell[s]:.4f}' for s in ('mean', 'std')]
+            w.writerow([r['family'], r['method'], f'{r["params_M"]:.6f}', r['seeds'], *cells])
+
+
+def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
+    """PNG of average accuracy vs trainable parameters; False (with a message) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('note: matplotlib is not installed, so no plot was written (pip install matplotlib)')
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        y = r['mean_of_groups']['mean']
+        if y is None:
+            continue
+        ax.errorbar(r['params_M'], y, yerr=r['mean_of_groups']['std'] or 0, fmt='o', capsize=3)
+        ax.annotate(f'{r["method"]} ({r["family"]})', (r['params_M'], y), textcoords='offset points',
+                    xytext=(4, 4), fontsize=7)
+    ax.set_xscale('symlog', linthresh=0.01)
+    ax.set_xlabel('trainable parameters excl. head (M)')
+    ax.set_ylabel('mean top-1 of group means (%)')
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(runs_dir: Path, prefix: Optional[Path] = None) -> Dict[str, Path]:
+    rows = summarize(collect(runs_dir))
+    prefix = Path(prefix or Path(runs_dir) / 'report')
+    md = to_markdown(rows)
+    write_text_atomic(prefix.with_suffix('.md'), md)
+    to_csv(rows, prefix.with_suffix('.csv'))
+    out = {'markdown': prefix.with_suffix('.md'), 'csv': prefix.with_suffix('.csv')}
+    if plot(rows, prefix.with_suffix('.png')):
+        out['png'] = prefix.with_suffix('.png')
+    print(md)
+    return out

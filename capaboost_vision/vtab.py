@@ -1,0 +1,87 @@
+"""The VTAB-1k task registry: the 19 tasks, their class counts, groups and common folder aliases."""
+import difflib
+from pathlib import Path
+from typing import Dict, List, NamedTuple, Optional
+
+import yaml
+
+GROUPS = ('natural', 'specialized', 'structured')
+
+
+class Task(NamedTuple):
+    name: str
+    num_classes: int
+    group: str
+
+
+TASKS: Dict[str, Task] = {t.name: t for t in [
+    Task('cifar', 100, 'natural'), Task('caltech101', 102, 'natural'), Task('dtd', 47, 'natural'),
+    Task('oxford_flowers102', 102, 'natural'), Task('oxford_iiit_pet', 37, 'natural'), Task('svhn', 10, 'natural'),
+    Task('sun397', 397, 'natural'),
+    Task('patch_camelyon', 2, 'specialized'), Task('eurosat', 10, 'specialized'), Task('resisc45', 45, 'specialized'),
+    Task('diabetic_retinopathy', 5, 'specialized'),
+    Task('clevr_count', 8, 'structured'), Task('clevr_dist', 6, 'structured'), Task('dmlab', 6, 'structured'),
+    Task('kitti', 4, 'structured'), Task('dsprites_loc', 16, 'structured'), Task('dsprites_ori', 16, 'structured'),
+    Task('smallnorb_azi', 18, 'structured'), Task('smallnorb_ele', 9, 'structured'),
+]}
+
+# folder / task names used by other preparation scripts and papers
+ALIASES: Dict[str, List[str]] = {
+    'cifar': ['cifar100', 'cifar_100'],
+    'caltech101': ['caltech'],
+    'oxford_flowers102': ['flowers102', 'oxford_flowers'],
+    'oxford_iiit_pet': ['oxford_pet', 'pets', 'oxford_iiit_pets'],
+    'sun397': ['sun'],
+    'patch_camelyon': ['camelyon', 'pcam'],
+    'diabetic_retinopathy': ['retinopathy', 'diabetic_retinopathy_detection'],
+    'clevr_count': ['clevr_count_all'],
+    'clevr_dist': ['clevr_closest_object_distance', 'clevr_distance'],
+    'dmlab': ['dmlab_frames'],
+    'kitti': ['kitti_dist', 'kitti_closest_vehicle_distance'],
+    'dsprites_loc': ['dsprites_location', 'dsprites_label_x_position'],
+    'dsprites_ori': ['dsprites_orientation', 'dsprites_label_orientation'],
+    'smallnorb_azi': ['smallnorb_azimuth', 'smallnorb_label_azimuth'],
+    'smallnorb_ele': ['smallnorb_elevation', 'smallnorb_label_elevation'],
+}
+_CANONICAL = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
+TASK_INFO_FILE = 'task.yaml'  # a custom task folder describes itself: {num_classes: N, group: G}
+
+
+def canonical_name(name: str) -> Optional[str]:
+    key = name.lower().replace('-', '_')
+    return key if key in TASKS else _CANONICAL.get(key)
+
+
+def task_dir(root: Path, name: str) -> Path:
+    """The task's folder under ``root``, trying the canonical name and its aliases."""
+    canonical = canonical_name(name) or name
+    for candidate in [name, canonical, *ALIASES.get(canonical, [])]:
+        if (Path(root) / candidate).is_dir():
+            return Path(root) / candidate
+    return Path(root) / name
+
+
+def resolve_task(name: str, root: Optional[Path] = None) -> Task:
+    """The Task for ``name`` (canonical, alias, or a custom folder with task.yaml); ValueError suggests the closest."""
+    canonical = canonical_name(name)
+    if canonical:
+        return TASKS[canonical]
+    if root is not None:
+        info_file = task_dir(root, name) / TASK_INFO_FILE
+        if info_file.is_file():
+            info = yaml.safe_load(info_file.read_text()) or {}
+            if not isinstance(info.get('num_classes'), int) or info['num_classes'] < 1:
+                raise ValueError(f'{info_file}: num_classes must be a positive integer')
+            return Task(name, info['num_classes'], str(info.get('group', 'custom')))
+    choices = list(TASKS) + list(_CANONICAL)
+    close = difflib.get_close_matches(name.lower(), choices, n=1, cutoff=0.5)
+    hint = f"; did you mean '{canonical_name(close[0])}'?" if close else ''
+    raise ValueError(f"unknown task '{name}'{hint} Known tasks: {', '.join(TASKS)} "
+                     f"(or a folder under the data path with a {TASK_INFO_FILE})")
+
+
+def resolve_tasks(names: List[str], root: Optional[Path] = None) -> List[Task]:
+    """Expand 'all' and resolve each name."""
+    if names == ['all'] or names == 'all':
+        return list(TASKS.values())
+    return [resolve_task(n, root) for n in names]
