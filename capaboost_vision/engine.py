@@ -1,8 +1,9 @@
 """One train/eval loop for every method and model: VTAB-1k protocol, checkpoints, resume, DDP.
 
 A run folder holds: ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per epoch),
-``checkpoint.pt`` (trainable weights, masks, optimizer, scheduler, epoch; rewritten atomically every epoch),
-``adapter.safetensors`` (trainable weights, masks and head) and, once finished, ``results.json``.
+``checkpoint.pt`` (trainable weights, masks, optimizer, scheduler, epoch; rewritten atomically every epoch)
+and, once finished, ``results.json`` plus the adapter (``adapter.safetensors``, ``config.json``, model card
+``README.md``: the folder loads with ``load_adapter`` or ``adapter=``) or, for linear/full, ``trainable.safetensors``.
 """
 import contextlib
 import fcntl
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from ._io import atomic_path, write_text_atomic
+from .hub import WEIGHTS_NAME, save_adapter
 from .data import PROTOCOL_SPLITS, VTABDataset, vtab_transform
 from .masks import stable_seed
 from .tuner import head_module, is_capaboost_key, parameter_report
@@ -369,11 +371,14 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
         'run_seconds': time.time() - started, 'device': str(env.device), 'world_size': env.world,
     }
     if env.main:
-        with atomic_path(run_dir / 'adapter.safetensors') as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in trainable_state(model).items()}, tmp,
-                      metadata={'architecture': f'{family_of(cfg.model)}_capaboost_{cfg.form}'
-                                if cfg.form in PEFT_FORMS else cfg.model})
-        results['adapter_bytes'] = (run_dir / 'adapter.safetensors').stat().st_size
+        if report:  # the run folder is itself an adapter folder: load_adapter / adapter= / push take it
+            save_adapter(model, run_dir, results=results, repo_id=f'{run_dir.parent.parent.name}-{cfg.method}')
+            weights = run_dir / WEIGHTS_NAME
+        else:
+            weights = run_dir / 'trainable.safetensors'
+            with atomic_path(weights) as tmp:
+                save_file({k: v.contiguous().cpu() for k, v in trainable_state(model).items()}, tmp)
+        results['adapter_file'], results['adapter_bytes'] = weights.name, weights.stat().st_size
         write_text_atomic(results_file, json.dumps(results, indent=2))
         print(f'{task.name} {cfg.method} seed {cfg.seed}: {eval_split} top-1 {results["top1"]:.2f}% -> {results_file}')
     if env.world > 1:

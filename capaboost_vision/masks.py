@@ -98,3 +98,21 @@ class InferenceCache:
         if key != self.key:
             self.value, self.key = compute(), key
         return self.value
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as packed bits (uint8, 8 entries a byte, big-endian within a byte), for compact adapter files."""
+    flat = mask.flatten().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-len(flat) % 8)]).view(-1, 8)  # (bytes, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (flat * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of ``pack_mask``."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8)
+    bits = (packed.unsqueeze(1) >> shifts) & 1  # (bytes, 8)
+    return bits.flatten()[:numel].view(*shape).bool()

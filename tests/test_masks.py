@@ -51,3 +51,11 @@ def test_masks_identical_across_processes_with_different_global_seeds():
     outs = [subprocess.run([sys.executable, '-c', _CHILD, str(s)], capture_output=True, text=True, check=True).stdout
             for s in (1, 12345)]
     assert outs[0] == outs[1] and len(outs[0].strip()) == 2 * 16 * 24
+
+
+def test_pack_unpack_round_trip():
+    from capaboost_vision.masks import pack_mask, unpack_mask
+    mask = make_masks((5, 13), 3, 0.4, 'random', (2, 4), seed=1, name='x')
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == (3 * 5 * 13 + 7) // 8
+    assert torch.equal(unpack_mask(packed, mask.shape), mask)

@@ -59,7 +59,8 @@ def test_one_epoch_of_every_method_config(method, data_root, tmp_path):
     run_dir = tmp_path / 'vit_tiny' / 'toy' / method / 'seed0'
     results = json.loads((run_dir / 'results.json').read_text())
     assert 0 <= results['top1'] <= 100 and results['epochs'] == 1 and results['eval_split'] == 'test'
-    adapter = load_file(str(run_dir / 'adapter.safetensors'))
+    adapter = load_file(str(run_dir / results['adapter_file']))
+    assert results['adapter_file'] == ('trainable.safetensors' if method in ('linear', 'full') else 'adapter.safetensors')
     assert 'head.weight' in adapter
     if method in ('lora', 'capaboost_lora'):
         assert results['trainable_params_excl_head'] == 12 * 8 * (192 + 3 * 192)  # LoRA r=8 on qkv, both

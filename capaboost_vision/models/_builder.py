@@ -3,9 +3,10 @@ loaded) by timm itself, then CapaBoost is applied and its settings recorded for 
 from typing import Any, Callable, Dict
 
 import torch.nn as nn
-from timm.models import get_pretrained_cfg
+from timm.models import PretrainedCfg, get_pretrained_cfg
 
 from ..config import CONFIG_KEYS, CapaBoostConfig
+from ..hub import load_adapter
 from ..tuner import apply_capaboost
 
 METHODS_BY_SUFFIX = {'lora': 'lora', 'adapter': 'adapter', 'prompt': 'prompt'}
@@ -26,8 +27,18 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretra
 
     CapaBoost settings (rank, num_masks, mask_density, ...) are keyword arguments; every setting, defaults
     included, lands in ``model._model_args`` so a pushed config.json rebuilds the same model.
+    ``adapter='hf-hub:org/repo[@rev]'`` or a local folder loads trained adapter weights after the base weights.
     """
     method = variant.rsplit('_', 1)[-1]
+    adapter = kwargs.pop('adapter', None)
+    source_cfg = kwargs.get('pretrained_cfg')
+    source_cfg = source_cfg.to_dict() if isinstance(source_cfg, PretrainedCfg) else source_cfg
+    if isinstance(source_cfg, dict) and source_cfg.get('source') in ('hf-hub', 'local-dir'):
+        # an adapter repo (timm's 'hf-hub:'/'local-dir:' names): the repo holds the adapter, and its recorded tag
+        # names the base weights, which load from their own source
+        if pretrained:
+            adapter = f'hf-hub:{source_cfg["hf_hub_id"]}' if source_cfg['source'] == 'hf-hub' else source_cfg['file']
+        kwargs['pretrained_cfg'] = source_cfg.get('tag') or None
     if kwargs.get('method', method) != method:
         raise ValueError(f'method={kwargs["method"]!r} is invalid for {variant}: its method is {method!r}')
     kwargs.pop('method', None)
@@ -38,4 +49,6 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretra
     recorded = config.to_dict()
     recorded.pop('method')
     model._model_args = dict(getattr(model, '_model_args', {}), **recorded)
+    if adapter:
+        load_adapter(model, adapter)
     return model
