@@ -20,7 +20,7 @@ from .vtab import resolve_tasks
 _CAPABOOST_FLAGS = {  # flag -> CapaBoostConfig field
     'rank': int, 'lora_alpha': float, 'lora_dropout': float, 'num_masks': int, 'mask_density': float,
     'mask_type': str, 'mask_seed': int, 'adapter_bottleneck': int, 'adapter_scale': float,
-    'adapter_placement': str, 'prompt_length': int, 'prompt_dropout': float,
+    'adapter_placement': str, 'prompt_length': int, 'prompt_rank': int, 'prompt_dropout': float,
 }
 
 
@@ -59,7 +59,6 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     for name, typ in _CAPABOOST_FLAGS.items():
         g.add_argument('--' + name.replace('_', '-'), type=typ)
     g.add_argument('--targets', nargs='+', help='LoRA target modules: attn.qkv attn.proj mlp.fc1 mlp.fc2')
-    g.add_argument('--prompt-rank', help='factor rank of the prompts, or "none" for plain VPT-deep')
 
 
 def _overrides(args: argparse.Namespace, task: str, method: str, seed: int) -> Dict:
@@ -73,8 +72,6 @@ def _overrides(args: argparse.Namespace, task: str, method: str, seed: int) -> D
         capaboost['seed'] = capaboost.pop('mask_seed')
     if args.targets:
         capaboost['target_modules'] = args.targets
-    if args.prompt_rank is not None:
-        capaboost['prompt_rank'] = None if args.prompt_rank.lower() == 'none' else int(args.prompt_rank)
     if capaboost:
         out['capaboost'] = capaboost
     return out

@@ -1,6 +1,6 @@
 """The one configuration object for every CapaBoost form (LoRA, adapter, prompt)."""
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from .masks import MASK_TYPES
 
@@ -14,7 +14,8 @@ class CapaBoostConfig:
     """CapaBoost settings. Defaults follow the official code: d=2 masks of density 0.5, scaling alpha/r.
 
     ``num_masks=1, mask_density=1.0`` turns each form into its plain baseline (LoRA, adapter, low-rank prompt);
-    ``prompt_rank=None`` gives plain, unfactorised VPT-deep prompts.
+    ``prompt_rank=0`` gives plain, unfactorised VPT-deep prompts (0, not None: timm's create_model drops
+    None-valued keyword arguments).
     """
     method: str = 'lora'
     num_masks: int = 2
@@ -33,7 +34,7 @@ class CapaBoostConfig:
     adapter_placement: str = 'parallel'
     # prompt
     prompt_length: int = 10
-    prompt_rank: Optional[int] = 8
+    prompt_rank: int = 8
     prompt_dropout: float = 0.0
     # what else trains
     train_head: bool = True
@@ -76,8 +77,8 @@ class CapaBoostConfig:
             bad('adapter_placement', f'choose one of {", ".join(ADAPTER_PLACEMENTS)}')
         if not isinstance(self.prompt_length, int) or self.prompt_length < 1:
             bad('prompt_length', 'an integer >= 1 is required')
-        if self.prompt_rank is not None and (not isinstance(self.prompt_rank, int) or self.prompt_rank < 1):
-            bad('prompt_rank', 'an integer >= 1, or None for plain VPT-deep prompts')
+        if isinstance(self.prompt_rank, bool) or not isinstance(self.prompt_rank, int) or self.prompt_rank < 0:
+            bad('prompt_rank', 'an integer >= 1, or 0 for plain (unfactorised) VPT-deep prompts')
         if not 0.0 <= self.prompt_dropout < 1.0:
             bad('prompt_dropout', 'must lie in [0, 1)')
 

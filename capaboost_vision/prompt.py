@@ -36,7 +36,7 @@ class PromptBank(nn.Module):
         self.num_blocks, self.length, self.dim = num_blocks, config.prompt_length, dim
         rows = num_blocks * config.prompt_length
         dd = dict(device=device, dtype=dtype)
-        if config.prompt_rank is None:  # plain VPT-deep: uniform init as in VPT
+        if config.prompt_rank == 0:  # plain VPT-deep: uniform init as in VPT
             self.prompt = nn.Parameter(torch.empty(rows, dim, **dd).uniform_(-init_bound, init_bound))
             return
         r, d, rho = config.prompt_rank, config.num_masks, config.mask_density

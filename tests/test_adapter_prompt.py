@@ -40,7 +40,7 @@ def test_adapter_model_equals_base_at_init_and_learns(make, placement):
 
 
 @pytest.mark.parametrize('cfg', [dict(), dict(num_masks=3, mask_density=0.3, prompt_rank=2),
-                                 dict(prompt_rank=None)])
+                                 dict(prompt_rank=0)])
 def test_prompt_bank_equals_naive_branch_sum_float64(cfg):
     bank = PromptBank(4, 24, CapaBoostConfig(method='prompt', prompt_length=3, **cfg), 'b', 0.1,
                       dtype=torch.float64)
@@ -53,7 +53,7 @@ def test_factorised_prompts_reach_rank_d_times_r():
     assert torch.linalg.matrix_rank(bank.materialize().reshape(24, 32)) == 6 == bank.max_rank()
 
 
-@pytest.mark.parametrize('cfg', [dict(), dict(prompt_rank=None), dict(num_masks=3, mask_density=0.4)])
+@pytest.mark.parametrize('cfg', [dict(), dict(prompt_rank=0), dict(num_masks=3, mask_density=0.4)])
 def test_vit_prompt_model_equals_written_out_vpt_deep_float64(cfg):
     model = apply_capaboost(tiny_vit(reg_tokens=1).double(),
                             CapaBoostConfig(method='prompt', prompt_length=3, prompt_rank=cfg.pop('prompt_rank', 4),

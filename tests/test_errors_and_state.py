@@ -20,6 +20,7 @@ from conftest import tiny_swin, tiny_vit
     (dict(mask_type='nm', mask_density=0.3), 'must equal N/M'),
     (dict(adapter_placement='inside'), 'adapter_placement'),
     (dict(prompt_length=0), 'prompt_length'),
+    (dict(prompt_rank=-1), 'prompt_rank=-1 is invalid: an integer >= 1, or 0 for plain'),
 ])
 def test_bad_settings_raise_value_error_naming_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):

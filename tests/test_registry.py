@@ -72,3 +72,11 @@ def test_pretrained_cfg_overlay_file_loads_local_base_weights(tmp_path):
     assert model.pretrained_cfg['architecture'] == 'vit_tiny_capaboost_lora'
     assert model.head.out_features == 7 and model.head.weight.requires_grad
     assert not model.blocks[3].attn.qkv.weight.requires_grad
+
+
+def test_plain_vpt_via_create_model_kwarg():
+    # 0 (not None, which timm's create_model drops) selects unfactorised VPT-deep prompts
+    model = timm.create_model('vit_tiny_capaboost_prompt', img_size=32, num_classes=3, prompt_rank=0,
+                              prompt_length=4)
+    assert model.capaboost_prompt.banks[0].prompt.shape == (12 * 4, 192)
+    assert model._model_args['prompt_rank'] == 0

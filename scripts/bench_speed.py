@@ -1,0 +1,252 @@
+"""Speed, memory and size of CapaBoost vs plain LoRA / adapter / VPT-deep and HF PEFT LoRA, in one process.
+
+Rows are measured interleaved (A B C ... A B C ...) after warm-up, so machine noise hits every row alike, and
+are reported as ratios to our plain LoRA r=8 and to HF PEFT LoRA r=8, next to the ratio predicted by FLOPs.
+
+    python scripts/bench_speed.py                                   # DINOv2 ViT-S/14, 112 px, CPU
+    python scripts/bench_speed.py --model vit_base --img-size 224 --batch-size 64 --device cuda --amp bf16
+
+Random weights (speed does not depend on them). Output: a Markdown table on stdout and a JSON file.
+"""
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import capaboost_vision as cv
+from capaboost_vision.engine import family_of
+
+ROWS = {  # name -> (form, CapaBoost kwargs); forms: lora/adapter/prompt through our registered models
+    'lora r8 (ours)': ('lora', dict(rank=8, num_masks=1, mask_density=1.0)),
+    'peft lora r8': ('peft', dict(rank=8)),
+    'capaboost-lora r8 d2': ('lora', dict(rank=8, num_masks=2, mask_density=0.5)),
+    'capaboost-lora r8 d4': ('lora', dict(rank=8, num_masks=4, mask_density=0.5)),
+    'adapter b8': ('adapter', dict(adapter_bottleneck=8, num_masks=1, mask_density=1.0)),
+    'capaboost-adapter b8 d2': ('adapter', dict(adapter_bottleneck=8, num_masks=2, mask_density=0.5)),
+    'vpt-deep n10': ('prompt', dict(prompt_length=10, prompt_rank=0, num_masks=1, mask_density=1.0)),
+    'capaboost-prompt n10 r8 d2': ('prompt', dict(prompt_length=10, prompt_rank=8, num_masks=2, mask_density=0.5)),
+    'linear probe': ('linear', {}),
+    'full fine-tuning': ('full', {}),
+}
+
+
+def build(row: str, args) -> torch.nn.Module:
+    form, kwargs = ROWS[row]
+    family = family_of(args.model)
+    common = dict(img_size=args.img_size, num_classes=100)
+    if form in ('lora', 'adapter', 'prompt'):
+        return timm.create_model(f'{family}_capaboost_{form}', **common, **kwargs)
+    base = timm.models.get_pretrained_cfg(f'{family}_capaboost_lora').hf_hub_id.split('/', 1)[1].split('.')[0]
+    model = timm.create_model(base, **common)
+    if form == 'peft':
+        from peft import LoraConfig, get_peft_model
+        return get_peft_model(model, LoraConfig(r=kwargs['rank'], lora_alpha=8, target_modules=['attn.qkv'],
+                                                modules_to_save=['head']))
+    if form == 'linear':
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+    return model
+
+
+class Runner:
+    """One model with its optimizer: a train step and an inference step."""
+
+    def __init__(self, model, args):
+        self.model = model.to(args.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        self.autocast = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if args.amp == 'bf16' \
+            else nullcontext
+        self.device = args.device
+
+    def sync(self):
+        if self.device == 'cuda':
+            torch.cuda.synchronize()
+
+    def train_step(self, x, y) -> float:
+        self.model.train()
+        self.sync()
+        tic = time.perf_counter()
+        with self.autocast():
+            loss = torch.nn.functional.cross_entropy(self.model(x).float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sync()
+        return time.perf_counter() - tic
+
+    def infer_step(self, model, x) -> float:
+        model.eval()
+        self.sync()
+        tic = time.perf_counter()
+        with torch.no_grad(), self.autocast():
+            model(x)
+        self.sync()
+        return time.perf_counter() - tic
+
+    def optimizer_state_bytes(self) -> int:
+        return sum(v.numel() * v.element_size() for s in self.opt.state.values() for v in s.values()
+                   if torch.is_tensor(v) and v.dim() > 0)
+
+
+def train_flops(model, x, y) -> int:
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.cross_entropy(model(x).float(), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def saved_size(row: str, model) -> int:
+    form = ROWS[row][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        if form in ('lora', 'adapter', 'prompt'):
+            cv.save_adapter(model, tmp)
+            return (Path(tmp) / 'adapter.safetensors').stat().st_size
+        if form == 'peft':
+            model.save_pretrained(tmp)
+            return (Path(tmp) / 'adapter_model.safetensors').stat().st_size
+        from safetensors.torch import save_file
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  f'{tmp}/w.safetensors')
+        return (Path(tmp) / 'w.safetensors').stat().st_size
+
+
+def cpu_peak_memory(row: str, args) -> int:
+    """Peak RSS growth of one train step, in a fresh process (the CPU allocator keeps no per-row peak)."""
+    code = (f'import sys; sys.argv = {[sys.argv[0], "--model", args.model, "--img-size", str(args.img_size), "--batch-size", str(args.batch_size)]!r}; '
+            f'import runpy; mod = runpy.run_path({__file__!r}, run_name="bench"); print(mod["_measure_rss"]({row!r}))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _status_kb(field: str) -> int:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(field + ':'):
+            return int(line.split()[1])
+    raise RuntimeError(f'{field} not in /proc/self/status')
+
+
+def _measure_rss(row: str) -> int:
+    """Peak RSS during one train step minus RSS before it (Linux: clear_refs 5 resets the peak, VmHWM)."""
+    args = parse_args()
+    torch.manual_seed(0)
+    runner = Runner(build(row, args), args)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    y = torch.randint(0, 100, (args.batch_size,))
+    Path('/proc/self/clear_refs').write_text('5')
+    before = _status_kb('VmRSS')
+    runner.train_step(x, y)
+    return (_status_kb('VmHWM') - before) * 1024
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='vit_small_dinov2', help='CapaBoost family: vit_small_dinov2, vit_base, ...')
+    p.add_argument('--img-size', type=int, default=112)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--steps', type=int, default=10, help='timed rounds (each times every row once)')
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--amp', choices=['none', 'bf16'], default='none')
+    p.add_argument('--rows', nargs='+', default=list(ROWS), help='subset of: ' + ', '.join(ROWS))
+    p.add_argument('--output', default='bench_speed.json')
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
+    y = torch.randint(0, 100, (args.batch_size,), device=args.device)
+    runners = {row: Runner(build(row, args), args) for row in args.rows}
+    flops = {row: train_flops(r.model, x[:2], y[:2]) for row, r in runners.items()}
+    times = {row: [] for row in runners}
+    for i in range(args.warmup + args.steps):  # interleaved: every row once per round
+        for row, runner in runners.items():
+            t = runner.train_step(x, y)
+            if i >= args.warmup:
+                times[row].append(t)
+    # inference: the plain timm model, every row unmerged (adapter/prompt with their cached masked weights),
+    # and the merged LoRA rows
+    plain = build('linear probe', args).to(args.device)
+    infer_models = {'plain timm model': plain}
+    infer_models.update({row: r.model for row, r in runners.items()})
+    for row, r in runners.items():
+        if ROWS[row][0] == 'lora':
+            infer_models[f'{row} merged'] = cv.merge(r.model)
+    infer_times = {k: [] for k in infer_models}
+    any_runner = next(iter(runners.values()))
+    for i in range(args.warmup + args.steps):
+        for name, model in infer_models.items():
+            t = any_runner.infer_step(model, x)
+            if i >= args.warmup:
+                infer_times[name].append(t)
+
+    results = {'config': vars(args), 'machine': f'{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}'
+               + (f', {torch.cuda.get_device_name()}' if args.device == 'cuda' else ''), 'rows': {}}
+    for row, runner in runners.items():
+        mem = None
+        if args.device == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+            runner.train_step(x, y)
+            mem = torch.cuda.max_memory_allocated() - base_mem
+        elif args.device == 'cpu':
+            mem = cpu_peak_memory(row, args)
+        model = runner.model
+        capaboost = sum(p.numel() for n, p in model.named_parameters() if cv.is_capaboost_key(n))
+        results['rows'][row] = {
+            'train_step_s': statistics.median(times[row]), 'train_flops': flops[row],
+            'trainable_params': sum(p.numel() for p in runner.params),
+            'stored_params': capaboost if ROWS[row][0] in ('lora', 'adapter', 'prompt')
+            else sum(p.numel() for p in runner.params),
+            'optimizer_state_bytes': runner.optimizer_state_bytes(), 'saved_bytes': saved_size(row, model),
+            'peak_memory_bytes': mem,
+            'infer_s': statistics.median(infer_times[row]),
+            'infer_merged_s': statistics.median(infer_times[f'{row} merged']) if f'{row} merged' in infer_times else None,
+        }
+    results['plain_infer_s'] = statistics.median(infer_times['plain timm model'])
+    Path(args.output).write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+
+
+def markdown(results) -> str:
+    rows = results['rows']
+    ours, peft = rows.get('lora r8 (ours)'), rows.get('peft lora r8')
+    plain = results['plain_infer_s']
+
+    def ratio(a, b):
+        return f'{a / b:.3f}' if a and b else '–'
+    cfg = results['config']
+    out = [f'{cfg["model"]} at {cfg["img_size"]} px, batch {cfg["batch_size"]}, {cfg["device"]}'
+           f'{" bf16" if cfg["amp"] == "bf16" else ""}; {results["machine"]}; median of {cfg["steps"]} interleaved steps',
+           '',
+           '| row | train step (s) | ÷ our LoRA | ÷ PEFT LoRA | FLOPs ÷ our LoRA | infer (s) | infer ÷ plain | '
+           'merged infer ÷ plain | trainable | stored | optimizer state | saved file | peak memory |',
+           '|---|' + '---|' * 12]
+    for name, r in rows.items():
+        memory = '–' if r['peak_memory_bytes'] is None else f"{r['peak_memory_bytes'] / 1e6:.0f} MB"
+        cells = [name, f"{r['train_step_s']:.4f}", ratio(r['train_step_s'], ours and ours['train_step_s']),
+                 ratio(r['train_step_s'], peft and peft['train_step_s']),
+                 ratio(r['train_flops'], ours and ours['train_flops']), f"{r['infer_s']:.4f}",
+                 ratio(r['infer_s'], plain), ratio(r['infer_merged_s'], plain), f"{r['trainable_params']:,}",
+                 f"{r['stored_params']:,}", f"{r['optimizer_state_bytes'] / 1e6:.2f} MB",
+                 f"{r['saved_bytes'] / 1e6:.2f} MB", memory]
+        out.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(out)
+
+
+if __name__ == '__main__':
+    main()
