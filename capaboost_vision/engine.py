@@ -49,6 +49,7 @@ class RunConfig:
     task: str = ''
     model: str = 'vit_base'
     method: str = 'capaboost_lora'
+    name: str = ''  # run name (folder and report row); default: the method
     data_path: str = ''
     output: str = 'runs'
     epochs: int = 100
@@ -177,7 +178,7 @@ def trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 def run_directory(cfg: RunConfig) -> Path:
     return Path(cfg.output) / family_of(cfg.model) / resolve_task(cfg.task, Path(cfg.data_path)).name / \
-        cfg.method / f'seed{cfg.seed}'
+        (cfg.name or cfg.method) / f'seed{cfg.seed}'
 
 
 class _Distributed:
@@ -266,9 +267,15 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
     if cfg.batch_size % env.world:
         raise RunError(f'--batch-size {cfg.batch_size} must be divisible by the {env.world} processes')
 
+    sampler = DistributedSampler(train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size // env.world, sampler=sampler,
+                        num_workers=cfg.workers, drop_last=False)
     optimizer = create_optimizer_v2(model, 'adamw', lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=1e-8, warmup_t=cfg.warmup_epochs,
-                                  warmup_lr_init=1e-7)
+    # cosine with linear warm-up, updated every step (smooth even for short schedules)
+    steps_per_epoch = len(loader)
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs * steps_per_epoch, lr_min=1e-8,
+                                  warmup_t=cfg.warmup_epochs * steps_per_epoch, warmup_lr_init=1e-7,
+                                  t_in_epochs=False)
     start_epoch, history = 0, []
     if cfg.resume and ckpt_file.is_file() and not cfg.overwrite:
         ckpt = torch.load(ckpt_file, map_location=env.device, weights_only=True)
@@ -293,9 +300,6 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
     net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if on_gpu else None) \
         if env.world > 1 else model
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    sampler = DistributedSampler(train_set, num_replicas=env.world, rank=env.rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size // env.world, sampler=sampler,
-                        num_workers=cfg.workers, drop_last=False)
     params = [p for p in model.parameters() if p.requires_grad]
     eval_interval = cfg.eval_interval or (1 if cfg.protocol == 'val' else cfg.epochs)
 
@@ -305,6 +309,7 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(stable_seed(cfg.seed, 'epoch', epoch))  # drop-path/dropout: same after a resume
         sampler.set_epoch(epoch)
+        num_updates = epoch * steps_per_epoch
         net.train()
         loss_sum = correct = seen = 0.0
         tic = time.time()
@@ -329,13 +334,14 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
                 scaler.update()
             else:
                 optimizer.step()
+            num_updates += 1
+            scheduler.step_update(num_updates)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(-1) == y).sum().item()
             seen += len(y)
         elapsed = time.time() - tic
         loss_sum, correct, seen = env.all_sum([loss_sum, correct, seen])
-        lr = optimizer.param_groups[0]['lr']
-        scheduler.step(epoch + 1)
+        lr = optimizer.param_groups[0]['lr']  # at the end of the epoch
         evaluated = (epoch + 1) % eval_interval == 0 or epoch + 1 == cfg.epochs
         history.append({'epoch': epoch + 1, 'lr': lr, 'train_loss': loss_sum / seen,
                         'train_acc': 100 * correct / seen,
@@ -356,8 +362,8 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
     evaluated = [h for h in history if h['eval_acc'] is not None]
     best = max(evaluated, key=lambda h: h['eval_acc'])
     results = {
-        'task': task.name, 'group': task.group, 'num_classes': task.num_classes, 'method': cfg.method,
-        'form': cfg.form, 'model': cfg.model, 'family': family_of(cfg.model), 'seed': cfg.seed,
+        'task': task.name, 'group': task.group, 'num_classes': task.num_classes, 'method': cfg.name or cfg.method,
+        'method_config': cfg.method, 'form': cfg.form, 'lr': cfg.lr, 'model': cfg.model, 'family': family_of(cfg.model), 'seed': cfg.seed,
         'protocol': cfg.protocol, 'eval_split': eval_split,
         'top1': history[-1]['eval_acc'],  # the LAST epoch, never the best-of-test
         'best_eval_top1': best['eval_acc'], 'best_epoch': best['epoch'], 'epochs': cfg.epochs,

@@ -144,3 +144,25 @@ def write_report(runs_dir: Path, prefix: Optional[Path] = None) -> Dict[str, Pat
         out['png'] = prefix.with_suffix('.png')
     print(md)
     return out
+
+
+def save_singular_value_plot(values: Dict[str, Any], path: Path, title: str = '') -> None:
+    """Normalised singular values of ΔW, one line per layer (log scale)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, sv in values.items():
+        sv = sv.numpy()[:64]  # the update has rank <= d*r: the tail is numerical zero
+        ax.semilogy(range(1, len(sv) + 1), sv / sv.max(), alpha=0.6, label=name)
+    ax.set_xlabel('index')
+    ax.set_ylabel('singular value / largest')
+    ax.set_ylim(1e-6, 2)
+    ax.set_xlim(1, min(64, max(len(v) for v in values.values())) if values else 1)
+    ax.set_title(title, fontsize=8)
+    if len(values) <= 12:
+        ax.legend(fontsize=5)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=120)
+    plt.close(fig)

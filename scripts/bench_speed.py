@@ -108,6 +108,16 @@ def train_flops(model, x, y) -> int:
     return counter.get_total_flops()
 
 
+def stored_params(row: str, model, params, capaboost: int) -> int:
+    """PEFT weights stored by the method, excluding the head (CapaBoost: one shared copy; PEFT LoRA: its A, B)."""
+    form = ROWS[row][0]
+    if form in ('lora', 'adapter', 'prompt'):
+        return capaboost
+    if form == 'peft':
+        return sum(p.numel() for n, p in model.named_parameters() if 'lora_' in n)
+    return sum(p.numel() for p in params)
+
+
 def saved_size(row: str, model) -> int:
     form = ROWS[row][0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,8 +220,7 @@ def main():
         results['rows'][row] = {
             'train_step_s': statistics.median(times[row]), 'train_flops': flops[row],
             'trainable_params': sum(p.numel() for p in runner.params),
-            'stored_params': capaboost if ROWS[row][0] in ('lora', 'adapter', 'prompt')
-            else sum(p.numel() for p in runner.params),
+            'stored_params': stored_params(row, model, runner.params, capaboost),
             'optimizer_state_bytes': runner.optimizer_state_bytes(), 'saved_bytes': saved_size(row, model),
             'peak_memory_bytes': mem,
             'infer_s': statistics.median(infer_times[row]),
