@@ -1,5 +1,5 @@
 """The one configuration object for every CapaBoost form (LoRA, adapter, prompt)."""
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Tuple
 
 from .masks import MASK_TYPES

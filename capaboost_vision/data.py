@@ -3,9 +3,8 @@
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
-import torch
 from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import Dataset

@@ -8,7 +8,6 @@ and, once finished, ``results.json`` plus the adapter (``adapter.safetensors``, 
 import contextlib
 import fcntl
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -254,10 +253,15 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunError(f'{run_dir} is being written by another run') from None
+    if cfg.overwrite:  # never leave the old results beside a new, unfinished run
+        results_file.unlink(missing_ok=True)
 
     torch.manual_seed(cfg.seed)  # head / CapaBoost init
     model = build_model(cfg, task.num_classes).to(env.device)
     report = parameter_report(model) if cfg.form in PEFT_FORMS else None
+    if env.main:
+        print(f'{run_dir}: {cfg.model} {cfg.method} ({cfg.form}) on {task.name} ({task.num_classes} classes)')
+        print(report if report else f'trainable parameters {sum(p.numel() for p in model.parameters() if p.requires_grad):,}')
     data_cfg = resolve_data_config(model=model)
     mean, std = (data_cfg['mean'], data_cfg['std']) if cfg.normalize else ((0., 0., 0.), (1., 1., 1.))
     transform = vtab_transform(cfg.img_size, mean, std)
@@ -386,7 +390,7 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
                 save_file({k: v.contiguous().cpu() for k, v in trainable_state(model).items()}, tmp)
         results['adapter_file'], results['adapter_bytes'] = weights.name, weights.stat().st_size
         write_text_atomic(results_file, json.dumps(results, indent=2))
-        print(f'{task.name} {cfg.method} seed {cfg.seed}: {eval_split} top-1 {results["top1"]:.2f}% -> {results_file}')
+        print(f'{task.name} {results["method"]} seed {cfg.seed}: {eval_split} top-1 {results["top1"]:.2f}% -> {results_file}')
     if env.world > 1:
         checksum = sum(float(p.detach().double().sum()) for p in params)
         print(f'rank {env.rank} trainable checksum {checksum:.10e}', flush=True)

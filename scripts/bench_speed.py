@@ -9,7 +9,6 @@ are reported as ratios to our plain LoRA r=8 and to HF PEFT LoRA r=8, next to th
 Random weights (speed does not depend on them). Output: a Markdown table on stdout and a JSON file.
 """
 import argparse
-import copy
 import json
 import os
 import platform

@@ -1,7 +1,5 @@
 """Adapter repos: local round trips, a real HTTP round trip through huggingface_hub against a loopback Hub,
 revision pinning, offline loading from the cache, PEFT export, merged checkpoints, and every bad input."""
-import copy
-import io
 import json
 import os
 import subprocess
