@@ -208,6 +208,15 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
+def _tensorboard_writer(run_dir: Path):
+    """A TensorBoard writer in run_dir/tb when the tensorboard package is installed (metrics.csv is always written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / 'tb'))
+
+
 def _write_metrics(path: Path, history: List[Dict[str, Any]]) -> None:
     """metrics.csv rewritten from the checkpointed history, so a resumed run's file equals an uninterrupted one's."""
     lines = ['epoch,lr,train_loss,train_acc,eval_acc,images_per_s,epoch_s']
@@ -307,8 +316,10 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
     params = [p for p in model.parameters() if p.requires_grad]
     eval_interval = cfg.eval_interval or (1 if cfg.protocol == 'val' else cfg.epochs)
 
+    writer = None
     if env.main:
         write_text_atomic(run_dir / 'config.yaml', yaml.safe_dump(asdict(cfg), sort_keys=False))
+        writer = _tensorboard_writer(run_dir)
     started = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(stable_seed(cfg.seed, 'epoch', epoch))  # drop-path/dropout: same after a resume
@@ -357,6 +368,11 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
                                 'config': asdict(cfg)}, ckpt_file)
             _write_metrics(run_dir / 'metrics.csv', history)
             h = history[-1]
+            if writer:
+                for key in ('lr', 'train_loss', 'train_acc', 'eval_acc', 'images_per_s'):
+                    if h[key] is not None:
+                        writer.add_scalar(key, h[key], epoch + 1)
+                writer.flush()
             print(f'epoch {epoch + 1}/{cfg.epochs} loss {h["train_loss"]:.4f} train_acc {h["train_acc"]:.2f}'
                   + (f' {eval_split}_acc {h["eval_acc"]:.2f}' if evaluated else '')
                   + f' {h["images_per_s"]:.1f} img/s', flush=True)

@@ -28,11 +28,10 @@ def _small_kwargs(name):
     return dict(img_size=28 if 'dinov2' in name else 32, num_classes=3)
 
 
-@pytest.mark.parametrize('name', [n for n in NAMES if 'large' not in n and 'swin_base' not in n
-                                  and 'swin_small' not in n])
+@pytest.mark.parametrize('name', NAMES)
 def test_every_name_builds_and_runs_forward_backward(name):
-    model = timm.create_model(name, prompt_rank=4, **_small_kwargs(name))
     size = _small_kwargs(name)['img_size']
+    model = timm.create_model(name, prompt_rank=4, **_small_kwargs(name))
     out = model(torch.randn(2, 3, size, size))
     out.sum().backward()
     assert out.shape == (2, 3)
@@ -41,13 +40,10 @@ def test_every_name_builds_and_runs_forward_backward(name):
     assert parameter_report(model).capaboost > 0
 
 
-@pytest.mark.parametrize('name', ['vit_large_capaboost_lora', 'swin_small_capaboost_adapter',
-                                  'swin_base_capaboost_prompt'])
-def test_large_names_build_on_meta_device(name):
-    # building the big ones for real is slow on CPU; the meta device checks construction and CapaBoost wiring
-    with torch.device('meta'):
-        model = timm.create_model(name, num_classes=3)
-    assert parameter_report(model).capaboost > 0
+def test_adapter_parameter_count_vit_base():
+    with torch.device('meta'):  # counts only: no weights allocated
+        model = timm.create_model('vit_base_capaboost_adapter', num_classes=100)
+    assert parameter_report(model).capaboost == 12 * (768 * 8 + 8 + 8 * 768 + 768)  # 156,768: "Adapter 0.16M"
 
 
 def test_settings_are_kwargs_and_recorded_in_model_args():
