@@ -11,7 +11,7 @@ shared by a method and its CapaBoost form; then train800val200 -> test with that
 Every run goes through the same `capaboost-vtab train` code path; finished runs are skipped, so the suite resumes.
 
     python scripts/offline_suite.py                  # the full suite
-    python scripts/offline_suite.py --quick          # a ~10-minute subset (1 task, 1 seed, fewer methods)
+    python scripts/offline_suite.py --quick          # a small subset: 1 task (mnist), 1 seed, 5 methods, no lr search
 """
 import argparse
 import csv
