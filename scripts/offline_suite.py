@@ -108,7 +108,7 @@ def main():
             for seed in args.seeds:
                 results[task, name, seed] = run(weights, data, work / 'final', task, name, seed,
                                                 chosen[task, name], 'final', args)
-    elapsed = time.time() - started
+    elapsed = time.time() - started  # finished runs are skipped, so a rerun reports only its own time
     write_outputs(args, results, chosen, val_acc, elapsed)
 
 
@@ -142,7 +142,8 @@ def write_outputs(args, results, chosen, val_acc, elapsed):
              f'{__import__("torch").__version__}; run time {elapsed / 60:.0f} min  ',
              f'DINOv2 ViT-S/14 (real weights, offline) at {args.img_size} px, {args.epochs} epochs (1 warm-up), batch 32, '
              f'AdamW + cosine; test accuracy (%) at the last epoch, mean ± std over seeds {args.seeds}; '
-             f'lr per task chosen on val200 (listed in task order)', '',
+             + ('lr fixed per method (--quick: no search)' if args.quick else
+                'lr per task chosen on val200 (listed in task order)'), '',
              '| method | ' + ' | '.join(args.tasks) + ' | average | stored = trainable params (excl. head) | '
              'effective rank ΔW (max) | lr |',
              '|---|' + '---|' * (len(args.tasks) + 4)]
