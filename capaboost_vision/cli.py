@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from .engine import RunConfig, RunError, method_names, resolve_config, run_directory, train
+from .engine import PEFT_FORMS, RunConfig, RunError, method_names, resolve_config, run_directory, train
 from .vtab import resolve_tasks
 
 _CAPABOOST_FLAGS = {  # flag -> CapaBoostConfig field
@@ -80,7 +80,7 @@ def _overrides(args: argparse.Namespace, task: str, method: str, seed: int) -> D
 
 def build_run_config(args: argparse.Namespace, task: str, method: Optional[str], seed: Optional[int]) -> RunConfig:
     cfg = resolve_config(_overrides(args, task, method, seed), args.config)
-    if cfg.form in ('lora', 'adapter', 'prompt'):
+    if cfg.form in PEFT_FORMS:
         cfg.capaboost.setdefault('seed', cfg.seed)  # masks differ per seed unless --mask-seed fixes them
     return cfg
 
@@ -179,7 +179,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def load_run_adapter(run_dir: Path):
     """The CapaBoost model of a finished run folder with its trained adapter (random backbone: not needed)."""
     import yaml
-    from .engine import PEFT_FORMS, RunConfig, build_model
+    from .engine import build_model
     from .hub import load_adapter
     for name in ('config.yaml', 'results.json', 'config.json'):
         if not (run_dir / name).is_file():

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from ._io import atomic_path, write_text_atomic
 from .hub import WEIGHTS_NAME, save_adapter
+from .config import METHODS
 from .data import PROTOCOL_SPLITS, VTABDataset, vtab_transform
 from .masks import stable_seed
 from .tuner import head_module, is_capaboost_key, parameter_report
 from .vtab import resolve_task
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
-PEFT_FORMS = ('lora', 'adapter', 'prompt')
+PEFT_FORMS = METHODS  # the CapaBoost forms; 'linear' and 'full' are the non-PEFT references
 FORMS = PEFT_FORMS + ('linear', 'full')
 
 
@@ -147,6 +148,12 @@ def family_of(model: str) -> str:
     return family
 
 
+def base_model_name(family: str) -> str:
+    """The plain timm model (with its VTAB-standard weights tag) under a CapaBoost family, e.g.
+    'vit_base' -> 'vit_base_patch16_224.orig_in21k'."""
+    return timm.models.get_pretrained_cfg(f'{family}_capaboost_lora').hf_hub_id.split('/', 1)[1]
+
+
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     """The model for ``cfg.form``: a registered CapaBoost model (PEFT forms) or its plain base (linear/full)."""
     family = family_of(cfg.model)
@@ -160,8 +167,7 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
                                      **cfg.capaboost)
         except TypeError as e:
             raise RunError(f'bad CapaBoost setting in {cfg.capaboost}: {e}') from None
-    base = timm.models.get_pretrained_cfg(f'{family}_capaboost_lora').hf_hub_id.split('/', 1)[1]
-    model = timm.create_model(base, pretrained=pretrained, **kwargs)
+    model = timm.create_model(base_model_name(family), pretrained=pretrained, **kwargs)
     if cfg.form == 'linear':
         model.requires_grad_(False)
         head_module(model).requires_grad_(True)

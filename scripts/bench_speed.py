@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import capaboost_vision as cv
-from capaboost_vision.engine import family_of
+from capaboost_vision.engine import PEFT_FORMS, base_model_name, family_of
 
 ROWS = {  # name -> (form, CapaBoost kwargs); forms: lora/adapter/prompt through our registered models
     'lora r8 (ours)': ('lora', dict(rank=8, num_masks=1, mask_density=1.0)),
@@ -45,10 +45,9 @@ def build(row: str, args) -> torch.nn.Module:
     form, kwargs = ROWS[row]
     family = family_of(args.model)
     common = dict(img_size=args.img_size, num_classes=100)
-    if form in ('lora', 'adapter', 'prompt'):
+    if form in PEFT_FORMS:
         return timm.create_model(f'{family}_capaboost_{form}', **common, **kwargs)
-    base = timm.models.get_pretrained_cfg(f'{family}_capaboost_lora').hf_hub_id.split('/', 1)[1].split('.')[0]
-    model = timm.create_model(base, **common)
+    model = timm.create_model(base_model_name(family), **common)  # random weights: pretrained=False
     if form == 'peft':
         from peft import LoraConfig, get_peft_model
         return get_peft_model(model, LoraConfig(r=kwargs['rank'], lora_alpha=8, target_modules=['attn.qkv'],
@@ -110,7 +109,7 @@ def train_flops(model, x, y) -> int:
 def stored_params(row: str, model, params, capaboost: int) -> int:
     """PEFT weights stored by the method, excluding the head (CapaBoost: one shared copy; PEFT LoRA: its A, B)."""
     form = ROWS[row][0]
-    if form in ('lora', 'adapter', 'prompt'):
+    if form in PEFT_FORMS:
         return capaboost
     if form == 'peft':
         return sum(p.numel() for n, p in model.named_parameters() if 'lora_' in n)
@@ -120,7 +119,7 @@ def stored_params(row: str, model, params, capaboost: int) -> int:
 def saved_size(row: str, model) -> int:
     form = ROWS[row][0]
     with tempfile.TemporaryDirectory() as tmp:
-        if form in ('lora', 'adapter', 'prompt'):
+        if form in PEFT_FORMS:
             cv.save_adapter(model, tmp)
             return (Path(tmp) / 'adapter.safetensors').stat().st_size
         if form == 'peft':

@@ -9,8 +9,6 @@ from ..config import CONFIG_KEYS, CapaBoostConfig
 from ..hub import load_adapter
 from ..tuner import apply_capaboost
 
-METHODS_BY_SUFFIX = {'lora': 'lora', 'adapter': 'adapter', 'prompt': 'prompt'}
-
 
 def base_cfg(name_tag: str, **overrides: Any) -> Dict[str, Any]:
     """A pretrained cfg that loads the base weights ``name_tag`` (with its full hub id) for our architecture."""

@@ -10,6 +10,7 @@ Pretrained tags mirror the VTAB-standard base weights (``ms_in22k``), loaded thr
 from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import SwinTransformer, _create_swin_transformer
 
+from ..config import METHODS
 from ._builder import base_cfg, create_capaboost
 
 _ARGS = {
@@ -20,7 +21,7 @@ _ARGS = {
 
 default_cfgs = generate_default_cfgs({
     f'{family}_capaboost_{method}.ms_in22k': base_cfg(f'{family}_patch4_window7_224.ms_in22k')
-    for family in _ARGS for method in ('lora', 'adapter', 'prompt')
+    for family in _ARGS for method in METHODS
 })
 
 

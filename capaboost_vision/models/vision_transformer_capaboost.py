@@ -15,6 +15,7 @@ top. Use ``pretrained_cfg_overlay=dict(file=...)`` for a local base checkpoint.
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, _create_vision_transformer
 
+from ..config import METHODS
 from ._builder import base_cfg, create_capaboost
 
 _ARGS = {
@@ -34,7 +35,7 @@ _BASE_WEIGHTS = {
 
 default_cfgs = generate_default_cfgs({
     f'{family}_capaboost_{method}.{base.split(".")[1]}': base_cfg(base)
-    for family, base in _BASE_WEIGHTS.items() for method in ('lora', 'adapter', 'prompt')
+    for family, base in _BASE_WEIGHTS.items() for method in METHODS
 })
 
 
