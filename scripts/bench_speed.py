@@ -63,6 +63,7 @@ class Runner:
 
     def __init__(self, model, args):
         self.model = model.to(args.device)
+        self.net = torch.compile(self.model, backend=args.compile_backend) if args.compile else self.model
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
         self.autocast = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if args.amp == 'bf16' \
@@ -78,7 +79,7 @@ class Runner:
         self.sync()
         tic = time.perf_counter()
         with self.autocast():
-            loss = torch.nn.functional.cross_entropy(self.model(x).float(), y)
+            loss = torch.nn.functional.cross_entropy(self.net(x).float(), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -169,6 +170,10 @@ def parse_args():
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', choices=['none', 'bf16'], default='none')
     p.add_argument('--rows', nargs='+', default=list(ROWS), help='subset of: ' + ', '.join(ROWS))
+    p.add_argument('--compile', action='store_true', help='torch.compile each model for the train step '
+                                                              '(inference stays eager)')
+    p.add_argument('--compile-backend', default='inductor', help='torch.compile backend (aot_eager: graph capture '
+                                                                 'without code generation, for dry runs)')
     p.add_argument('--output', default='bench_speed.json')
     return p.parse_args()
 
@@ -180,6 +185,8 @@ def main():
     y = torch.randint(0, 100, (args.batch_size,), device=args.device)
     runners = {row: Runner(build(row, args), args) for row in args.rows}
     flops = {row: train_flops(r.model, x[:2], y[:2]) for row, r in runners.items()}
+    if args.device == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
     times = {row: [] for row in runners}
     for i in range(args.warmup + args.steps):  # interleaved: every row once per round
         for row, runner in runners.items():
@@ -238,7 +245,7 @@ def markdown(results) -> str:
         return f'{a / b:.3f}' if a and b else '–'
     cfg = results['config']
     out = [f'{cfg["model"]} at {cfg["img_size"]} px, batch {cfg["batch_size"]}, {cfg["device"]}'
-           f'{" bf16" if cfg["amp"] == "bf16" else ""}; {results["machine"]}; median of {cfg["steps"]} interleaved steps',
+           f'{" bf16" if cfg["amp"] == "bf16" else ""}{" compiled train step" if cfg.get("compile") else ""}; {results["machine"]}; median of {cfg["steps"]} interleaved steps',
            '',
            '| row | train step (s) | ÷ our LoRA | ÷ PEFT LoRA | FLOPs ÷ our LoRA | infer (s) | infer ÷ plain | '
            'merged infer ÷ plain | trainable | stored | optimizer state | saved file | peak memory |',

@@ -65,6 +65,8 @@ def make_handler(store: Store):
 
         def do_POST(self):
             store.requests.append(('POST', self.path))
+            if store.reject_tokens:  # a Hub that refuses the token (bad or expired)
+                return self._send(401, {'error': 'Invalid credentials in Authorization header'})
             path = unquote(urlparse(self.path).path)
             parts = path.strip('/').split('/')
             body = self._body()
@@ -182,6 +184,7 @@ def make_handler(store: Store):
 class HubServer:
     def __init__(self):
         self.store = Store()
+        self.store.reject_tokens = False
         self.httpd = ThreadingHTTPServer(('127.0.0.1', 0), make_handler(self.store))
         self.url = f'http://127.0.0.1:{self.httpd.server_address[1]}'
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -159,19 +159,19 @@ def test_report_standard_averages_by_hand(tmp_path):
 
 
 def test_check_reports_problems_with_file_and_line(tmp_path, capsys):
-    folder = make_task(tmp_path, counts=(800, 200))
-    assert run_cli('check', '--data-path', tmp_path, '--tasks', 'toy') == 0
+    folder = make_task(tmp_path, name='dtd', counts=(800, 200))  # a VTAB task: line counts are checked
+    assert run_cli('check', '--data-path', tmp_path, '--tasks', 'dtd') == 0
     lines = (folder / 'train800.txt').read_text().splitlines()
     lines[4] = 'images/missing.png 1'
-    lines[6] = 'images/7.png 9'
+    lines[6] = 'images/7.png 99'
     lines[8] = 'no-label-here'
     (folder / 'train800.txt').write_text('\n'.join(lines[:-1]) + '\n')
     (folder / 'images' / '850.png').write_bytes(b'not a png')
     capsys.readouterr()
-    assert run_cli('check', '--data-path', tmp_path, '--tasks', 'toy') == 1
+    assert run_cli('check', '--data-path', tmp_path, '--tasks', 'dtd') == 1
     out = capsys.readouterr().out
     assert 'train800.txt:5: image' in out and 'is missing' in out
-    assert 'train800.txt:7: label 9 outside [0, 2]' in out
+    assert 'train800.txt:7: label 99 outside [0, 46]' in out
     assert 'train800.txt:9: line does not parse' in out
     assert '799 lines, expected 800' in out
     assert 'val200.txt:51: image' in out and 'unreadable' in out
@@ -200,7 +200,7 @@ def test_user_errors_are_one_line_with_nonzero_exit(data_root, tmp_path, capsys)
     assert code == 2 and 'test.txt:1: label 7 is outside [0, 2]' in msg
     code, msg = err('train', '--task', 'toy', '--data-path', data_root, '--output', tmp_path, '--epochs', 1,
                     '--lr', '1e30', '--method', 'full', *TINY)
-    assert code == 2 and 'loss became nan' in msg and 'try a lower --lr' in msg
+    assert code == 2 and 'training diverged at epoch 1' in msg and 'Rerun with a lower --lr' in msg
 
 
 def test_sweep_runs_grid_and_skips_finished(data_root, tmp_path, capsys):

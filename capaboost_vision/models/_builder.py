@@ -1,5 +1,6 @@
 """Shared helpers for the CapaBoost model entry points: the base model is built (and its pretrained weights
 loaded) by timm itself, then CapaBoost is applied and its settings recorded for ``push_to_hf_hub``."""
+from pathlib import Path
 from typing import Any, Callable, Dict
 
 import torch.nn as nn
@@ -17,6 +18,18 @@ def base_cfg(name_tag: str, **overrides: Any) -> Dict[str, Any]:
         cfg.pop(key, None)
     cfg.update(overrides)
     return cfg
+
+
+def loaded_weights_id(model: nn.Module, pretrained: bool) -> str:
+    """What was actually loaded: 'random-init', 'file:<name>' (a local checkpoint) or the weights' hub id."""
+    if not pretrained:
+        return 'random-init'
+    cfg = model.pretrained_cfg
+    if cfg.get('file'):
+        return f'file:{Path(cfg["file"]).name}'
+    registered = get_pretrained_cfg(f'{cfg.get("architecture")}.{cfg.get("tag")}' if cfg.get('tag') else
+                                    str(cfg.get('architecture')))
+    return (registered.hf_hub_id if registered else None) or cfg.get('hf_hub_id') or 'unknown'
 
 
 def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretrained: bool,
@@ -43,6 +56,7 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretra
     config = CapaBoostConfig.from_kwargs(dict(kwargs, method=method))  # validate before building anything
     base_kwargs = {k: v for k, v in kwargs.items() if k not in CONFIG_KEYS}
     model = create_base(variant, pretrained=pretrained, **base_kwargs)
+    model.capaboost_base_weights = loaded_weights_id(model, pretrained)
     apply_capaboost(model, config)
     recorded = config.to_dict()
     recorded.pop('method')

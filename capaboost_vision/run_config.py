@@ -1,0 +1,190 @@
+"""Run settings: one dataclass field per setting, with its help text, from which the CLI flags and YAML keys derive.
+
+Resolution order: defaults <- method YAML <- task YAML <- ``--config`` YAML <- command-line flags. Every value is
+type-checked against its field, and an error names the file (or flag) it came from. No torch import here: the
+CLI parses and validates arguments before loading torch and timm.
+"""
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from .config import METHODS
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
+PEFT_FORMS = METHODS  # the CapaBoost forms; 'linear' and 'full' are the non-PEFT references
+FORMS = PEFT_FORMS + ('linear', 'full')
+PROTOCOLS = ('final', 'val')
+AMP_MODES = ('bf16', 'fp16', 'none')
+TASK_INFO_FILE = 'task.yaml'
+
+
+class RunError(Exception):
+    """A user-facing error of a run (bad input, divergence, busy folder): printed as one line by the CLI."""
+
+
+def _setting(default: Any, help: str, **meta: Any) -> Any:
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=dict(help=help, **meta))
+    return field(default=default, metadata=dict(help=help, **meta))
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. Defaults are the VTAB-1k protocol of the vision PEFT literature."""
+    task: str = _setting('', 'VTAB-1k task (e.g. cifar), or a custom task folder holding a task.yaml', scope='train',
+                         required=True)
+    method: str = _setting('capaboost_lora', 'method config from configs/methods', scope='train')
+    seed: int = _setting(0, 'training seed; also the mask seed unless --mask-seed', scope='train')
+    name: str = _setting('', 'run name for the folder and the report row (default: the method)', scope='train')
+    resume: bool = _setting(False, 'continue the run folder\'s checkpoint', scope='train')
+    model: str = _setting('vit_base', 'CapaBoost model family or name, e.g. vit_base or vit_base_capaboost_lora')
+    data_path: str = _setting('', 'VTAB-1k root: <root>/<task>/{train800,...}.txt (optional when --task is a folder)')
+    output: str = _setting('runs', 'root of the run folders <output>/<model>/<task>/<method>/seed<N>')
+    epochs: int = _setting(100, 'training epochs')
+    warmup_epochs: int = _setting(10, 'linear warm-up epochs of the per-step cosine schedule')
+    batch_size: int = _setting(64, 'global batch size', short='-b')
+    eval_batch_size: int = _setting(256, 'evaluation batch size (evaluation runs at the last epoch)')
+    lr: float = _setting(1e-3, 'AdamW learning rate')
+    weight_decay: float = _setting(1e-4, 'AdamW weight decay')
+    img_size: int = _setting(224, 'squash-resize size in pixels (at least the patch size)')
+    weights: str = _setting('', 'base weights file (.safetensors, or .pth read with weights_only=True) instead of '
+                                'timm pretrained resolution')
+    pretrained: bool = _setting(True, 'load pretrained base weights (--no-pretrained: random init, for tests)')
+    overwrite: bool = _setting(False, 'redo a finished or unfinished run from scratch')
+    protocol: str = _setting('final', 'final: train800val200 -> test; val: train800 -> val200', choices=PROTOCOLS)
+    drop_path: float = _setting(0.1, 'stochastic depth rate')
+    label_smoothing: float = _setting(0.0, 'label smoothing of the cross-entropy')
+    normalize: bool = _setting(True, "normalise with the model's mean/std")
+    amp: str = _setting('bf16', 'GPU autocast dtype (CPU runs in fp32)', choices=AMP_MODES)
+    clip_grad: float = _setting(0.0, 'max gradient norm (0 = off)')
+    compile: bool = _setting(False, 'torch.compile the model for training')
+    data_cache: bool = _setting(True, 'decode every image once into a uint8 cache and train from memory '
+                                      '(--no-data-cache: decode every epoch)')
+    cache_dir: str = _setting('', 'folder of the decoded-image cache (default <output>/.cache)')
+    cache_budget_gb: float = _setting(8.0, 'splits larger than this many GB stream from disk instead of the cache')
+    workers: int = _setting(4, 'data loader workers of the decode path', short='-j')
+    device: str = _setting('auto', 'auto, cpu, cuda or cuda:N')
+    eval_interval: int = _setting(0, 'evaluate every N epochs (0: the last epoch only for --protocol final, '
+                                     'every epoch for val)')
+    form: str = _setting('', 'the method\'s form', choices=FORMS, cli=False)
+    capaboost: Dict[str, Any] = _setting({}, 'CapaBoost settings (see CapaBoostConfig)', cli=False)
+
+    def validate(self) -> None:
+        if self.form not in FORMS:
+            raise RunError(f'method {self.method!r} has form {self.form!r}: allowed forms are {", ".join(FORMS)}')
+        for name in ('epochs', 'batch_size', 'eval_batch_size'):
+            if getattr(self, name) < 1:
+                raise RunError(f'--{_flag(name)} {getattr(self, name)} is invalid: must be >= 1')
+        if self.img_size < 16:
+            raise RunError(f'--img-size {self.img_size} is invalid: must be >= 16 (and at least the patch size)')
+        for name in ('lr', 'weight_decay', 'drop_path', 'label_smoothing', 'clip_grad', 'cache_budget_gb'):
+            if getattr(self, name) < 0:
+                raise RunError(f'--{_flag(name)} {getattr(self, name)} is invalid: must be >= 0')
+        if self.workers < 0 or self.eval_interval < 0 or self.warmup_epochs < 0:
+            raise RunError('--workers, --eval-interval and --warmup-epochs must be >= 0')
+        if self.weights and not Path(self.weights).is_file():
+            raise RunError(f'--weights {self.weights}: file does not exist')
+        if not (self.device in ('auto', 'cpu', 'cuda') or self.device.startswith('cuda:')):
+            raise RunError(f'--device {self.device!r} is invalid: choose auto, cpu, cuda or cuda:N')
+
+
+def _flag(name: str) -> str:
+    return name.replace('_', '-')
+
+
+FIELDS = {f.name: f for f in fields(RunConfig)}
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,), dict: (dict,)}
+FIELD_TYPES = {name: _TYPES[type(_default(f))] for name, f in FIELDS.items()}
+
+
+def check_type(name: str, value: Any, source: str) -> Any:
+    """``value`` if it has the field's type (an int is a float too), else RunError naming ``source``."""
+    types = FIELD_TYPES[name]
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise RunError(f'{source}: {name}: {value!r} is a {type(value).__name__}, expected '
+                       f'{" or ".join(t.__name__ for t in types)}')
+    return float(value) if float in types else value
+
+
+def method_names() -> List[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / 'methods').glob('*.yaml'))
+
+
+def load_yaml(path: Path) -> Dict[str, Any]:
+    """A YAML mapping; RunError naming the file otherwise."""
+    if not path.is_file():
+        raise RunError(f'config file {path} does not exist')
+    try:
+        data = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RunError(f'config file {path} is not valid YAML: {str(e).splitlines()[0]}') from None
+    if not isinstance(data, dict):
+        raise RunError(f'config file {path} must hold a mapping of settings, not a {type(data).__name__}')
+    return data
+
+
+def task_folder(task: str) -> Optional[Path]:
+    """The folder when ``--task`` names a custom task folder (a path holding task.yaml), else None."""
+    path = Path(task).expanduser()
+    return path.resolve() if (path / TASK_INFO_FILE).is_file() else None
+
+
+def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None) -> RunConfig:
+    """Defaults <- method YAML <- task YAML <- --config YAML <- command-line flags (``overrides``)."""
+    layers: List[Tuple[str, Dict[str, Any]]] = []
+    config_layer = load_yaml(Path(config_file)) if config_file else {}
+    method = overrides.get('method') or config_layer.get('method') or RunConfig.method
+    if not isinstance(method, str):
+        raise RunError(f'method: {method!r} is invalid: a method name is required ({", ".join(method_names())})')
+    method_file = CONFIG_DIR / 'methods' / f'{method}.yaml'
+    if not method_file.is_file():
+        raise RunError(f'unknown method {method!r}: choose one of {", ".join(method_names())}')
+    layers.append((str(method_file), load_yaml(method_file)))
+    task = overrides.get('task') or config_layer.get('task') or ''
+    task_file = CONFIG_DIR / 'tasks' / f'{task}.yaml'
+    if isinstance(task, str) and task and task_file.is_file():
+        layers.append((str(task_file), {k: v for k, v in load_yaml(task_file).items()
+                                        if k not in ('num_classes', 'group')}))
+    if config_file:
+        layers.append((str(config_file), config_layer))
+    layers.append(('command line', {k: v for k, v in overrides.items() if v is not None}))
+    merged: Dict[str, Any] = {'method': method}
+    source: Dict[str, str] = {}
+    for origin, layer in layers:
+        for key, value in layer.items():
+            key = key.replace('-', '_')
+            if value is None:  # YAML null: not set
+                continue
+            if key not in FIELDS:
+                raise RunError(f'{origin}: unknown setting {key!r}: valid settings are {", ".join(sorted(FIELDS))}')
+            value = check_type(key, value, origin)
+            if key == 'capaboost':
+                merged['capaboost'] = {**merged.get('capaboost', {}), **value}
+            else:
+                merged[key] = value
+            source[key] = origin
+    folder = task_folder(merged.get('task', ''))
+    if folder is not None:  # a custom task folder: its parent is the data root, its name the task
+        merged['task'], merged['data_path'] = folder.name, str(folder.parent)
+    if not merged.get('data_path'):
+        raise RunError('--data-path is required (or give --task as a folder holding a task.yaml)')
+    cfg = RunConfig(**merged)
+    if cfg.warmup_epochs > cfg.epochs:
+        origin = source.get('warmup_epochs', 'the default')
+        if origin == 'command line':
+            raise RunError(f'--warmup-epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}')
+        clamped = cfg.epochs // 10
+        print(f'note: warmup_epochs={cfg.warmup_epochs} (from {origin}) is longer than epochs={cfg.epochs}; '
+              f'using {clamped} (epochs // 10)', file=sys.stderr)
+        cfg.warmup_epochs = clamped
+    cfg.validate()
+    return cfg

@@ -1,0 +1,23 @@
+"""scripts/gpu_check.sh --dry-run: every step of the prepared GPU check, at tiny sizes on CPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_dry_run_runs_every_step(tmp_path):
+    out = subprocess.run(['bash', str(ROOT / 'scripts' / 'gpu_check.sh'), str(tmp_path / 'res'), '--dry-run'],
+                         capture_output=True, text=True, timeout=900, env=dict(__import__('os').environ,
+                                                                                PYTHON=sys.executable))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    data = json.loads((tmp_path / 'res' / 'gpu_check.json').read_text())
+    names = [s['name'] for s in data['steps']]
+    assert len(names) == 5 and names[0].startswith('cuda tests') and all(s['returncode'] == 0 for s in data['steps'])
+    assert '6 passed' in data['steps'][0]['output_tail']  # the cuda subset really ran (on CPU)
+    speed = data['steps'][1]['results']['rows']
+    assert speed['capaboost-lora r8 d2']['stored_params'] == speed['lora r8 (ours)']['stored_params']
+    assert data['steps'][3]['results']['cached_images_per_s'] > 0
+    assert data['steps'][4]['results']['epochs'] == 2 and data['versions']['torch']
+    assert (tmp_path / 'res' / 'gpu_check.md').read_text().startswith('# GPU check (dry run')
