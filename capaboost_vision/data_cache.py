@@ -152,9 +152,11 @@ class DecodeLoader:
 
     def __init__(self, dataset: VTABDataset, batch_size: int, sampler, device: torch.device,
                  mean: Sequence[float], std: Sequence[float], workers: int) -> None:
+        # its own generator: the DataLoader draws worker seeds from it, never from the global RNG that drop-path
+        # uses, so the decode and cached paths train identically
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                                   num_workers=workers, pin_memory=device.type == 'cuda',
-                                                  persistent_workers=False)
+                                                  generator=torch.Generator().manual_seed(0))
         self.device, self.mean, self.std = device, mean, std
 
     def __len__(self) -> int:

@@ -3,7 +3,6 @@ import difflib
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
-import yaml
 
 GROUPS = ('natural', 'specialized', 'structured')
 
@@ -44,7 +43,7 @@ ALIASES: Dict[str, List[str]] = {
     'smallnorb_ele': ['smallnorb_elevation', 'smallnorb_label_elevation'],
 }
 _CANONICAL = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
-from .run_config import TASK_INFO_FILE  # a custom task folder describes itself: {num_classes: N, group: G}
+from .run_config import TASK_INFO_FILE, load_yaml  # a custom task folder describes itself: {num_classes: N, group: G}
 
 
 def canonical_name(name: str) -> Optional[str]:
@@ -69,12 +68,7 @@ def resolve_task(name: str, root: Optional[Path] = None) -> Task:
     if root is not None:
         info_file = task_dir(root, name) / TASK_INFO_FILE
         if info_file.is_file():
-            try:
-                info = yaml.safe_load(info_file.read_text(encoding='utf-8')) or {}
-            except (yaml.YAMLError, UnicodeDecodeError) as e:
-                raise ValueError(f'{info_file} is not valid YAML ({str(e).splitlines()[0]})') from None
-            if not isinstance(info, dict):
-                raise ValueError(f'{info_file} must be a mapping like "num_classes: 10", not a {type(info).__name__}')
+            info = load_yaml(info_file)  # a mapping, or RunError naming the file
             if isinstance(info.get('num_classes'), bool) or not isinstance(info.get('num_classes'), int) \
                     or info['num_classes'] < 1:
                 raise ValueError(f'{info_file}: num_classes must be a positive integer')

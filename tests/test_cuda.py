@@ -118,6 +118,19 @@ def test_cached_path_on_device_equals_decode_path(tmp_path):
     assert len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
 
 
+def test_prepare_uses_fused_adamw_on_cuda(tmp_path):
+    from capaboost_vision.engine import Distributed, prepare
+    from capaboost_vision.run_config import resolve_config
+    _task(tmp_path / 'data')
+    cfg = resolve_config(dict(task='toy', method='capaboost_lora', data_path=str(tmp_path / 'data'),
+                              output=str(tmp_path / 'runs'), model='vit_tiny', pretrained=False, img_size=32,
+                              batch_size=100, warmup_epochs=0, epochs=1, device=DEVICE))
+    run = prepare(cfg, Distributed(cfg.device))
+    assert bool(run.optimizer.defaults.get('fused')) == DEVICE.startswith('cuda')
+    assert isinstance(run.train_loader, CachedLoader)
+    assert run.train_loader.split.images.device.type == torch.device(DEVICE).type  # the train split on the device
+
+
 if __name__ == '__main__':
     if DEVICE is None:
         raise SystemExit('no CUDA device (set CAPABOOST_TEST_DEVICE=cpu to run on CPU)')

@@ -92,3 +92,12 @@ def test_bad_test_image_fails_before_training_and_leaves_nothing(tmp_path):
     err = out.stderr.strip()
     assert err.startswith('error: ') and '\n' not in err and 'test.txt:11: image' in err and 'cannot be decoded' in err
     assert not (tmp_path / 'runs').exists()  # nothing written or left behind
+
+
+def test_sweep_runs_two_at_once_sharing_one_cache(tmp_path):
+    make_task(tmp_path / 'data')
+    assert cli.main(['sweep', '--tasks', 'toy', '--methods', 'linear', 'lora', '--runs-per-gpu', '2',
+                     '--data-path', str(tmp_path / 'data'), '--output', str(tmp_path / 'runs'), '--epochs', '1',
+                     *TINY]) == 0
+    assert len(list((tmp_path / 'runs').rglob('results.json'))) == 2
+    assert len(list((tmp_path / 'runs' / '.cache').glob('*.npy'))) == 2  # built once, under a lock

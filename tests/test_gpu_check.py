@@ -15,7 +15,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     data = json.loads((tmp_path / 'res' / 'gpu_check.json').read_text())
     names = [s['name'] for s in data['steps']]
     assert len(names) == 5 and names[0].startswith('cuda tests') and all(s['returncode'] == 0 for s in data['steps'])
-    assert '6 passed' in data['steps'][0]['output_tail']  # the cuda subset really ran (on CPU)
+    assert '7 passed' in data['steps'][0]['output_tail']  # the cuda subset really ran (on CPU)
     speed = data['steps'][1]['results']['rows']
     assert speed['capaboost-lora r8 d2']['stored_params'] == speed['lora r8 (ours)']['stored_params']
     assert data['steps'][3]['results']['cached_images_per_s'] > 0

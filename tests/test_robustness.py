@@ -293,7 +293,7 @@ def test_bad_yaml_values_name_the_file(data, tmp_path, yaml_text, fragments):
 
 def test_bad_task_yaml_is_one_line(tmp_path):
     folder = make_task(tmp_path, n_test=5)
-    for text, fragment in (('- 3\n', 'must be a mapping'), ('num_classes: [3\n', 'is not valid YAML')):
+    for text, fragment in (('- 3\n', 'must hold a mapping'), ('num_classes: [3\n', 'is not valid YAML')):
         (folder / 'task.yaml').write_text(text)
         code, _, err = cli('train', '--task', 'toy', '--data-path', tmp_path, '--output', tmp_path / 'runs', *TINY)
         one_line_error(code, err, 'task.yaml', fragment)
