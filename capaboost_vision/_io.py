@@ -3,7 +3,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, List, Union
 
 
 @contextlib.contextmanager
@@ -25,3 +25,16 @@ def atomic_path(path: Union[str, Path]) -> Iterator[str]:
 def write_text_atomic(path: Union[str, Path], text: str) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
+
+
+def missing_folders(path: Union[str, Path]) -> List[Path]:
+    """``path`` and those of its parents that do not exist yet, innermost first: what creating it would add."""
+    path = Path(path)
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_empty_folders(folders: List[Path]) -> None:
+    """rmdir each folder (innermost first), leaving any that is not empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()

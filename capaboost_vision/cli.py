@@ -15,8 +15,8 @@ from pathlib import Path
 from queue import Empty, Queue
 from typing import Any, Dict, List, Optional
 
-from .config import CapaBoostConfig
-from .run_config import FIELDS, RunConfig, RunError, _default, method_names, resolve_config
+from .config import CapaBoostConfig, field_default
+from .run_config import FIELDS, PEFT_FORMS, RunConfig, RunError, method_names, resolve_config
 
 __version__ = '0.2.0'
 _SWEEP_ONLY = ('tasks', 'methods', 'seeds', 'gpus', 'runs_per_gpu')
@@ -35,7 +35,7 @@ def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
         meta = f.metadata
         if not meta.get('cli', True) or meta.get('scope', 'run') not in scopes:
             continue
-        default = _default(f)
+        default = field_default(f)
         names = ['--' + name.replace('_', '-')] + ([meta['short']] if 'short' in meta else [])
         help_text = f'{meta["help"]} (default: {default if default != "" else "none"})'
         if isinstance(default, bool):
@@ -63,7 +63,6 @@ def _overrides(args: argparse.Namespace, task: str, method: Optional[str], seed:
 
 
 def build_run_config(args: argparse.Namespace, task: str, method: Optional[str], seed: Optional[int]) -> RunConfig:
-    from .run_config import PEFT_FORMS
     cfg = resolve_config(_overrides(args, task, method, seed), args.config)
     if cfg.form in PEFT_FORMS:
         cfg.capaboost.setdefault('seed', cfg.seed)  # masks differ per seed unless --mask-seed fixes them
@@ -176,7 +175,6 @@ def load_run_adapter(run_dir: Path):
     import yaml
     from .engine import build_model
     from .hub import load_adapter
-    from .run_config import PEFT_FORMS
     for name in ('config.yaml', 'results.json', 'config.json'):
         if not (run_dir / name).is_file():
             raise RunError(f'{run_dir / name} does not exist: expected a finished CapaBoost run folder')

@@ -4,7 +4,7 @@ Each setting is defined once, here: a dataclass field with its help text (and ch
 ``metadata``, from which ``create_model`` kwargs, the CLI flags, the YAML keys and the model card derive.
 This module imports no torch, so the CLI can build its parser before the heavy imports.
 """
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from numbers import Real
 from typing import Any, Dict, Tuple
 
@@ -14,8 +14,17 @@ LORA_TARGETS = ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')
 ADAPTER_PLACEMENTS = ('parallel', 'sequential')
 
 
-def _setting(default: Any, help: str, **meta: Any) -> Any:
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A dataclass field with its help text (and CLI hints: choices, short, nargs, flag, scope, cli) in metadata;
+    a dict default becomes a default_factory."""
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=dict(help=help, **meta))
     return field(default=default, metadata=dict(help=help, **meta))
+
+
+def field_default(f: Field) -> Any:
+    """A dataclass field's default value (calling its default_factory)."""
+    return f.default_factory() if f.default_factory is not MISSING else f.default
 
 
 @dataclass
@@ -26,30 +35,30 @@ class CapaBoostConfig:
     ``prompt_rank=0`` gives plain, unfactorised VPT-deep prompts (0, not None: timm's create_model drops
     None-valued keyword arguments).
     """
-    method: str = _setting('lora', 'CapaBoost form', choices=METHODS, cli=False)
-    num_masks: int = _setting(2, 'number d of masked branches of the shared weights (1 = the plain method)')
-    mask_density: float = _setting(0.5, 'fraction rho of entries each static mask keeps, in (0, 1]')
-    mask_type: str = _setting('random', 'random: exact-count uniform masks; nm: N:M structured masks',
+    method: str = setting('lora', 'CapaBoost form', choices=METHODS, cli=False)
+    num_masks: int = setting(2, 'number d of masked branches of the shared weights (1 = the plain method)')
+    mask_density: float = setting(0.5, 'fraction rho of entries each static mask keeps, in (0, 1]')
+    mask_type: str = setting('random', 'random: exact-count uniform masks; nm: N:M structured masks',
                               choices=MASK_TYPES)
-    nm: Tuple[int, int] = _setting((2, 4), 'N and M for mask_type=nm (N of every M entries kept)', nargs=2)
-    seed: int = _setting(0, 'mask seed (the CLI uses the run seed unless --mask-seed is given)', flag='mask_seed')
+    nm: Tuple[int, int] = setting((2, 4), 'N and M for mask_type=nm (N of every M entries kept)', nargs=2)
+    seed: int = setting(0, 'mask seed (the CLI uses the run seed unless --mask-seed is given)', flag='mask_seed')
     # LoRA
-    rank: int = _setting(8, 'LoRA rank r of the shared factors')
-    lora_alpha: float = _setting(8.0, 'LoRA alpha: the update is scaled by alpha / r (must be > 0)')
-    lora_dropout: float = _setting(0.0, 'dropout on the LoRA input, in [0, 1)')
-    target_modules: Tuple[str, ...] = _setting(('attn.qkv',), 'LoRA target linears in every block',
+    rank: int = setting(8, 'LoRA rank r of the shared factors')
+    lora_alpha: float = setting(8.0, 'LoRA alpha: the update is scaled by alpha / r (must be > 0)')
+    lora_dropout: float = setting(0.0, 'dropout on the LoRA input, in [0, 1)')
+    target_modules: Tuple[str, ...] = setting(('attn.qkv',), 'LoRA target linears in every block',
                                                choices=LORA_TARGETS, nargs='+', flag='targets')
     # adapter
-    adapter_bottleneck: int = _setting(8, 'adapter bottleneck width b')
-    adapter_scale: float = _setting(0.1, 'adapter output scale s')
-    adapter_placement: str = _setting('parallel', 'parallel: beside the MLP (AdaptFormer); sequential: after it',
+    adapter_bottleneck: int = setting(8, 'adapter bottleneck width b')
+    adapter_scale: float = setting(0.1, 'adapter output scale s')
+    adapter_placement: str = setting('parallel', 'parallel: beside the MLP (AdaptFormer); sequential: after it',
                                       choices=ADAPTER_PLACEMENTS)
     # prompt
-    prompt_length: int = _setting(10, 'prompt tokens per block (VPT-deep)')
-    prompt_rank: int = _setting(8, 'rank of the factorised prompts; 0 = plain, unfactorised VPT-deep')
-    prompt_dropout: float = _setting(0.0, 'dropout on the prompts, in [0, 1)')
+    prompt_length: int = setting(10, 'prompt tokens per block (VPT-deep)')
+    prompt_rank: int = setting(8, 'rank of the factorised prompts; 0 = plain, unfactorised VPT-deep')
+    prompt_dropout: float = setting(0.0, 'dropout on the prompts, in [0, 1)')
     # what else trains
-    train_head: bool = _setting(True, 'train the classifier head', cli=False)
+    train_head: bool = setting(True, 'train the classifier head', cli=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):

@@ -90,6 +90,8 @@ class VTABDataset(Dataset):
             raise DataError(f'task folder {self.dir} does not exist (data path {root})')
         self.list_file = self.dir / f'{split}.txt'
         self.samples = read_list(self.list_file, task.num_classes)
+        if not self.samples:  # checked when a run builds its splits, before anything is decoded or trained
+            raise DataError(f'{self.list_file} lists no samples')
         self.img_size = img_size
 
     def __len__(self) -> int:

@@ -46,11 +46,16 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _decode(dataset: VTABDataset, index: int) -> np.ndarray:
-    try:
-        return load_resized(dataset.dir / dataset.samples[index].path, dataset.img_size)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise dataset.image_error(dataset.samples[index], e) from None
+def _decode_all(dataset: VTABDataset, desc: str, show_progress: bool) -> Iterator[Tuple[int, np.ndarray]]:
+    """(index, uint8 (3, H, W) pixels) of every image in list order, with a progress bar; DataError (file:line)
+    on the first missing or undecodable image."""
+    for i in tqdm(range(len(dataset)), desc=f'{desc} {dataset.list_file}', leave=False,
+                  disable=None if show_progress else True):
+        sample = dataset.samples[i]
+        try:
+            yield i, load_resized(dataset.dir / sample.path, dataset.img_size)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise dataset.image_error(sample, e) from None
 
 
 def split_bytes(dataset: VTABDataset) -> int:
@@ -66,9 +71,8 @@ def build_cache(dataset: VTABDataset, cache_dir: Path, show_progress: bool = Tru
         size = dataset.img_size
         with atomic_path(path) as tmp:
             out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(len(dataset), 3, size, size))
-            for i in tqdm(range(len(dataset)), desc=f'caching {dataset.list_file}', disable=None if show_progress else True,
-                          leave=False):
-                out[i] = _decode(dataset, i)
+            for i, pixels in _decode_all(dataset, 'caching', show_progress):
+                out[i] = pixels
             out.flush()
             del out
     return path
@@ -80,9 +84,8 @@ def validate_split(dataset: VTABDataset, cache_dir: Path, show_progress: bool = 
     with _locked(stamp.with_suffix('.lock')):
         if stamp.is_file():
             return
-        for i in tqdm(range(len(dataset)), desc=f'checking {dataset.list_file}', disable=None if show_progress else True,
-                      leave=False):
-            _decode(dataset, i)
+        for _ in _decode_all(dataset, 'checking', show_progress):
+            pass
         with atomic_path(stamp) as tmp:
             Path(tmp).write_text('ok\n')
 
@@ -113,8 +116,6 @@ def prepare_split(dataset: VTABDataset, cache_dir: Path, budget_bytes: int, devi
     ``device=None``, memory-mapped from the cache file (eval splits). Beyond it: the ``VTABDataset`` itself,
     for the decode path, after one validation pass.
     """
-    if len(dataset) == 0:
-        raise DataError(f'{dataset.list_file} lists no samples')
     labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.int64)
     if split_bytes(dataset) > budget_bytes:
         validate_split(dataset, cache_dir, show_progress)

@@ -33,12 +33,12 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from ._io import atomic_path, write_text_atomic
-from .data import PROTOCOL_SPLITS, DataError, VTABDataset
+from ._io import atomic_path, missing_folders, remove_empty_folders, write_text_atomic
+from .data import PROTOCOL_SPLITS, VTABDataset
 from .data_cache import CachedLoader, CachedSplit, DecodeLoader, default_cache_dir, prepare_split
 from .hub import WEIGHTS_NAME, save_adapter
 from .masks import stable_seed
-from .run_config import FORMS, PEFT_FORMS, RunConfig, RunError, method_names, resolve_config  # noqa: F401
+from .run_config import PEFT_FORMS, RunConfig, RunError
 from .tuner import head_module, is_capaboost_key, parameter_report
 from .vtab import Task, resolve_task
 
@@ -167,20 +167,16 @@ def _prepare_data(cfg: RunConfig, task: Task, env: Distributed):
     train_split, eval_split = PROTOCOL_SPLITS[cfg.protocol]
     cache_dir = default_cache_dir(cfg.output, cfg.cache_dir)
     budget = int(cfg.cache_budget_gb * 1e9) if cfg.data_cache else -1
+    # both lists are parsed (and must be non-empty) before anything is decoded
     sets = [VTABDataset(Path(cfg.data_path), task, split, cfg.img_size) for split in (train_split, eval_split)]
-    for dataset in sets:  # the cheap checks of both lists before decoding anything
-        if len(dataset) == 0:
-            raise DataError(f'{dataset.list_file} lists no samples')
-    created = [p for p in (cache_dir, *cache_dir.parents) if not p.exists()]
+    created = missing_folders(cache_dir)
     try:
         train_data = prepare_split(sets[0], cache_dir, budget, env.device, show_progress=env.main)
         eval_data = prepare_split(sets[1], cache_dir, budget, None, show_progress=env.main)
     except BaseException:
         if created:  # a run that never started leaves nothing behind, not even a half-used cache folder
             shutil.rmtree(created[0], ignore_errors=True)
-            for folder in created[1:]:
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+            remove_empty_folders(created[1:])
         raise
     return train_data, eval_data, eval_split
 
@@ -404,7 +400,7 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
 @contextlib.contextmanager
 def _run_folder(run_dir: Path, main: bool):
     """Create and lock the run folder; on failure remove what this call created when it holds nothing else."""
-    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    created = missing_folders(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_file = run_dir / '.lock'
     lock = open(lock_file, 'w') if main else None
@@ -420,9 +416,7 @@ def _run_folder(run_dir: Path, main: bool):
             lock.close()
             if not any(p.name != '.lock' for p in run_dir.iterdir()):
                 lock_file.unlink(missing_ok=True)
-                for folder in created:  # innermost first
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
+                remove_empty_folders(created)
         raise
     if lock is not None:
         lock.close()

@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -83,8 +83,13 @@ def base_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def non_finite_keys(state: Dict[str, torch.Tensor]) -> List[str]:
-    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+def refuse_non_finite(state: Dict[str, torch.Tensor], action: str, where: str = '') -> None:
+    """AdapterError when any floating tensor of ``state`` holds NaN/inf: a diverged adapter is never saved,
+    pushed or loaded."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AdapterError(f'{where}refusing to {action} an adapter with non-finite values ({len(bad)} tensors, '
+                           f'e.g. {bad[0]}): the training diverged')
 
 
 def _model_card(model: nn.Module, repo_id: str, results: Optional[Dict[str, Any]], size: int) -> ModelCard:
@@ -142,10 +147,7 @@ def save_adapter(model: nn.Module, folder: Union[str, Path], results: Optional[U
     """Write config.json, adapter.safetensors and README.md (model card) into ``folder``; each file atomically."""
     config = _capaboost_config(model)
     state = adapter_state_dict(model)
-    bad = non_finite_keys(state)
-    if bad:
-        raise AdapterError(f'refusing to save an adapter with non-finite values ({len(bad)} tensors, e.g. {bad[0]}): '
-                           'the training diverged')
+    refuse_non_finite(state, 'save')
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(results, (str, Path)):
@@ -278,10 +280,7 @@ def read_adapter(source: Union[str, Path]) -> AdapterFile:
             if state[key].dtype != torch.uint8 or state[key].numel() != -(-math.prod(shape) // 8):
                 raise AdapterError(f'{weights_file}: packed mask {key} does not hold {shape} bits')
             state[key] = unpack_mask(state[key], shape)
-    bad = non_finite_keys(state)
-    if bad:
-        raise AdapterError(f'{weights_file} holds non-finite values ({len(bad)} tensors, e.g. {bad[0]}): refusing to '
-                           'load a diverged adapter')
+    refuse_non_finite(state, 'load', where=f'{weights_file}: ')
     return AdapterFile(source, config_file, weights_file, meta, config, state)
 
 
@@ -311,11 +310,11 @@ def check_adapter(model: nn.Module, adapter: AdapterFile, check_base: bool = Tru
                                f'the model expects {tuple(expected[key].shape)} ({expected[key].dtype})')
     block = adapter.meta['capaboost']
     trained_on, fingerprint = block.get('base_weights'), block.get('base_fingerprint')
-    if check_base and fingerprint and fingerprint != base_fingerprint(model):
+    current = base_fingerprint(model) if check_base and fingerprint else fingerprint
+    if current != fingerprint:
         warnings.warn(f'adapter {adapter.source} was trained on base weights {trained_on!r} (fingerprint '
-                      f'{fingerprint}); this model has {base_weights_id(model)!r} (fingerprint '
-                      f'{base_fingerprint(model)}): outputs will differ from the adapter\'s reported results',
-                      stacklevel=3)
+                      f'{fingerprint}); this model has {base_weights_id(model)!r} (fingerprint {current}): outputs '
+                      f'will differ from the adapter\'s reported results', stacklevel=3)
 
 
 def apply_adapter(model: nn.Module, adapter: AdapterFile) -> nn.Module:
@@ -362,9 +361,7 @@ def push_adapter_to_hub(model: nn.Module, repo_id: str, results: Optional[Union[
     The token comes from huggingface_hub's usual sources (``token=``, HF_TOKEN, ``hf auth login``); never logged.
     """
     _capaboost_config(model)
-    bad = non_finite_keys(adapter_state_dict(model))
-    if bad:  # before any request: nothing is created on the Hub for a diverged model
-        raise AdapterError(f'refusing to push an adapter with non-finite values ({len(bad)} tensors, e.g. {bad[0]})')
+    refuse_non_finite(adapter_state_dict(model), 'push')  # before any request: nothing is created on the Hub
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
     if revision:

@@ -10,8 +10,6 @@ from typing import Sequence, Tuple
 
 import torch
 
-from .config import MASK_TYPES  # noqa: F401  (re-exported: the mask kinds live with the settings)
-
 
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed from the parts' text, stable across processes and Python versions (unlike ``hash()``)."""

@@ -10,7 +10,7 @@ import gzip
 import importlib.util
 import subprocess
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import yaml
@@ -69,6 +69,15 @@ SOURCES: Dict[str, Tuple[Callable[[], Tuple[np.ndarray, np.ndarray]], int]] = {
 }
 
 
+def write_vtab_lists(folder: Path, lines: List[str], num_classes: int, group: str) -> None:
+    """task.yaml and the four VTAB-1k lists from ``lines`` ("path label"): 800 train, 200 val, the rest test."""
+    splits = {'train800': lines[:800], 'val200': lines[800:1000], 'train800val200': lines[:1000],
+              'test': lines[1000:]}
+    write_text_atomic(folder / 'task.yaml', yaml.safe_dump({'num_classes': num_classes, 'group': group}))
+    for split, split_lines in splits.items():
+        write_text_atomic(folder / f'{split}.txt', '\n'.join(split_lines) + '\n')
+
+
 def build_task(name: str, root: Path, test_size: int = 1000, seed: int = 0) -> Path:
     """Write task ``name`` under ``root/name`` in the VTAB-1k layout (idempotent); returns the task folder.
 
@@ -91,11 +100,7 @@ def build_task(name: str, root: Path, test_size: int = 1000, seed: int = 0) -> P
         if not (folder / rel).is_file():
             Image.fromarray(images[idx], mode='L').save(folder / rel)
         lines.append(f'{rel} {int(labels[idx])}')
-    splits = {'train800': lines[:800], 'val200': lines[800:1000], 'train800val200': lines[:1000],
-              'test': lines[1000:]}
-    write_text_atomic(folder / 'task.yaml', yaml.safe_dump({'num_classes': num_classes, 'group': 'offline'}))
-    for split, split_lines in splits.items():
-        write_text_atomic(folder / f'{split}.txt', '\n'.join(split_lines) + '\n')
+    write_vtab_lists(folder, lines, num_classes, 'offline')
     return folder
 
 
@@ -141,9 +146,5 @@ def build_shapes_task(root: Path, name: str = 'shapes', num_test: int = 1000, si
         rel = f'images/{i:05d}.jpg'
         img.save(folder / rel, quality=90)
         lines.append(f'{rel} {label}')
-    splits = {'train800': lines[:800], 'val200': lines[800:1000], 'train800val200': lines[:1000],
-              'test': lines[1000:]}
-    write_text_atomic(folder / 'task.yaml', yaml.safe_dump({'num_classes': len(SHAPES), 'group': 'generated'}))
-    for split, split_lines in splits.items():
-        write_text_atomic(folder / f'{split}.txt', '\n'.join(split_lines) + '\n')
+    write_vtab_lists(folder, lines, len(SHAPES), 'generated')
     return folder

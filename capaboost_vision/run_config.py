@@ -5,13 +5,13 @@ type-checked against its field, and an error names the file (or flag) it came fr
 CLI parses and validates arguments before loading torch and timm.
 """
 import sys
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from .config import METHODS
+from .config import METHODS, field_default, setting
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
 PEFT_FORMS = METHODS  # the CapaBoost forms; 'linear' and 'full' are the non-PEFT references
@@ -25,56 +25,55 @@ class RunError(Exception):
     """A user-facing error of a run (bad input, divergence, busy folder): printed as one line by the CLI."""
 
 
-def _setting(default: Any, help: str, **meta: Any) -> Any:
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata=dict(help=help, **meta))
-    return field(default=default, metadata=dict(help=help, **meta))
-
-
 @dataclass
 class RunConfig:
     """Everything a run needs. Defaults are the VTAB-1k protocol of the vision PEFT literature."""
-    task: str = _setting('', 'VTAB-1k task (e.g. cifar), or a custom task folder holding a task.yaml', scope='train',
+    task: str = setting('', 'VTAB-1k task (e.g. cifar), or a custom task folder holding a task.yaml', scope='train',
                          required=True)
-    method: str = _setting('capaboost_lora', 'method config from configs/methods', scope='train')
-    seed: int = _setting(0, 'training seed; also the mask seed unless --mask-seed', scope='train')
-    name: str = _setting('', 'run name for the folder and the report row (default: the method)', scope='train')
-    resume: bool = _setting(False, 'continue the run folder\'s checkpoint', scope='train')
-    model: str = _setting('vit_base', 'CapaBoost model family or name, e.g. vit_base or vit_base_capaboost_lora')
-    data_path: str = _setting('', 'VTAB-1k root: <root>/<task>/{train800,...}.txt (optional when --task is a folder)')
-    output: str = _setting('runs', 'root of the run folders <output>/<model>/<task>/<method>/seed<N>')
-    epochs: int = _setting(100, 'training epochs')
-    warmup_epochs: int = _setting(10, 'linear warm-up epochs of the per-step cosine schedule')
-    batch_size: int = _setting(64, 'global batch size', short='-b')
-    eval_batch_size: int = _setting(256, 'evaluation batch size (evaluation runs at the last epoch)')
-    lr: float = _setting(1e-3, 'AdamW learning rate')
-    weight_decay: float = _setting(1e-4, 'AdamW weight decay')
-    img_size: int = _setting(224, 'squash-resize size in pixels (at least the patch size)')
-    weights: str = _setting('', 'base weights file (.safetensors, or .pth read with weights_only=True) instead of '
+    method: str = setting('capaboost_lora', 'method config from configs/methods', scope='train')
+    seed: int = setting(0, 'training seed; also the mask seed unless --mask-seed', scope='train')
+    name: str = setting('', 'run name for the folder and the report row (default: the method)', scope='train')
+    resume: bool = setting(False, 'continue the run folder\'s checkpoint', scope='train')
+    model: str = setting('vit_base', 'CapaBoost model family or name, e.g. vit_base or vit_base_capaboost_lora')
+    data_path: str = setting('', 'VTAB-1k root: <root>/<task>/{train800,...}.txt (optional when --task is a folder)')
+    output: str = setting('runs', 'root of the run folders <output>/<model>/<task>/<method>/seed<N>')
+    epochs: int = setting(100, 'training epochs')
+    warmup_epochs: int = setting(10, 'linear warm-up epochs of the per-step cosine schedule')
+    batch_size: int = setting(64, 'global batch size', short='-b')
+    eval_batch_size: int = setting(256, 'evaluation batch size (evaluation runs at the last epoch)')
+    lr: float = setting(1e-3, 'AdamW learning rate')
+    weight_decay: float = setting(1e-4, 'AdamW weight decay')
+    img_size: int = setting(224, 'squash-resize size in pixels (at least the patch size)')
+    weights: str = setting('', 'base weights file (.safetensors, or .pth read with weights_only=True) instead of '
                                 'timm pretrained resolution')
-    pretrained: bool = _setting(True, 'load pretrained base weights (--no-pretrained: random init, for tests)')
-    overwrite: bool = _setting(False, 'redo a finished or unfinished run from scratch')
-    protocol: str = _setting('final', 'final: train800val200 -> test; val: train800 -> val200', choices=PROTOCOLS)
-    drop_path: float = _setting(0.1, 'stochastic depth rate')
-    label_smoothing: float = _setting(0.0, 'label smoothing of the cross-entropy')
-    normalize: bool = _setting(True, "normalise with the model's mean/std")
-    amp: str = _setting('bf16', 'GPU autocast dtype (CPU runs in fp32)', choices=AMP_MODES)
-    clip_grad: float = _setting(0.0, 'max gradient norm (0 = off)')
-    compile: bool = _setting(False, 'torch.compile the model for training')
-    data_cache: bool = _setting(True, 'decode every image once into a uint8 cache and train from memory '
+    pretrained: bool = setting(True, 'load pretrained base weights (--no-pretrained: random init, for tests)')
+    overwrite: bool = setting(False, 'redo a finished or unfinished run from scratch')
+    protocol: str = setting('final', 'final: train800val200 -> test; val: train800 -> val200', choices=PROTOCOLS)
+    drop_path: float = setting(0.1, 'stochastic depth rate')
+    label_smoothing: float = setting(0.0, 'label smoothing of the cross-entropy')
+    normalize: bool = setting(True, "normalise with the model's mean/std")
+    amp: str = setting('bf16', 'GPU autocast dtype (CPU runs in fp32)', choices=AMP_MODES)
+    clip_grad: float = setting(0.0, 'max gradient norm (0 = off)')
+    compile: bool = setting(False, 'torch.compile the model for training')
+    data_cache: bool = setting(True, 'decode every image once into a uint8 cache and train from memory '
                                       '(--no-data-cache: decode every epoch)')
-    cache_dir: str = _setting('', 'folder of the decoded-image cache (default <output>/.cache)')
-    cache_budget_gb: float = _setting(8.0, 'splits larger than this many GB stream from disk instead of the cache')
-    workers: int = _setting(4, 'data loader workers of the decode path', short='-j')
-    device: str = _setting('auto', 'auto, cpu, cuda or cuda:N')
-    eval_interval: int = _setting(0, 'evaluate every N epochs (0: the last epoch only for --protocol final, '
+    cache_dir: str = setting('', 'folder of the decoded-image cache (default <output>/.cache)')
+    cache_budget_gb: float = setting(8.0, 'splits larger than this many GB stream from disk instead of the cache')
+    workers: int = setting(4, 'data loader workers of the decode path', short='-j')
+    device: str = setting('auto', 'auto, cpu, cuda or cuda:N')
+    eval_interval: int = setting(0, 'evaluate every N epochs (0: the last epoch only for --protocol final, '
                                      'every epoch for val)')
-    form: str = _setting('', 'the method\'s form', choices=FORMS, cli=False)
-    capaboost: Dict[str, Any] = _setting({}, 'CapaBoost settings (see CapaBoostConfig)', cli=False)
+    form: str = setting('', 'the method\'s form', choices=FORMS, cli=False)
+    capaboost: Dict[str, Any] = setting({}, 'CapaBoost settings (see CapaBoostConfig)', cli=False)
 
     def validate(self) -> None:
         if self.form not in FORMS:
             raise RunError(f'method {self.method!r} has form {self.form!r}: allowed forms are {", ".join(FORMS)}')
+        for f in fields(self):  # the other closed sets (protocol, amp): argparse checks flags, this checks YAML too
+            choices = f.metadata.get('choices')
+            if choices and getattr(self, f.name) not in choices:
+                raise RunError(f'--{_flag(f.name)} {getattr(self, f.name)!r} is invalid: choose one of '
+                               f'{", ".join(choices)}')
         for name in ('epochs', 'batch_size', 'eval_batch_size'):
             if getattr(self, name) < 1:
                 raise RunError(f'--{_flag(name)} {getattr(self, name)} is invalid: must be >= 1')
@@ -98,12 +97,8 @@ def _flag(name: str) -> str:
 FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
-def _default(f: Any) -> Any:
-    return f.default_factory() if f.default_factory is not MISSING else f.default
-
-
 _TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,), dict: (dict,)}
-FIELD_TYPES = {name: _TYPES[type(_default(f))] for name, f in FIELDS.items()}
+FIELD_TYPES = {name: _TYPES[type(field_default(f))] for name, f in FIELDS.items()}
 
 
 def check_type(name: str, value: Any, source: str) -> Any:

@@ -66,7 +66,8 @@ def run(weights, data, out, task, name, seed, lr, protocol, args) -> dict:
             '--warmup-epochs', '1', '--batch-size', '32', '--workers', '0', '--resume', *flags]
     if cli.main(argv):
         raise SystemExit(f'run failed: capaboost-vtab {" ".join(argv)}')
-    from capaboost_vision.engine import resolve_config, run_directory
+    from capaboost_vision.engine import run_directory
+    from capaboost_vision.run_config import resolve_config
     run_dir = run_directory(resolve_config(dict(task=task, method=method, name=name, data_path=str(data),
                                                 output=str(out), model='vit_small_dinov2', seed=seed)))
     return json.loads((run_dir / 'results.json').read_text()) | {'run_dir': str(run_dir)}

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 import capaboost_vision as cv
 from capaboost_vision import engine
-from capaboost_vision.engine import resolve_config, train
+from capaboost_vision.engine import train
 from capaboost_vision.hub import AdapterError
-from capaboost_vision.run_config import RunError
+from capaboost_vision.run_config import RunError, resolve_config
 from test_vtab import TINY, make_task
 
 ENTRY = [sys.executable, '-c', 'import sys, capaboost_vtab; sys.exit(capaboost_vtab.main())']

@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from capaboost_vision import cli
-from capaboost_vision.engine import resolve_config, train
+from capaboost_vision.engine import train
+from capaboost_vision.run_config import resolve_config
 from capaboost_vision.vtab import resolve_task
 
 TINY = ['--model', 'vit_tiny', '--no-pretrained', '--img-size', '32', '--batch-size', '100', '--workers', '0',

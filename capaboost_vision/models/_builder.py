@@ -7,7 +7,7 @@ import torch.nn as nn
 from timm.models import PretrainedCfg, get_pretrained_cfg
 
 from ..config import CONFIG_KEYS, CapaBoostConfig
-from ..hub import load_adapter
+from ..hub import load_adapter, registered_base_id
 from ..tuner import apply_capaboost
 
 
@@ -24,12 +24,9 @@ def loaded_weights_id(model: nn.Module, pretrained: bool) -> str:
     """What was actually loaded: 'random-init', 'file:<name>' (a local checkpoint) or the weights' hub id."""
     if not pretrained:
         return 'random-init'
-    cfg = model.pretrained_cfg
-    if cfg.get('file'):
-        return f'file:{Path(cfg["file"]).name}'
-    registered = get_pretrained_cfg(f'{cfg.get("architecture")}.{cfg.get("tag")}' if cfg.get('tag') else
-                                    str(cfg.get('architecture')))
-    return (registered.hf_hub_id if registered else None) or cfg.get('hf_hub_id') or 'unknown'
+    if model.pretrained_cfg.get('file'):
+        return f'file:{Path(model.pretrained_cfg["file"]).name}'
+    return registered_base_id(model) or 'unknown'
 
 
 def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretrained: bool,
