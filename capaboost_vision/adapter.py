@@ -1,15 +1,21 @@
 """CapaBoost bottleneck adapter beside (or after) a transformer block's MLP.
 
-AdaptFormer-style parallel adapter (the CapaBoost paper's "PAdapter"):
+AdaptFormer-style parallel adapter (the CapaBoost paper's "PAdapter"), added to the residual stream:
 
-    out = mlp(x) + s * [ sum_i (W_up⊙M^up_i) act((W_down⊙M^down_i) x + b_down) + b_up ]
+    x = x + drop_path(ls2(mlp(norm2(x)))) + s * [ c sum_i (W_up⊙M^up_i) act((W_down⊙M^down_i) norm2(x) + b_down)
+                                                   + b_up ]
 
-computed as ONE bottleneck of width d*b: W_down_cat = [W_down⊙M^down_1; ...] (d*b x dim), b_down repeated d times,
-W_up_cat = [W_up⊙M^up_1 | ...] (dim x d*b); b_up is added once. ``placement='sequential'`` feeds the MLP's
-output instead: out = mlp(x) + s * adapter(mlp(x)).
+outside the block's frozen LayerScale ``ls2`` and its drop-path, as AdaptFormer adds it: otherwise the frozen
+per-channel gamma (0.2 to 11 in DINOv2) would set the adapter's scale and effective learning rate differently
+in every block. c is 1 (official code) or 1/(d*rho^2) with ``mask_scaling='expected'``. The sum is computed as
+ONE bottleneck of width d*b: W_down_cat = [W_down⊙M^down_1; ...] (d*b x dim), b_down repeated d times,
+W_up_cat = [W_up⊙M^up_1 | ...] (dim x d*b); b_up is added once. The adapter reads the MLP's input (norm2(x)).
 
-The adapter is attached as ``mlp.capaboost_adapter`` and runs from a forward hook on the MLP, so every base
-parameter name (``blocks.0.mlp.fc1.weight``...) stays as it was.
+``placement='sequential'`` is part of the MLP branch by definition: mlp(x) + s * adapter(mlp(x)), inside it.
+
+The adapter is attached as ``mlp.capaboost_adapter`` and runs from hooks (a forward hook on the MLP computes it
+from the MLP's input; for the parallel placement a forward hook on the block adds it to the block's output), so
+every base parameter name (``blocks.0.mlp.fc1.weight``...) stays as it was.
 """
 import math
 
@@ -30,6 +36,8 @@ class CapaBoostAdapter(nn.Module):
         if b > dim:
             raise ValueError(f'adapter_bottleneck={b} is invalid for {name} (width {dim}): it must be at most {dim}')
         self.num_masks, self.scale, self.placement = d, config.adapter_scale, config.adapter_placement
+        self.branch_scale = config.branch_scale
+        self._pending = None  # parallel placement: this block pass's adapter output, added by block_hook
         dd = dict(device=device, dtype=dtype)
         self.down_weight = nn.Parameter(torch.empty(b, dim, **dd))
         self.down_bias = nn.Parameter(torch.zeros(b, **dd))
@@ -53,11 +61,24 @@ class CapaBoostAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.down_weight, self.down_bias, self.up_weight)
         down, down_bias, up = self._cache.get(params, self.masked_weights)
-        return self.scale * F.linear(self.act(F.linear(x, down, down_bias)), up, self.up_bias)
+        branches = F.linear(self.act(F.linear(x, down, down_bias)), up)  # (..., dim): the sum over d branches
+        return self.scale * (branches * self.branch_scale + self.up_bias)
 
     def mlp_hook(self, mlp: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on the MLP: add the adapter's output to the MLP's."""
-        return output + self(args[0] if self.placement == 'parallel' else output)
+        """Forward hook on the MLP. Sequential: add the adapter of the MLP's output to it. Parallel: compute the
+        adapter of the MLP's input and hold it for ``block_hook`` (the MLP's output is left alone)."""
+        if self.placement == 'sequential':
+            return output + self(output)
+        self._pending = self(args[0])
+        return output
+
+    def block_hook(self, block: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the block (parallel placement): add this pass's adapter output to the residual stream,
+        after the block's LayerScale and drop-path. Swin's MLP sees (B, H*W, C), its block returns (B, H, W, C)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError('capaboost adapter: the block finished without running its MLP')
+        return output + pending.view(output.shape)
 
     def extra_repr(self) -> str:
         b, dim = self.down_weight.shape

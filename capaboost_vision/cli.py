@@ -111,25 +111,14 @@ def _train_argv(args: argparse.Namespace, task: str, method: str, seed: int) -> 
     return argv
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """task x method x seed; on GPUs, ``--runs-per-gpu`` runs at once on each; finished runs are skipped."""
-    from .engine import run_directory
-    from .vtab import resolve_tasks
-    tasks = resolve_tasks(args.tasks, Path(args.data_path or '.'))
+def run_all(argvs: List[List[str]], gpus: Optional[str], runs_per_gpu: int) -> List[str]:
+    """Run ``train`` command lines, ``runs_per_gpu`` at once on each GPU of ``gpus`` (subprocesses), or one after
+    another in this process when there is no GPU list and one run at a time. Returns the failed command lines."""
+    if not gpus and runs_per_gpu == 1:
+        return [' '.join(argv) for argv in argvs if main(argv)]
     jobs: Queue = Queue()
-    seen = set()
-    for task in tasks:
-        for method in args.methods:
-            for seed in args.seeds:
-                cfg = build_run_config(args, task.name, method, seed)  # validates every run before starting any
-                run_dir = run_directory(cfg)
-                if run_dir in seen:
-                    raise RunError(f'two runs of this sweep would write {run_dir}')
-                seen.add(run_dir)
-                if (run_dir / 'results.json').is_file() and not cfg.overwrite:
-                    print(f'skip: {run_dir} already holds a finished run')
-                    continue
-                jobs.put(_train_argv(args, task.name, method, seed))
+    for argv in argvs:
+        jobs.put(argv)
     failures: List[str] = []
 
     def worker(gpu: Optional[str]) -> None:
@@ -141,17 +130,78 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 return
             print(f'[{"gpu " + gpu if gpu is not None else "cpu"}] capaboost-vtab {" ".join(argv)}', flush=True)
             if subprocess.run([sys.executable, '-m', 'capaboost_vision.cli', *argv], env=env).returncode:
-                failures.append(' '.join(argv[:7]))
+                failures.append(' '.join(argv))
 
-    gpus = args.gpus.split(',') if args.gpus else [None]
-    threads = [threading.Thread(target=worker, args=(g,)) for g in gpus for _ in range(args.runs_per_gpu)]
+    threads = [threading.Thread(target=worker, args=(g,)) for g in (gpus.split(',') if gpus else [None])
+               for _ in range(runs_per_gpu)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return failures
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """task x method x seed; on GPUs, ``--runs-per-gpu`` runs at once on each; finished runs are skipped."""
+    from .engine import finished_results, run_directory
+    from .vtab import resolve_tasks
+    tasks = resolve_tasks(args.tasks, Path(args.data_path or '.'))
+    argvs = []
+    seen = set()
+    for task in tasks:
+        for method in args.methods:
+            for seed in args.seeds:
+                cfg = build_run_config(args, task.name, method, seed)  # validates every run before starting any
+                run_dir = run_directory(cfg)
+                if run_dir in seen:
+                    raise RunError(f'two runs of this sweep would write {run_dir}')
+                seen.add(run_dir)
+                if not cfg.overwrite and finished_results(cfg, run_dir) is not None:
+                    print(f'skip: {run_dir} already holds this finished run')
+                    continue
+                argvs.append(_train_argv(args, task.name, method, seed))
+    failures = run_all(argvs, args.gpus, args.runs_per_gpu)
     if failures:
         print(f'{len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
         return 1
+    return 0
+
+
+def results_of(argv: List[str]) -> Dict[str, Any]:
+    """The results.json of the finished run a ``train`` command line describes."""
+    import json
+    from .engine import run_directory
+    args = make_parser().parse_args(argv)
+    path = run_directory(build_run_config(args, args.task, args.method, args.seed)) / 'results.json'
+    if not path.is_file():
+        raise RunError(f'{path} is missing after its run')
+    return json.loads(path.read_text())
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Per task and method: lr grid on train800 -> val200 (extended at an edge), then the chosen lr on
+    train800val200 -> test for every seed."""
+    from .engine import family_of, run_directory
+    from .search import SearchJob, records_markdown, search
+    from .vtab import resolve_tasks
+    if any(lr <= 0 for lr in args.lrs):
+        raise RunError(f'--lrs {" ".join(map(str, args.lrs))}: every rate must be > 0')
+    tasks = resolve_tasks(args.tasks, Path(args.data_path or '.'))
+    jobs = []
+    for task in tasks:
+        for method in args.methods:
+            build_run_config(args, task.name, method, args.seeds[0])  # validates every run before starting any
+            jobs.append(SearchJob(task.name, method, _train_argv(args, task.name, method, args.seeds[0]),
+                                  sorted(set(args.lrs))))
+
+    def record_dir(job: SearchJob) -> Path:
+        cfg = build_run_config(args, job.task, job.name, args.seeds[0])
+        return run_directory(cfg).parent.parent.parent / 'search'
+
+    records = search(jobs, args.seeds, args.seeds[0], args.max_extensions,
+                     lambda argvs: run_all(argvs, args.gpus, args.runs_per_gpu), results_of, record_dir)
+    family = family_of(build_run_config(args, jobs[0].task, jobs[0].name, args.seeds[0]).model)
+    print(records_markdown([dict(r, family=family) for r in records.values()]))
     return 0
 
 
@@ -260,6 +310,20 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_flags(p, ('run',))
     p.set_defaults(fn=cmd_sweep)
 
+    p = sub.add_parser('search', formatter_class=fmt,
+                       help='lr search per task and method on train800 -> val200, then final runs with the chosen lr')
+    p.add_argument('--tasks', nargs='+', required=True, help='task names or "all"')
+    p.add_argument('--methods', nargs='+', required=True, help=', '.join(method_names()))
+    p.add_argument('--lrs', nargs='+', type=float, default=[1e-3, 3e-3, 1e-2], help='the starting grid')
+    p.add_argument('--max-extensions', type=int, default=2,
+                   help='grid steps added at most in each direction when the best rate sits at an edge')
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2],
+                   help='final-run seeds; the first one is also the search seed')
+    p.add_argument('--gpus', help='comma-separated GPU ids (default: the current device only)')
+    p.add_argument('--runs-per-gpu', type=int, default=1, help='runs at once on each GPU')
+    _add_run_flags(p, ('run',))
+    p.set_defaults(fn=cmd_search)
+
     p = sub.add_parser('report', help='aggregate results.json files into the standard table and plot',
                        formatter_class=fmt)
     p.add_argument('runs_dir', help='an --output folder')
@@ -296,7 +360,7 @@ def _user_errors() -> tuple:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = make_parser().parse_args(argv)
-    if args.command == 'sweep' and args.runs_per_gpu < 1:
+    if args.command in ('sweep', 'search') and args.runs_per_gpu < 1:
         print('error: --runs-per-gpu must be >= 1', file=sys.stderr)
         return 2
     debug = getattr(args, 'debug', False) or bool(os.environ.get('CAPABOOST_DEBUG'))

@@ -12,6 +12,8 @@ METHODS = ('lora', 'adapter', 'prompt')
 MASK_TYPES = ('random', 'nm')
 LORA_TARGETS = ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')
 ADAPTER_PLACEMENTS = ('parallel', 'sequential')
+MASK_SCALINGS = ('none', 'expected')
+LORA_INITS = ('peft', 'official')
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:
@@ -41,11 +43,16 @@ class CapaBoostConfig:
     mask_type: str = setting('random', 'random: exact-count uniform masks; nm: N:M structured masks',
                               choices=MASK_TYPES)
     nm: Tuple[int, int] = setting((2, 4), 'N and M for mask_type=nm (N of every M entries kept)', nargs=2)
+    mask_scaling: str = setting('none', "none: the d masked branches are summed unscaled (official code); expected: "
+                                         "the sum is divided by d*rho^2, so the expected update equals the plain "
+                                         "form's at the same alpha and lr", choices=MASK_SCALINGS)
     seed: int = setting(0, 'mask seed (the CLI uses the run seed unless --mask-seed is given)', flag='mask_seed')
     # LoRA
     rank: int = setting(8, 'LoRA rank r of the shared factors')
     lora_alpha: float = setting(8.0, 'LoRA alpha: the update is scaled by alpha / r (must be > 0)')
     lora_dropout: float = setting(0.0, 'dropout on the LoRA input, in [0, 1)')
+    lora_init: str = setting('peft', 'init of A: peft = loralib/PEFT kaiming U(+-1/sqrt(in)); official = the '
+                                     'CapaBoost code\'s U(+-1/sqrt(r)) (B is zero either way)', choices=LORA_INITS)
     target_modules: Tuple[str, ...] = setting(('attn.qkv',), 'LoRA target linears in every block',
                                                choices=LORA_TARGETS, nargs='+', flag='targets')
     # adapter
@@ -98,6 +105,10 @@ class CapaBoostConfig:
                 bad('nm', 'a pair (N, M) of integers with 0 < N <= M is required')
             if abs(self.mask_density - n / m) > 1e-9:
                 bad('mask_density', f'with mask_type="nm" and nm={self.nm} it must equal N/M = {n / m}')
+        if self.mask_scaling not in MASK_SCALINGS:
+            bad('mask_scaling', f'choose one of {", ".join(MASK_SCALINGS)}')
+        if self.lora_init not in LORA_INITS:
+            bad('lora_init', f'choose one of {", ".join(LORA_INITS)}')
         integer('seed', 0)
         integer('rank', 1)
         if number('lora_alpha') <= 0:
@@ -120,9 +131,17 @@ class CapaBoostConfig:
             bad('train_head', 'true or false')
 
     @property
+    def branch_scale(self) -> float:
+        """Factor on the sum of the d masked branches: 1 (official code), or 1/(d*rho^2) for
+        ``mask_scaling='expected'`` (each of the d branches keeps a rho^2 share of a product's terms on average)."""
+        if self.mask_scaling == 'none':
+            return 1.0
+        return 1.0 / (self.num_masks * self.mask_density ** 2)
+
+    @property
     def scaling(self) -> float:
-        """LoRA scaling alpha/r (no 1/d: the official code sums the d branches unscaled)."""
-        return self.lora_alpha / self.rank
+        """LoRA scaling alpha/r times ``branch_scale``."""
+        return self.lora_alpha / self.rank * self.branch_scale
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-friendly settings (tuples become lists)."""

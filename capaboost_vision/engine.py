@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 from safetensors.torch import save_file
-from timm.data import resolve_data_config
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DistributedSampler
@@ -38,7 +38,7 @@ from .data import PROTOCOL_SPLITS, VTABDataset
 from .data_cache import CachedLoader, CachedSplit, DecodeLoader, default_cache_dir, prepare_split
 from .hub import WEIGHTS_NAME, save_adapter
 from .masks import stable_seed
-from .run_config import PEFT_FORMS, RunConfig, RunError
+from .run_config import PEFT_FORMS, RunConfig, RunError, check_same_run
 from .tuner import head_module, is_capaboost_key, parameter_report
 from .vtab import Task, resolve_task
 
@@ -82,6 +82,16 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def input_normalization(norm: str, model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) for ``--norm``: ImageNet's, the model's pretrained cfg's, or none ([0, 1] inputs)."""
+    if norm == 'imagenet':
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    if norm == 'model':
+        data_cfg = resolve_data_config(model=model)
+        return tuple(data_cfg['mean']), tuple(data_cfg['std'])
+    return (0., 0., 0.), (1., 1., 1.)
+
+
 def trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """What a run saves: trainable parameters plus CapaBoost buffers (masks) — never the frozen backbone."""
     state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -96,9 +106,26 @@ def all_finite(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
 
 
 def run_directory(cfg: RunConfig) -> Path:
-    """<output>/<family>/<task>/<name or method>/seed<N>: always under ``--output``."""
+    """<output>/<family>/<task>/<protocol>/<name or method>/seed<N>: always under ``--output``; the protocol is in
+    the path, so a val run and a final run of the same method never share a folder."""
     return Path(cfg.output) / family_of(cfg.model) / resolve_task(cfg.task, Path(cfg.data_path)).name / \
-        (cfg.name or cfg.method) / f'seed{cfg.seed}'
+        cfg.protocol / (cfg.name or cfg.method) / f'seed{cfg.seed}'
+
+
+def finished_results(cfg: RunConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The results of the finished run in ``run_dir`` when it was made with ``cfg``'s settings; None when the folder
+    holds no finished run; RunError naming the differing settings when it was made with others."""
+    results_file = run_dir / 'results.json'
+    if not results_file.is_file():
+        return None
+    try:
+        results = json.loads(results_file.read_text())
+        recorded = results['config']
+    except (ValueError, KeyError, TypeError):
+        raise RunError(f'{results_file} does not record the settings it was made with (unreadable or written by '
+                       f'an older version): pass --overwrite to redo the run or --name for a new one') from None
+    check_same_run(recorded, cfg, f'the finished run in {run_dir}')
+    return results
 
 
 class Distributed:
@@ -189,8 +216,7 @@ def prepare(cfg: RunConfig, env: Distributed) -> Run:
         raise RunError(f'--batch-size {cfg.batch_size} must be divisible by the {env.world} processes')
     torch.manual_seed(cfg.seed)  # head / CapaBoost init
     model = build_model(cfg, task.num_classes).to(env.device)
-    data_cfg = resolve_data_config(model=model)
-    mean, std = (data_cfg['mean'], data_cfg['std']) if cfg.normalize else ((0., 0., 0.), (1., 1., 1.))
+    mean, std = input_normalization(cfg.norm, model)
     train_data, eval_data, eval_split = _prepare_data(cfg, task, env)
 
     per_rank = cfg.batch_size // env.world
@@ -242,6 +268,10 @@ def resume(run: Run) -> None:
                        f'delete it or pass --overwrite to restart') from None
     if not isinstance(ckpt, dict) or not {'model', 'optimizer', 'scheduler', 'epoch', 'history'} <= set(ckpt):
         raise RunError(f'{ckpt_file} is not a capaboost-vtab checkpoint; delete it or pass --overwrite')
+    if not isinstance(ckpt.get('config'), dict):
+        raise RunError(f'{ckpt_file} does not record the settings it was made with; pass --overwrite to restart')
+    # the schedule, lr and everything else come from the checkpoint: refuse one made with other settings
+    check_same_run(ckpt['config'], run.cfg, f'the checkpoint {ckpt_file}')
     expected = trainable_state(run.model)
     missing = sorted(set(expected) - set(ckpt['model']))
     if missing:
@@ -369,7 +399,8 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
         'task': run.task.name, 'group': run.task.group, 'num_classes': run.task.num_classes,
         'method': cfg.name or cfg.method, 'method_config': cfg.method, 'form': cfg.form, 'lr': cfg.lr,
         'model': cfg.model, 'family': family_of(cfg.model), 'seed': cfg.seed,
-        'protocol': cfg.protocol, 'eval_split': run.eval_split,
+        'protocol': cfg.protocol, 'eval_split': run.eval_split, 'norm': cfg.norm,
+        'mean': list(run.mean), 'std': list(run.std),
         'top1': run.history[-1]['eval_acc'],  # the LAST epoch, never the best-of-test
         'best_eval_top1': best['eval_acc'], 'best_epoch': best['epoch'], 'epochs': cfg.epochs,
         'trainable_params': sum(p.numel() for p in run.params),
@@ -380,6 +411,7 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
         'train_images_per_s': run.history[-1]['images_per_s'], 'data_cache': cfg.data_cache,
         'compile': cfg.compile, 'img_size': cfg.img_size,
         'run_seconds': time.time() - started, 'device': str(env.device), 'world_size': env.world,
+        'config': asdict(cfg),  # what finished_results compares a later request with
     }
     if env.main:
         if run.report:  # the run folder is itself an adapter folder: load_adapter / adapter= / push take it
@@ -398,11 +430,13 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _run_folder(run_dir: Path, main: bool):
-    """Create and lock the run folder; on failure remove what this call created when it holds nothing else."""
+def _run_folder(run_dir: Path, main: bool, overwrite: bool):
+    """Lock the run folder (through a sibling lock file, so the folder itself can be replaced), on ``overwrite``
+    move the old folder out of the way in one atomic rename and delete it, then create it. On failure remove
+    what this call created when it holds nothing."""
     created = missing_folders(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock_file = run_dir / '.lock'
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = run_dir.parent / f'.{run_dir.name}.lock'
     lock = open(lock_file, 'w') if main else None
     try:
         if lock is not None:
@@ -410,11 +444,21 @@ def _run_folder(run_dir: Path, main: bool):
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RunError(f'{run_dir} is being written by another run') from None
+            if overwrite and run_dir.exists():
+                # one rename: an interrupted overwrite leaves either the whole old run or none of it in run_dir,
+                # never an old checkpoint or results.json that a later --resume would take for the new run's
+                trash = run_dir.parent / f'.{run_dir.name}.overwritten'
+                shutil.rmtree(trash, ignore_errors=True)
+                run_dir.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         yield
     except BaseException:
         if lock is not None:
             lock.close()
-            if not any(p.name != '.lock' for p in run_dir.iterdir()):
+            if run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+            if not run_dir.exists():
                 lock_file.unlink(missing_ok=True)
                 remove_empty_folders(created)
         raise
@@ -423,24 +467,30 @@ def _run_folder(run_dir: Path, main: bool):
 
 
 def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
-    """Run (or resume) one training run; returns the results dict (also written to results.json)."""
+    """Run (or resume) one training run; returns the results dict (also written to results.json).
+
+    A finished run is reused, and a checkpoint resumed, only when it was made with the same settings
+    (``run_config.IDENTITY_FIELDS``); otherwise RunError names the differing settings.
+    """
     env = Distributed(cfg.device)
     run_dir = run_directory(cfg)
-    results_file, ckpt_file = run_dir / 'results.json', run_dir / 'checkpoint.pt'
-    if results_file.is_file() and not cfg.overwrite:
-        if env.main:
-            print(f'skip: {run_dir} already holds a finished run (pass --overwrite to redo it)')
-        return json.loads(results_file.read_text())
-    if ckpt_file.is_file() and not (cfg.resume or cfg.overwrite):
-        raise RunError(f'{run_dir} holds an unfinished run: pass --resume to continue it or --overwrite to restart')
+    ckpt_file = run_dir / 'checkpoint.pt'
+    if not cfg.overwrite:
+        results = finished_results(cfg, run_dir)
+        if results is not None:
+            if env.main:
+                print(f'skip: {run_dir} already holds this finished run (pass --overwrite to redo it)')
+            return results
+        if ckpt_file.is_file() and not cfg.resume:
+            raise RunError(f'{run_dir} holds an unfinished run: pass --resume to continue it or --overwrite to '
+                           f'restart')
     run = prepare(cfg, env)  # everything that can fail on bad input fails here, before the folder is touched
     if env.main:
         print(f'{run_dir}: {cfg.model} {cfg.method} ({cfg.form}) on {run.task.name} ({run.task.num_classes} classes)')
         print(run.report if run.report else f'trainable parameters {sum(p.numel() for p in run.params):,}')
-    with _run_folder(run_dir, env.main):
-        if cfg.overwrite and env.main:  # never leave old results or an old model beside a new, unfinished run
-            for old in ('results.json', 'checkpoint.pt', 'metrics.csv', WEIGHTS_NAME, 'trainable.safetensors'):
-                (run_dir / old).unlink(missing_ok=True)
+    with _run_folder(run_dir, env.main, cfg.overwrite):
+        if env.world > 1:
+            dist.barrier()  # rank 0 has replaced the folder before anyone looks for a checkpoint
         if cfg.resume and ckpt_file.is_file() and not cfg.overwrite:
             resume(run)
         elif env.main and cfg.resume:

@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'adapter.safetensors'
 # settings that must agree between an adapter file and the model it is loaded into (masks travel in the file)
-_MATCHING_KEYS = ('method', 'num_masks', 'rank', 'lora_alpha', 'target_modules', 'adapter_bottleneck',
+_MATCHING_KEYS = ('method', 'num_masks', 'mask_scaling', 'rank', 'lora_alpha', 'target_modules', 'adapter_bottleneck',
                   'adapter_scale', 'adapter_placement', 'prompt_length', 'prompt_rank')
 
 
@@ -114,6 +114,10 @@ def _model_card(model: nn.Module, repo_id: str, results: Optional[Dict[str, Any]
         result_text = (f'\n## Evaluation\n\nVTAB-1k `{results["task"]}` ({results.get("protocol", "final")} '
                        f'protocol, {results.get("eval_split", "test")} split, last epoch, seed {results.get("seed")}): '
                        f'**{results["top1"]:.2f}%** top-1 after {results.get("epochs")} epochs.\n')
+        if results.get('norm'):
+            result_text += (f'\nInputs: squash-resized to {results.get("img_size")} px, normalised with '
+                            f'`--norm {results["norm"]}` (mean {results.get("mean")}, std {results.get("std")}; '
+                            f'recorded in config.json, so timm\'s `resolve_data_config` gives it).\n')
     content = f"""---
 {data.to_yaml()}
 ---
@@ -162,6 +166,8 @@ def save_adapter(model: nn.Module, folder: Union[str, Path], results: Optional[U
         'capaboost': {'format_version': FORMAT_VERSION, 'weights': WEIGHTS_NAME, 'config': config.to_dict(),
                       'base_weights': base_weights_id(model), 'base_fingerprint': base_fingerprint(model)},
     }
+    if results and results.get('mean') and results.get('std'):  # the normalisation the adapter was trained with
+        model_config['pretrained_cfg'].update(mean=tuple(results['mean']), std=tuple(results['std']))
     if label_names:
         model_config['label_names'] = list(label_names)
     model_args = getattr(model, '_model_args', {})

@@ -1,9 +1,10 @@
 """CapaBoost-LoRA: a LoRA ``nn.Linear`` whose update is the sum of d masked copies of one shared (A, B).
 
-    y = x W0^T + b + (alpha/r) * sum_i x (A⊙M^A_i)^T (B⊙M^B_i)^T = x W0^T + b + (alpha/r) * x A_cat^T B_cat^T
+    y = x W0^T + b + c (alpha/r) * sum_i x (A⊙M^A_i)^T (B⊙M^B_i)^T = x W0^T + b + c (alpha/r) * x A_cat^T B_cat^T
 
 with A_cat = [A⊙M^A_1; ...; A⊙M^A_d] (d*r x in) and B_cat = [B⊙M^B_1 | ... | B⊙M^B_d] (out x d*r): one rank-d*r
-product, so the stored parameters are those of a rank-r LoRA while rank(ΔW) reaches d*r. Gradients on the shared
+product, so the stored parameters are those of a rank-r LoRA while rank(ΔW) reaches d*r. c is 1 (official code) or
+1/(d*rho^2) with ``mask_scaling='expected'``. Gradients on the shared
 (A, B) are automatically the sum of the per-branch masked gradients (the official tied-copies semantics).
 Being an ``nn.Linear`` subclass (as in microsoft/loralib), the base ``weight``/``bias`` names never change.
 """
@@ -34,7 +35,10 @@ class CapaBoostLoRALinear(nn.Linear):
         dd = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(config.rank, in_features, **dd))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, **dd))  # zero: output = base at init
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if config.lora_init == 'peft':  # loralib/PEFT: U(+-1/sqrt(in))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        else:  # the official CapaBoost code: U(+-1/sqrt(r)), ~sqrt(in/r) times larger
+            nn.init.uniform_(self.lora_A, -1 / math.sqrt(config.rank), 1 / math.sqrt(config.rank))
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         masks = dict(num_masks=config.num_masks, density=config.mask_density, mask_type=config.mask_type,
                      nm=config.nm, seed=config.seed)

@@ -1,7 +1,7 @@
 """CapaBoost deep prompts (VPT-deep) for ViT and Swin.
 
 The prompts of all blocks of one width, stacked, form a matrix P (blocks*n x dim). Plain VPT-deep learns P
-directly. CapaBoost factorises it, P = sum_i (U⊙M^U_i)(V⊙M^V_i)^T = U_cat V_cat^T with U (blocks*n x r) and
+directly. CapaBoost factorises it, P = c sum_i (U⊙M^U_i)(V⊙M^V_i)^T = c U_cat V_cat^T (c: ``CapaBoostConfig.branch_scale``) with U (blocks*n x r) and
 V (dim x r), so P reaches rank d*r at the stored cost of rank r (masking P itself would only rescale it).
 P is materialised once per forward pass (and once at all at inference, see ``InferenceCache``), so inference
 costs plain VPT-deep.
@@ -43,8 +43,10 @@ class PromptBank(nn.Module):
         if r > min(rows, dim):
             raise ValueError(f'prompt_rank={r} is invalid for {name} ({rows}x{dim} prompts): '
                              f'it must be at most {min(rows, dim)}')
-        # balanced factors whose product has VPT's prompt variance (bound^2 / 3) over ~d*r*rho^2 kept terms
-        std = (init_bound ** 2 / 3 / (d * r * rho * rho)) ** 0.25
+        # balanced factors whose product c * sum has VPT's prompt variance (bound^2 / 3) over ~d*r*rho^2 kept terms:
+        # c^2 * d*r*rho^2 * std^4 = bound^2 / 3, with c = config.branch_scale
+        self.branch_scale = config.branch_scale
+        std = (init_bound ** 2 / 3 / (self.branch_scale ** 2 * d * r * rho * rho)) ** 0.25
         self.prompt_U = nn.Parameter(torch.randn(rows, r, **dd) * std)
         self.prompt_V = nn.Parameter(torch.randn(dim, r, **dd) * std)
         masks = dict(num_masks=d, density=rho, mask_type=config.mask_type, nm=config.nm, seed=config.seed)
@@ -65,6 +67,8 @@ class PromptBank(nn.Module):
         else:
             # (rows, d*r) @ (d*r, dim) -> (rows, dim)
             prompts = apply_masks(self.prompt_U, self.mask_U) @ apply_masks(self.prompt_V, self.mask_V).t()
+            if self.branch_scale != 1.0:
+                prompts = prompts * self.branch_scale
         return prompts.view(self.num_blocks, self.length, self.dim)
 
     def max_rank(self) -> int:

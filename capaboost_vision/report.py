@@ -1,6 +1,9 @@
 """Aggregate ``results.json`` files into the standard VTAB-1k table (Markdown, CSV) and a params-vs-accuracy plot.
 
-Averages, as the literature reports them: the mean of each group (Natural, Specialized, Structured), the mean of
+Results are split by protocol (final: train800val200 -> test; val: train800 -> val200) into separate sections:
+validation and test numbers never meet in one table. Custom tasks get their own table and are never averaged into
+the VTAB means. A row that misses a task or a seed that others in its table have is marked incomplete and gets
+no average. Averages, as the literature reports them: the mean of each group (Natural, Specialized, Structured), the mean of
 the three group means (VPT, NOAH, FacT) and the plain mean over tasks (SSF, V-PETL). Each is computed per seed and
 reported as mean ± std over seeds. Trainable parameters exclude the classifier head, as the literature counts.
 """
@@ -33,7 +36,8 @@ def read_results(path: Path) -> Dict[str, Any]:
 def collect(runs_dir: Path) -> List[Dict[str, Any]]:
     if not Path(runs_dir).is_dir():
         raise FileNotFoundError(f'{runs_dir} does not exist or is not a folder')
-    results = [read_results(p) for p in sorted(Path(runs_dir).rglob('results.json'))]
+    results = [read_results(p) for p in sorted(Path(runs_dir).rglob('results.json'))
+               if not any(part.startswith('.') for part in p.relative_to(runs_dir).parts)]  # skip .cache, trash
     if not results:
         raise FileNotFoundError(f'no results.json under {runs_dir}')
     return results
@@ -60,23 +64,41 @@ def averages(task_acc: Dict[str, float], groups: Dict[str, str]) -> Dict[str, Op
     return out
 
 
+SECTIONS = {'final': 'Test accuracy (train800val200 -> test)', 'val': 'Validation accuracy (train800 -> val200)'}
+
+
 def summarize(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per (model family, method)."""
+    """One row per (protocol, model family, method); ``complete`` when it has every task of its table (VTAB or
+    custom) that any row of the same protocol has, each with the same seeds."""
     by_key: Dict[tuple, List[Dict[str, Any]]] = defaultdict(list)
     for r in results:
-        by_key[(r['family'], r['method'])].append(r)
+        by_key[(r.get('protocol', 'final'), r['family'], r['method'])].append(r)
+    tasks_of_protocol: Dict[str, set] = defaultdict(set)
+    for r in results:
+        tasks_of_protocol[r.get('protocol', 'final')].add(r['task'])
     rows = []
-    for (family, method), runs in sorted(by_key.items()):
+    for (protocol, family, method), runs in sorted(by_key.items()):
         groups = {r['task']: r['group'] for r in runs}
         per_seed: Dict[int, Dict[str, float]] = defaultdict(dict)
+        lrs: Dict[str, set] = defaultdict(set)
         for r in runs:
             per_seed[r['seed']][r['task']] = r['top1']
-        row: Dict[str, Any] = {'family': family, 'method': method, 'seeds': len(per_seed), 'tasks': sorted(groups),
+            lrs[r['task']].add(r.get('lr'))
+        row: Dict[str, Any] = {'protocol': protocol, 'family': family, 'method': method, 'seeds': len(per_seed),
+                               'tasks': sorted(groups), 'lr': {t: sorted(v, key=str) for t, v in lrs.items()},
                                'params_M': statistics.fmean(r['trainable_params_excl_head'] for r in runs) / 1e6}
         row['task'] = {t: _mean_std([s[t] for s in per_seed.values() if t in s]) for t in groups}
-        seed_avgs = [averages(s, groups) for s in per_seed.values()]
+        seeds_complete = all(len(s) == len(groups) for s in per_seed.values())
+        for kind, names in (('vtab', [t for t in tasks_of_protocol[protocol] if t in TASKS]),
+                            ('custom', [t for t in tasks_of_protocol[protocol] if t not in TASKS])):
+            row[f'{kind}_complete'] = seeds_complete and all(t in groups for t in names)
+        seed_avgs = [averages({t: a for t, a in s.items() if t in TASKS}, groups) for s in per_seed.values()]
         for key in (*GROUPS, 'mean_of_groups', 'mean_of_tasks'):
-            row[key] = _mean_std([a[key] for a in seed_avgs if a[key] is not None])
+            values = [a[key] for a in seed_avgs if a[key] is not None]
+            row[key] = _mean_std(values if row['vtab_complete'] else [])
+        custom = [statistics.fmean(a for t, a in s.items() if t not in TASKS) for s in per_seed.values()
+                  if any(t not in TASKS for t in s)]
+        row['custom_mean'] = _mean_std(custom if row['custom_complete'] else [])
         rows.append(row)
     return rows
 
@@ -93,39 +115,65 @@ def _ordered_tasks(rows: List[Dict[str, Any]]) -> List[str]:
     return [t for t in TASKS if t in present] + sorted(present - set(TASKS))
 
 
-def to_markdown(rows: List[Dict[str, Any]]) -> str:
-    tasks = _ordered_tasks(rows)
-    header = ['model', 'method', 'params (M)', *tasks, 'Natural', 'Specialized', 'Structured',
-              'Mean (3 groups)', 'Mean (tasks)', 'seeds']
+def _table(rows: List[Dict[str, Any]], tasks: List[str], custom: bool) -> List[str]:
+    averages_header = ['Mean (tasks)'] if custom else ['Natural', 'Specialized', 'Structured', 'Mean (3 groups)',
+                                                       'Mean (tasks)']
+    header = ['model', 'method', 'params (M)', *tasks, *averages_header, 'seeds', 'lr']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for r in rows:
+        complete = r['custom_complete'] if custom else r['vtab_complete']
+        avg = [_fmt(r['custom_mean'])] if custom else [_fmt(r[g]) for g in GROUPS] + [_fmt(r['mean_of_groups']),
+                                                                                      _fmt(r['mean_of_tasks'])]
+        if not complete:
+            avg = ['incomplete'] + ['–'] * (len(avg) - 1)
+        lr = ' / '.join('/'.join(f'{v:g}' for v in r['lr'][t] if v is not None) or '?' for t in tasks if t in r['lr'])
         cells = [r['family'], r['method'], f'{r["params_M"]:.3f}',
-                 *[_fmt(r['task'][t]) if t in r['task'] else '–' for t in tasks],
-                 *[_fmt(r[g]) for g in GROUPS], _fmt(r['mean_of_groups']), _fmt(r['mean_of_tasks']),
-                 str(r['seeds'])]
+                 *[_fmt(r['task'][t]) if t in r['task'] else '–' for t in tasks], *avg, str(r['seeds']), lr]
         lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines) + '\n'
+    return lines
+
+
+def to_markdown(rows: List[Dict[str, Any]]) -> str:
+    """One section per protocol (test, then validation), each with a VTAB-1k table and a custom-task table."""
+    lines: List[str] = []
+    for protocol, title in SECTIONS.items():
+        section = [r for r in rows if r['protocol'] == protocol]
+        if not section:
+            continue
+        tasks = _ordered_tasks(section)
+        vtab, custom = [t for t in tasks if t in TASKS], [t for t in tasks if t not in TASKS]
+        lines += [f'## {title}', '']
+        if vtab:
+            lines += [f'VTAB-1k tasks ({len(vtab)} of {len(TASKS)}); averages over the tasks shown:', '']
+            lines += _table([r for r in section if any(t in TASKS for t in r['tasks'])], vtab, custom=False) + ['']
+        if custom:
+            lines += ['Custom tasks (never averaged into the VTAB means):', '']
+            lines += _table([r for r in section if any(t not in TASKS for t in r['tasks'])], custom, custom=True)
+            lines += ['']
+    return '\n'.join(lines)
 
 
 def to_csv(rows: List[Dict[str, Any]], path: Path) -> None:
+    """One line per row; the protocol column keeps validation and test numbers apart; averages stay empty for
+    incomplete rows."""
     tasks = _ordered_tasks(rows)
-    keys = [*GROUPS, 'mean_of_groups', 'mean_of_tasks']
+    keys = [*GROUPS, 'mean_of_groups', 'mean_of_tasks', 'custom_mean']
     with atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.writer(f)
-        w.writerow(['family', 'method', 'params_M', 'seeds', *[f'{t}_{s}' for t in tasks + keys
-                                                               for s in ('mean', 'std')]])
+        w.writerow(['protocol', 'family', 'method', 'params_M', 'seeds', 'complete',
+                    *[f'{t}_{s}' for t in tasks + keys for s in ('mean', 'std')]])
         for r in rows:
             cells = []
             for t in tasks + keys:
                 cell = r['task'].get(t) if t in tasks else r[t]
                 cells += ['' if not cell or cell['mean'] is None else f'{cell[s]:.4f}' for s in ('mean', 'std')]
-            w.writerow([r['family'], r['method'], f'{r["params_M"]:.6f}', r['seeds'], *cells])
+            w.writerow([r['protocol'], r['family'], r['method'], f'{r["params_M"]:.6f}', r['seeds'],
+                        r['vtab_complete'] and r['custom_complete'], *cells])
 
 
 def _custom_mean(row: Dict[str, Any]) -> Optional[float]:
     """Mean accuracy over a row's custom (non-VTAB) tasks."""
-    means = [cell['mean'] for t, cell in row['task'].items() if t not in TASKS and cell['mean'] is not None]
-    return statistics.fmean(means) if means else None
+    return row['custom_mean']['mean']
 
 
 def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
@@ -138,6 +186,8 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
     except ImportError:
         print('note: matplotlib is not installed, so no plot was written (pip install matplotlib)')
         return False
+    protocol = 'final' if any(r['protocol'] == 'final' for r in rows) else 'val'
+    rows = [r for r in rows if r['protocol'] == protocol]  # one protocol per figure: test, else validation
     panels = []
     if any(r['mean_of_groups']['mean'] is not None for r in rows):
         panels.append(('VTAB-1k: mean of the group means',
@@ -160,7 +210,8 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
         ax.margins(x=0.25, y=0.15)
-    fig.suptitle(f'{len(rows)} method(s): accuracy vs trainable parameters', fontsize=11)
+    fig.suptitle(f'{len(rows)} method(s): {SECTIONS[protocol].split(" (")[0].lower()} vs trainable parameters '
+                 f'(complete rows only)', fontsize=11)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format='png', dpi=120)
@@ -169,9 +220,14 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
 
 
 def write_report(runs_dir: Path, prefix: Optional[Path] = None) -> Dict[str, Path]:
+    from .search import read_records, records_markdown
     rows = summarize(collect(runs_dir))
     prefix = Path(prefix or Path(runs_dir) / 'report')
     md = to_markdown(rows)
+    records = read_records(Path(runs_dir))
+    if records:
+        md += ('\n## Learning-rate search (train800 -> val200; the chosen rate trains the final runs)\n\n'
+               + records_markdown(records))
     write_text_atomic(prefix.with_suffix('.md'), md)
     to_csv(rows, prefix.with_suffix('.csv'))
     out = {'markdown': prefix.with_suffix('.md'), 'csv': prefix.with_suffix('.csv')}

@@ -5,19 +5,20 @@ type-checked against its field, and an error names the file (or flag) it came fr
 CLI parses and validates arguments before loading torch and timm.
 """
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from .config import METHODS, field_default, setting
+from .config import METHODS, CapaBoostConfig, field_default, setting
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
 PEFT_FORMS = METHODS  # the CapaBoost forms; 'linear' and 'full' are the non-PEFT references
 FORMS = PEFT_FORMS + ('linear', 'full')
 PROTOCOLS = ('final', 'val')
 AMP_MODES = ('bf16', 'fp16', 'none')
+NORMS = ('imagenet', 'model', 'none')
 TASK_INFO_FILE = 'task.yaml'
 
 
@@ -32,37 +33,45 @@ class RunConfig:
                          required=True)
     method: str = setting('capaboost_lora', 'method config from configs/methods', scope='train')
     seed: int = setting(0, 'training seed; also the mask seed unless --mask-seed', scope='train')
-    name: str = setting('', 'run name for the folder and the report row (default: the method)', scope='train')
-    resume: bool = setting(False, 'continue the run folder\'s checkpoint', scope='train')
+    name: str = setting('', 'run name for the folder and the report row (default: the method)', scope='train',
+                        identity=False)
+    resume: bool = setting(False, 'continue the run folder\'s checkpoint (refused when its settings differ)',
+                           scope='train', identity=False)
     model: str = setting('vit_base', 'CapaBoost model family or name, e.g. vit_base or vit_base_capaboost_lora')
-    data_path: str = setting('', 'VTAB-1k root: <root>/<task>/{train800,...}.txt (optional when --task is a folder)')
-    output: str = setting('runs', 'root of the run folders <output>/<model>/<task>/<method>/seed<N>')
+    data_path: str = setting('', 'VTAB-1k root: <root>/<task>/{train800,...}.txt (optional when --task is a folder)',
+                             identity=False)
+    output: str = setting('runs', 'root of the run folders <output>/<family>/<task>/<protocol>/<name>/seed<N>',
+                          identity=False)
     epochs: int = setting(100, 'training epochs')
     warmup_epochs: int = setting(10, 'linear warm-up epochs of the per-step cosine schedule')
     batch_size: int = setting(64, 'global batch size', short='-b')
-    eval_batch_size: int = setting(256, 'evaluation batch size (evaluation runs at the last epoch)')
+    eval_batch_size: int = setting(256, 'evaluation batch size (evaluation runs at the last epoch)', identity=False)
     lr: float = setting(1e-3, 'AdamW learning rate')
     weight_decay: float = setting(1e-4, 'AdamW weight decay')
     img_size: int = setting(224, 'squash-resize size in pixels (at least the patch size)')
     weights: str = setting('', 'base weights file (.safetensors, or .pth read with weights_only=True) instead of '
                                 'timm pretrained resolution')
     pretrained: bool = setting(True, 'load pretrained base weights (--no-pretrained: random init, for tests)')
-    overwrite: bool = setting(False, 'redo a finished or unfinished run from scratch')
+    overwrite: bool = setting(False, 'redo a finished or unfinished run from scratch (the old folder is removed '
+                                      'first, atomically)', identity=False)
     protocol: str = setting('final', 'final: train800val200 -> test; val: train800 -> val200', choices=PROTOCOLS)
     drop_path: float = setting(0.1, 'stochastic depth rate')
     label_smoothing: float = setting(0.0, 'label smoothing of the cross-entropy')
-    normalize: bool = setting(True, "normalise with the model's mean/std")
+    norm: str = setting('imagenet', "input normalisation: imagenet = ImageNet mean/std (NOAH, FacT, RepAdapter, GLoRA, "
+                                    "V-PETL on ViT-B/16 in21k); model = the pretrained cfg's mean/std; none = [0, 1] "
+                                    "inputs (VPT, SSF)", choices=NORMS)
     amp: str = setting('bf16', 'GPU autocast dtype (CPU runs in fp32)', choices=AMP_MODES)
     clip_grad: float = setting(0.0, 'max gradient norm (0 = off)')
-    compile: bool = setting(False, 'torch.compile the model for training')
+    compile: bool = setting(False, 'torch.compile the model for training', identity=False)
     data_cache: bool = setting(True, 'decode every image once into a uint8 cache and train from memory '
-                                      '(--no-data-cache: decode every epoch)')
-    cache_dir: str = setting('', 'folder of the decoded-image cache (default <output>/.cache)')
-    cache_budget_gb: float = setting(8.0, 'splits larger than this many GB stream from disk instead of the cache')
-    workers: int = setting(4, 'data loader workers of the decode path', short='-j')
-    device: str = setting('auto', 'auto, cpu, cuda or cuda:N')
+                                      '(--no-data-cache: decode every epoch)', identity=False)
+    cache_dir: str = setting('', 'folder of the decoded-image cache (default <output>/.cache)', identity=False)
+    cache_budget_gb: float = setting(8.0, 'splits larger than this many GB stream from disk instead of the cache',
+                                     identity=False)
+    workers: int = setting(4, 'data loader workers of the decode path', short='-j', identity=False)
+    device: str = setting('auto', 'auto, cpu, cuda or cuda:N', identity=False)
     eval_interval: int = setting(0, 'evaluate every N epochs (0: the last epoch only for --protocol final, '
-                                     'every epoch for val)')
+                                     'every epoch for val)', identity=False)
     form: str = setting('', 'the method\'s form', choices=FORMS, cli=False)
     capaboost: Dict[str, Any] = setting({}, 'CapaBoost settings (see CapaBoostConfig)', cli=False)
 
@@ -99,6 +108,40 @@ FIELDS = {f.name: f for f in fields(RunConfig)}
 
 _TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,), dict: (dict,)}
 FIELD_TYPES = {name: _TYPES[type(field_default(f))] for name, f in FIELDS.items()}
+
+
+IDENTITY_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata.get('identity', True))
+"""The settings that decide a run's numbers: a finished or checkpointed run is reused only when they all match."""
+
+
+def _flatten(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The identity settings of a config dict, with the capaboost block spread out as capaboost.<key>."""
+    flat = {k: config.get(k, '<unset>') for k in IDENTITY_FIELDS if k != 'capaboost'}
+    capaboost = dict(config.get('capaboost') or {})
+    if config.get('form') in PEFT_FORMS:  # every CapaBoost setting, defaults filled in
+        try:
+            capaboost = CapaBoostConfig(**{'method': config['form'], **capaboost}).to_dict()
+        except (TypeError, ValueError):
+            pass  # compared as recorded
+    for key, value in capaboost.items():
+        flat[f'capaboost.{key}'] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_differences(recorded: Dict[str, Any], requested: 'RunConfig') -> List[str]:
+    """'field: recorded -> requested' for every identity setting that differs (an int equals the same float)."""
+    old, new = _flatten(recorded), _flatten(asdict(requested))
+    return [f'{k}: {old.get(k, "<unset>")!r} -> {new.get(k, "<unset>")!r}' for k in sorted(set(old) | set(new))
+            if old.get(k, '<unset>') != new.get(k, '<unset>')]
+
+
+def check_same_run(recorded: Dict[str, Any], requested: 'RunConfig', what: str) -> None:
+    """RunError naming the differing settings (and the ways out) unless ``recorded`` matches ``requested``."""
+    diff = config_differences(recorded, requested)
+    if diff:
+        shown = '; '.join(diff[:6]) + (f'; and {len(diff) - 6} more' if len(diff) > 6 else '')
+        raise RunError(f'{what} was made with other settings ({shown}): pass --name <new name> for a separate run '
+                       f'or --overwrite to replace it')
 
 
 def check_type(name: str, value: Any, source: str) -> Any:

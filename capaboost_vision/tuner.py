@@ -76,9 +76,11 @@ def apply_capaboost(model: nn.Module, config: CapaBoostConfig) -> nn.Module:
             planned.append((block.mlp, CapaBoostAdapter(block.mlp.fc1.in_features, config,
                                                         f'{block_name}.mlp.capaboost_adapter',
                                                         device=ref.device, dtype=ref.dtype)))
-        for mlp, adapter in planned:
+        for (_, block), (mlp, adapter) in zip(blocks, planned):
             mlp.capaboost_adapter = adapter
             mlp.register_forward_hook(adapter.mlp_hook)
+            if adapter.placement == 'parallel':  # added outside LayerScale and drop-path (AdaptFormer)
+                block.register_forward_hook(adapter.block_hook)
     else:  # prompt
         if family == 'vit':
             install_vit_prompt(model, build_vit_prompt(model, config))

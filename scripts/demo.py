@@ -32,7 +32,7 @@ def main() -> int:
         code = cli.main(['train', '--method', method, '--lr', lr, '--weights', str(weights), *COMMON])
         if code:
             return code
-        run = OUT / 'vit_small_dinov2' / 'mnist' / method / 'seed0'
+        run = OUT / 'vit_small_dinov2' / 'mnist' / 'final' / method / 'seed0'
         r = json.loads((run / 'results.json').read_text())
         rows.append((method, r['top1'], r['trainable_params_excl_head'], r['head_params'], r['adapter_bytes'],
                      r['run_seconds']))

@@ -28,7 +28,7 @@ def naive_adapter(adapter, x: torch.Tensor) -> torch.Tensor:
         down = adapter.down_weight * adapter.mask_down[i]
         up = adapter.up_weight * adapter.mask_up[:, i]
         out = out + torch.relu(x @ down.t() + adapter.down_bias) @ up.t()
-    return adapter.scale * (out + adapter.up_bias)
+    return adapter.scale * (out * adapter.branch_scale + adapter.up_bias)
 
 
 def naive_prompts(bank) -> torch.Tensor:
@@ -37,7 +37,7 @@ def naive_prompts(bank) -> torch.Tensor:
     p = 0
     for i in range(bank.mask_U.shape[1]):
         p = p + (bank.prompt_U * bank.mask_U[:, i]) @ (bank.prompt_V * bank.mask_V[:, i]).t()
-    return p.view(bank.num_blocks, bank.length, bank.dim)
+    return (p * bank.branch_scale).view(bank.num_blocks, bank.length, bank.dim)
 
 
 def naive_vpt_deep_vit(model, x: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ def test_cached_batches_equal_decode_batches(tmp_path):
 def _run(data, out, *extra):
     assert cli.main(['train', '--task', 'toy', '--method', 'capaboost_lora', '--data-path', str(data), '--output',
                      str(out), '--epochs', '2', '--lr', '5e-3', *TINY, *map(str, extra)]) == 0
-    run = out / 'vit_tiny' / 'toy' / 'capaboost_lora' / 'seed0'
+    run = out / 'vit_tiny' / 'toy' / 'final' / 'capaboost_lora' / 'seed0'
     return json.loads((run / 'results.json').read_text()), load_file(str(run / 'adapter.safetensors'))
 
 

@@ -263,7 +263,7 @@ def test_cli_push_of_a_finished_run(hub, tmp_path):
     make_task(tmp_path / 'data')
     assert cli.main(['train', '--task', 'toy', '--method', 'capaboost_lora', '--data-path', str(tmp_path / 'data'),
                      '--output', str(tmp_path / 'runs'), '--epochs', '1', *TINY]) == 0
-    run_dir = tmp_path / 'runs' / 'vit_tiny' / 'toy' / 'capaboost_lora' / 'seed0'
+    run_dir = tmp_path / 'runs' / 'vit_tiny' / 'toy' / 'final' / 'capaboost_lora' / 'seed0'
     results = json.loads((run_dir / 'results.json').read_text())
     out = subprocess.run([sys.executable, '-m', 'capaboost_vision.cli', 'push', str(run_dir), '--repo-id', 'org/toy-run'],
                          env=env, capture_output=True, text=True, timeout=300)

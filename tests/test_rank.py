@@ -25,7 +25,7 @@ def test_rank_cli_on_a_run_folder(tmp_path, capsys):
     make_task(tmp_path / 'data')
     assert cli.main(['train', '--task', 'toy', '--method', 'capaboost_lora', '--data-path', str(tmp_path / 'data'),
                      '--output', str(tmp_path / 'runs'), '--epochs', '1', '--lr', '1e-2', *TINY]) == 0
-    run = tmp_path / 'runs' / 'vit_tiny' / 'toy' / 'capaboost_lora' / 'seed0'
+    run = tmp_path / 'runs' / 'vit_tiny' / 'toy' / 'final' / 'capaboost_lora' / 'seed0'
     capsys.readouterr()
     assert cli.main(['rank', str(run), '--plot', str(tmp_path / 'sv.png')]) == 0
     out = capsys.readouterr().out

@@ -148,7 +148,7 @@ def test_task_given_as_a_folder_writes_under_output(data, tmp_path):
     code, _, err = cli('train', '--task', data / 'toy', '--method', 'linear', '--output', tmp_path / 'runs',
                        '--epochs', 1, *TINY)
     assert code == 0, err
-    assert (tmp_path / 'runs' / 'vit_tiny' / 'toy' / 'linear' / 'seed0' / 'results.json').is_file()
+    assert (tmp_path / 'runs' / 'vit_tiny' / 'toy' / 'final' / 'linear' / 'seed0' / 'results.json').is_file()
     assert not (data / 'toy' / 'vit_tiny').exists() and not list(data.rglob('results.json'))
     assert cli('report', tmp_path / 'runs')[0] == 0
 
@@ -234,7 +234,7 @@ def test_hub_errors_are_one_line_with_the_way_out(tmp_path):
     make_task(tmp_path / 'data')
     assert cli('train', '--task', 'toy', '--method', 'capaboost_lora', '--data-path', tmp_path / 'data',
                '--output', tmp_path / 'runs', '--epochs', 1, *TINY)[0] == 0
-    run_dir = tmp_path / 'runs' / 'vit_tiny' / 'toy' / 'capaboost_lora' / 'seed0'
+    run_dir = tmp_path / 'runs' / 'vit_tiny' / 'toy' / 'final' / 'capaboost_lora' / 'seed0'
     offline = dict(HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'empty_hf'))
     code, _, err = cli('rank', 'hf-hub:org/never-cached', env=offline)
     one_line_error(code, err, 'not in the local cache', 'HF_HUB_OFFLINE')
@@ -303,10 +303,11 @@ def test_resume_errors_are_one_line(data, tmp_path):
     common = ['train', '--task', 'toy', '--method', 'capaboost_lora', '--data-path', data, '--output', tmp_path,
               '--epochs', 3, *TINY]
     assert cli(*common, '--epochs', 1)[0] == 0
-    run_dir = tmp_path / 'vit_tiny' / 'toy' / 'capaboost_lora' / 'seed0'
+    run_dir = tmp_path / 'vit_tiny' / 'toy' / 'final' / 'capaboost_lora' / 'seed0'
     (run_dir / 'results.json').unlink()  # as if killed after epoch 1 of 3
-    code, _, err = cli(*common, '--resume', '--rank', '4')
-    one_line_error(code, err, 'does not match this model', 'has shape', '--overwrite')
+    code, _, err = cli(*common, '--resume', '--rank', '4')  # the checkpoint has rank 8 and 1 epoch
+    one_line_error(code, err, 'was made with other settings', 'capaboost.rank: 8 -> 4', 'epochs: 1 -> 3', '--name',
+                   '--overwrite')
     ckpt = run_dir / 'checkpoint.pt'
     ckpt.write_bytes(ckpt.read_bytes()[:3000])
     code, _, err = cli(*common, '--resume')
@@ -367,7 +368,7 @@ def test_version_short_flags_equals_form_and_parser_without_torch(data, tmp_path
                          '--epochs', 1, '--model', 'vit_tiny', '--no-pretrained', '--img-size', 32, '-b', 100, '-j', 0,
                          '--warmup-epochs', 0)
     assert code == 0, err
-    assert (tmp_path / 'vit_tiny' / 'toy' / 'linear' / 'seed0' / 'results.json').is_file()
+    assert (tmp_path / 'vit_tiny' / 'toy' / 'final' / 'linear' / 'seed0' / 'results.json').is_file()
 
 
 def test_warmup_from_a_yaml_is_clamped_with_a_note(data, tmp_path, capsys):
@@ -378,7 +379,7 @@ def test_warmup_from_a_yaml_is_clamped_with_a_note(data, tmp_path, capsys):
 
 
 def test_lr_is_logged_per_epoch_and_report_plot_is_never_blank(finished):
-    run_dir = finished / 'vit_tiny' / 'toy' / 'lora' / 'seed0'
+    run_dir = finished / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0'
     header, row = (run_dir / 'metrics.csv').read_text().splitlines()[:2]
     assert header.split(',')[1] == 'lr' and float(row.split(',')[1]) > 0
     from PIL import Image

@@ -57,7 +57,7 @@ def run_cli(*argv):
 def test_one_epoch_of_every_method_config(method, data_root, tmp_path):
     assert run_cli('train', '--task', 'toy', '--method', method, '--data-path', data_root, '--output', tmp_path,
                    '--epochs', 1, '--prompt-length', 2, *TINY) == 0
-    run_dir = tmp_path / 'vit_tiny' / 'toy' / method / 'seed0'
+    run_dir = tmp_path / 'vit_tiny' / 'toy' / 'final' / method / 'seed0'
     results = json.loads((run_dir / 'results.json').read_text())
     assert 0 <= results['top1'] <= 100 and results['epochs'] == 1 and results['eval_split'] == 'test'
     adapter = load_file(str(run_dir / results['adapter_file']))
@@ -89,12 +89,12 @@ def test_resume_after_a_kill_equals_uninterrupted(data_root, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(cfg, on_epoch_end=kill)
-    run_b = tmp_path / 'b' / 'vit_tiny' / 'toy' / 'capaboost_lora' / 'seed0'
+    run_b = tmp_path / 'b' / 'vit_tiny' / 'toy' / 'final' / 'capaboost_lora' / 'seed0'
     assert not (run_b / 'results.json').exists() and (run_b / 'checkpoint.pt').exists()
     assert run_cli(*args, '--output', tmp_path / 'b') == 2  # unfinished run: refuses without --resume
     assert run_cli(*args, '--output', tmp_path / 'b', '--resume') == 0
 
-    run_a = tmp_path / 'a' / 'vit_tiny' / 'toy' / 'capaboost_lora' / 'seed0'
+    run_a = tmp_path / 'a' / 'vit_tiny' / 'toy' / 'final' / 'capaboost_lora' / 'seed0'
     ra, rb = (json.loads((d / 'results.json').read_text()) for d in (run_a, run_b))
     assert ra['top1'] == rb['top1']
     wa, wb = (load_file(str(d / 'adapter.safetensors')) for d in (run_a, run_b))
@@ -110,7 +110,7 @@ def test_finished_run_is_skipped_unless_overwrite(data_root, tmp_path, capsys):
             '--epochs', 1, *TINY]
     assert run_cli(*args) == 0
     assert run_cli(*args) == 0
-    assert 'already holds a finished run' in capsys.readouterr().out
+    assert 'already holds this finished run' in capsys.readouterr().out
     assert run_cli(*args, '--overwrite') == 0
 
 
@@ -123,7 +123,7 @@ def test_ddp_two_processes_gloo_agree(data_root, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     sums = [line.split()[-1] for line in out.stdout.splitlines() if 'trainable checksum' in line]
     assert len(sums) == 2 and sums[0] == sums[1]
-    results = json.loads((tmp_path / 'vit_tiny' / 'toy' / 'capaboost_lora' / 'seed0' / 'results.json').read_text())
+    results = json.loads((tmp_path / 'vit_tiny' / 'toy' / 'final' / 'capaboost_lora' / 'seed0' / 'results.json').read_text())
     assert results['world_size'] == 2
 
 
