@@ -3,16 +3,21 @@
 The prompts of all blocks of one width, stacked, form a matrix P (blocks*n x dim). Plain VPT-deep learns P
 directly. CapaBoost factorises it, P = c sum_i (U⊙M^U_i)(V⊙M^V_i)^T = c U_cat V_cat^T (c: ``CapaBoostConfig.branch_scale``) with U (blocks*n x r) and
 V (dim x r), so P reaches rank d*r at the stored cost of rank r (masking P itself would only rescale it).
-P is materialised once per forward pass (and once at all at inference, see ``InferenceCache``), so inference
-costs plain VPT-deep.
+Each block computes its own n rows of P (at inference the whole P is materialised once and cached, see
+``InferenceCache``), so inference costs plain VPT-deep.
 
-- ViT: n prompt tokens are inserted after the prefix (class/register) tokens before block 0 and replaced
-  before every later block (VPT-deep); they are dropped after the last block so pooling sees the usual tokens.
+Each block owns its prompts: nothing is carried from one block to the next, so any subset or order of block calls
+works (gradient checkpointing recomputing one block, ``forward_intermediates``, ``prune_intermediate_layers``,
+feature extraction).
+
+- ViT: a block inserts its n prompt tokens after the prefix (class/register) tokens on entry and removes them
+  on exit. That is VPT-deep exactly: VPT-deep discards a block's outputs at the prompt positions and puts the next
+  block's prompts there, and drops them after the last block, so every block output has the usual tokens.
 - Swin: each window attention gets its block's n prompts as extra keys/values (projected by the block's own
   frozen qkv), with zero relative-position bias and no shift mask for them.
 
-Everything runs from hooks (and, for Swin, a subclass of timm's WindowAttention swapped in place), so every base
-parameter name stays as it was; the prompts live under ``capaboost_prompt``.
+Everything runs from hooks on the blocks (and, for Swin, a subclass of timm's WindowAttention swapped in place),
+so every base parameter name stays as it was; the prompts live under ``capaboost_prompt``.
 """
 import math
 from functools import partial
@@ -77,56 +82,43 @@ class PromptBank(nn.Module):
             return min(rows, self.dim)
         return min(self.mask_U.shape[1] * self.prompt_U.shape[1], rows, self.dim)
 
-    def cached(self) -> torch.Tensor:
+    def block_prompts(self, index: int) -> torch.Tensor:
+        """The (n, dim) prompts of block ``index``: its rows of P, computed alone when autograd is on (a block
+        recomputed by gradient checkpointing needs nothing from other blocks), sliced from the cached P otherwise."""
         if not self.factorised:
-            return self.materialize()
-        return self._cache.get((self.prompt_U, self.prompt_V), self.materialize)
+            return self.prompt[index * self.length:(index + 1) * self.length]
+        if not torch.is_grad_enabled():
+            return self._cache.get((self.prompt_U, self.prompt_V), self.materialize)[index]
+        rows = slice(index * self.length, (index + 1) * self.length)
+        # (n, d*r) @ (d*r, dim) -> (n, dim)
+        prompts = apply_masks(self.prompt_U[rows], self.mask_U[rows]) @ apply_masks(self.prompt_V, self.mask_V).t()
+        return prompts * self.branch_scale if self.branch_scale != 1.0 else prompts
 
 
 class DeepPrompt(nn.Module):
-    """All prompt banks of a model (one per block width), materialised once per forward pass."""
+    """All prompt banks of a model (one per block width); hands each block its own prompts."""
 
     def __init__(self, banks: List[PromptBank], dropout: float) -> None:
         super().__init__()
         self.banks = nn.ModuleList(banks)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.current: Optional[List[torch.Tensor]] = None
 
-    def start(self) -> None:
-        self.current = [self.dropout(bank.cached()) for bank in self.banks]
-
-    def stop(self) -> None:
-        self.current = None  # drop the references to this pass's graph
-
-    def get(self, group: int, index: int) -> torch.Tensor:
+    def prompts(self, group: int, index: int) -> torch.Tensor:
         """The (n, dim) prompts of block ``index`` of width group ``group``."""
-        if self.current is None:
-            raise RuntimeError('prompts requested outside a forward pass through the first block')
-        return self.current[group][index]
+        return self.dropout(self.banks[group].block_prompts(index))
 
-    # ViT hooks
+    # ViT hooks: each block inserts its prompts on entry and removes them on exit
     def vit_pre_hook(self, index: int, num_prefix: int, block: nn.Module, args, kwargs):
         if kwargs.get('attn_mask') is not None or kwargs.get('is_causal'):
             raise ValueError('capaboost prompt models do not support attn_mask/is_causal: the prompts change the '
                              'token count')
-        if index == 0:
-            self.start()
-        x = args[0]  # (B, prefix [+ n prompts] + patches, dim)
-        prompts = self.get(0, index).to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n, dim)
-        rest = x[:, num_prefix:] if index == 0 else x[:, num_prefix + prompts.shape[1]:]
-        return (torch.cat([x[:, :num_prefix], prompts, rest], dim=1), *args[1:]), kwargs
+        x = args[0]  # (B, prefix + patches, dim)
+        prompts = self.prompts(0, index).to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n, dim)
+        return (torch.cat([x[:, :num_prefix], prompts, x[:, num_prefix:]], dim=1), *args[1:]), kwargs
 
-    def vit_last_hook(self, num_prefix: int, block: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        n = self.banks[0].length
-        self.stop()
+    def vit_post_hook(self, num_prefix: int, block: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        n = self.banks[0].length  # (B, prefix + n + patches, dim) -> (B, prefix + patches, dim)
         return torch.cat([output[:, :num_prefix], output[:, num_prefix + n:]], dim=1)
-
-    # Swin hooks
-    def start_hook(self, module: nn.Module, args) -> None:
-        self.start()
-
-    def stop_hook(self, module: nn.Module, args, output) -> None:
-        self.stop()
 
 
 class PromptedWindowAttention(WindowAttention):
@@ -134,7 +126,7 @@ class PromptedWindowAttention(WindowAttention):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         deep_prompt, group, index = self._capaboost_prompt
-        prompt = deep_prompt.get(group, index).to(x.dtype)  # (n, C)
+        prompt = deep_prompt.prompts(group, index).to(x.dtype)  # (n, C)
         B_, N, C = x.shape
         n = prompt.shape[0]
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, H, N, hd)
@@ -171,7 +163,7 @@ def install_vit_prompt(model: nn.Module, deep_prompt: DeepPrompt) -> None:
     num_prefix = model.num_prefix_tokens
     for i, block in enumerate(model.blocks):
         block.register_forward_pre_hook(partial(deep_prompt.vit_pre_hook, i, num_prefix), with_kwargs=True)
-    model.blocks[-1].register_forward_hook(partial(deep_prompt.vit_last_hook, num_prefix))
+        block.register_forward_hook(partial(deep_prompt.vit_post_hook, num_prefix))
 
 
 def build_swin_prompt(model: nn.Module, config: CapaBoostConfig) -> DeepPrompt:
@@ -191,5 +183,3 @@ def install_swin_prompt(model: nn.Module, deep_prompt: DeepPrompt) -> None:
         for j, block in enumerate(stage.blocks):
             block.attn.__class__ = PromptedWindowAttention
             block.attn._capaboost_prompt = (deep_prompt, s, j)  # a plain tuple: not registered as a submodule
-    model.layers[0].blocks[0].register_forward_pre_hook(deep_prompt.start_hook)
-    model.layers[-1].blocks[-1].register_forward_hook(deep_prompt.stop_hook)

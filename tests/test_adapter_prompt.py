@@ -70,15 +70,13 @@ def test_swin_prompted_window_attention_equals_explicit_softmax_float64():
     model = apply_capaboost(tiny_swin().double(), CapaBoostConfig(method='prompt', prompt_length=3, prompt_rank=2)).eval()
     attn = model.layers[0].blocks[1].attn  # a shifted block
     assert isinstance(attn, PromptedWindowAttention)
-    model.capaboost_prompt.start()
-    prompt = model.capaboost_prompt.get(0, 1)
+    prompt = model.capaboost_prompt.prompts(0, 1)
     x = torch.randn(2 * 4, 16, 16, dtype=torch.float64)  # (batch * windows, window area, C)
     mask = torch.zeros(4, 16, 16, dtype=torch.float64)
     mask[1:, :8, 8:] = float('-inf')
     mask[1:, 8:, :8] = float('-inf')
     assert torch.allclose(attn(x, mask=mask), window_attention_with_prompts(attn, x, prompt, mask), atol=1e-10)
     assert torch.allclose(attn(x), window_attention_with_prompts(attn, x, prompt), atol=1e-10)
-    model.capaboost_prompt.stop()
 
 
 @pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
