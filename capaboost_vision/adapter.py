@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import CapaBoostConfig
-from .masks import InferenceCache, apply_masks, make_masks
+from .masks import adapter_dtype, apply_masks, make_masks
 
 
 class CapaBoostAdapter(nn.Module):
@@ -38,7 +38,7 @@ class CapaBoostAdapter(nn.Module):
         self.num_masks, self.scale, self.placement = d, config.adapter_scale, config.adapter_placement
         self.branch_scale = config.branch_scale
         self._pending = None  # parallel placement: this block pass's adapter output, added by block_hook
-        dd = dict(device=device, dtype=dtype)
+        dd = dict(device=device, dtype=adapter_dtype(dtype or torch.get_default_dtype(), config.autocast_adapter_dtype))
         self.down_weight = nn.Parameter(torch.empty(b, dim, **dd))
         self.down_bias = nn.Parameter(torch.zeros(b, **dd))
         self.up_weight = nn.Parameter(torch.zeros(dim, b, **dd))  # zero: output = base at init
@@ -51,7 +51,6 @@ class CapaBoostAdapter(nn.Module):
         mask_up = make_masks((dim, b), name=f'{name}.up_weight', **masks)  # (d, dim, b)
         self.register_buffer('mask_down', mask_down.to(device))  # (d, b, dim)
         self.register_buffer('mask_up', mask_up.permute(1, 0, 2).contiguous().to(device))  # (dim, d, b)
-        self._cache = InferenceCache()
 
     def masked_weights(self):
         """(W_down_cat (d*b, dim), b_down_cat (d*b,), W_up_cat (dim, d*b))."""
@@ -59,10 +58,9 @@ class CapaBoostAdapter(nn.Module):
         return down, self.down_bias.repeat(self.num_masks), apply_masks(self.up_weight, self.mask_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = (self.down_weight, self.down_bias, self.up_weight)
-        down, down_bias, up = self._cache.get(params, self.masked_weights)
-        branches = F.linear(self.act(F.linear(x, down, down_bias)), up)  # (..., dim): the sum over d branches
-        return self.scale * (branches * self.branch_scale + self.up_bias)
+        down, down_bias, up = self.masked_weights()
+        branches = F.linear(self.act(F.linear(x.to(down.dtype), down, down_bias)), up)  # (..., dim): sum over d
+        return (self.scale * (branches * self.branch_scale + self.up_bias)).to(x.dtype)
 
     def mlp_hook(self, mlp: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the MLP. Sequential: add the adapter of the MLP's output to it. Parallel: compute the

@@ -64,6 +64,8 @@ class CapaBoostConfig:
     prompt_length: int = setting(10, 'prompt tokens per block (VPT-deep)')
     prompt_rank: int = setting(8, 'rank of the factorised prompts; 0 = plain, unfactorised VPT-deep')
     prompt_dropout: float = setting(0.0, 'dropout on the prompts, in [0, 1)')
+    autocast_adapter_dtype: bool = setting(True, 'keep CapaBoost weights in float32 on a float16/bfloat16 base (as '
+                                                  'HF PEFT does); inputs are cast at the boundary', cli=False)
     # what else trains
     train_head: bool = setting(True, 'train the classifier head', cli=False)
 
@@ -127,6 +129,8 @@ class CapaBoostConfig:
             bad('prompt_rank', 'an integer >= 1, or 0 for plain (unfactorised) VPT-deep prompts')
         if not 0.0 <= number('prompt_dropout') < 1.0:
             bad('prompt_dropout', 'must lie in [0, 1)')
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            bad('autocast_adapter_dtype', 'true or false')
         if not isinstance(self.train_head, bool):
             bad('train_head', 'true or false')
 

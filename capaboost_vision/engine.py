@@ -34,45 +34,63 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from ._io import atomic_path, missing_folders, remove_empty_folders, write_text_atomic
+from .config import CapaBoostConfig
 from .data import PROTOCOL_SPLITS, VTABDataset
 from .data_cache import CachedLoader, CachedSplit, DecodeLoader, default_cache_dir, prepare_split
 from .hub import WEIGHTS_NAME, save_adapter
 from .masks import stable_seed
+from .models._builder import loaded_weights_id
 from .run_config import PEFT_FORMS, RunConfig, RunError, check_same_run
-from .tuner import head_module, is_capaboost_key, parameter_report
+from .tuner import apply_capaboost, head_module, is_capaboost_key, parameter_report
 from .vtab import Task, resolve_task
 
 
 def family_of(model: str) -> str:
-    """'vit_base_capaboost_lora.orig_in21k' or 'vit_base' -> 'vit_base' (a registered CapaBoost family)."""
-    family = model.split('.')[0].split('_capaboost_')[0]
-    if not timm.is_model(f'{family}_capaboost_lora'):
-        families = sorted({n.split('_capaboost_')[0] for n in timm.list_models('*_capaboost_*')})
-        raise RunError(f'--model {model!r} is not a CapaBoost model family: choose one of {", ".join(families)} '
-                       f'(or e.g. {families[0]}_capaboost_lora)')
-    return family
+    """'vit_base_capaboost_lora.orig_in21k' or 'vit_base' -> 'vit_base' (a registered CapaBoost family); a plain
+    timm model name ('deit_small_patch16_224.fb_in1k') -> its architecture, to which CapaBoost is applied."""
+    name = model.split('.')[0]
+    family = name.split('_capaboost_')[0]
+    if timm.is_model(f'{family}_capaboost_lora'):
+        return family
+    if '_capaboost_' not in name and timm.is_model(name):
+        return name
+    families = sorted({n.split('_capaboost_')[0] for n in timm.list_models('*_capaboost_*')})
+    raise RunError(f'--model {model!r} is neither a CapaBoost model family ({", ".join(families)}, or e.g. '
+                   f'{families[0]}_capaboost_lora) nor a timm ViT/Swin model name')
 
 
 def base_model_name(family: str) -> str:
     """The plain timm model (with its VTAB-standard weights tag) under a CapaBoost family, e.g.
-    'vit_base' -> 'vit_base_patch16_224.orig_in21k'."""
+    'vit_base' -> 'vit_base_patch16_224.orig_in21k'; a plain timm name is its own base."""
+    if not timm.is_model(f'{family}_capaboost_lora'):
+        return family
     return timm.models.get_pretrained_cfg(f'{family}_capaboost_lora').hf_hub_id.split('/', 1)[1]
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """The model for ``cfg.form``: a registered CapaBoost model (PEFT forms) or its plain base (linear/full)."""
+    """The model for ``cfg.form``: a registered CapaBoost model, or any timm ViT/Swin with CapaBoost applied (PEFT
+    forms); the plain base (linear/full)."""
     family = family_of(cfg.model)
+    registered = timm.is_model(f'{family}_capaboost_lora')
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, img_size=cfg.img_size, drop_path_rate=cfg.drop_path)
     pretrained = cfg.pretrained or bool(cfg.weights)
     if cfg.weights:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(cfg.weights))
+    base = base_model_name(family) if registered else cfg.model
     try:
-        if cfg.form in PEFT_FORMS:
+        if cfg.form in PEFT_FORMS and registered:
             return timm.create_model(f'{family}_capaboost_{cfg.form}', pretrained=pretrained, **kwargs,
                                      **cfg.capaboost)
-        model = timm.create_model(base_model_name(family), pretrained=pretrained, **kwargs)
+        model = timm.create_model(base, pretrained=pretrained, **kwargs)
+        if cfg.form in PEFT_FORMS:  # a plain timm name: CapaBoost applied here, as apply_capaboost users do
+            model.capaboost_base_weights = loaded_weights_id(model, pretrained)
+            apply_capaboost(model, CapaBoostConfig(**dict(cfg.capaboost, method=cfg.form)))
     except TypeError as e:
+        if not registered:  # e.g. a CNN's constructor has no img_size
+            raise RunError(f'--model {cfg.model}: not a timm VisionTransformer/SwinTransformer ({e})') from None
         raise RunError(f'bad model setting in {cfg.capaboost or kwargs}: {e}') from None
+    except ValueError as e:  # not a ViT/Swin, an unsupported block, a bad CapaBoost setting
+        raise RunError(f'--model {cfg.model}: {str(e).splitlines()[0]}') from None
     except (AssertionError, RuntimeError) as e:  # timm's shape asserts (e.g. an image smaller than a patch)
         raise RunError(f'--model {cfg.model} cannot be built with --img-size {cfg.img_size}: '
                        f'{str(e).splitlines()[0] or type(e).__name__}') from None

@@ -358,6 +358,17 @@ def create_model_from_hub(name: str, **kwargs: Any) -> nn.Module:
     return load_adapter(model, name, check_base=False) if not kwargs.get('pretrained') else model
 
 
+def _refuse_unregistered(architecture: str) -> None:
+    """A repo loads with ``create_model('hf-hub:...')`` only when its architecture is a registered CapaBoost model;
+    an adapter trained on a plain timm model (apply_capaboost, ``--model <timm name>``) would load as the bare base
+    model, silently without the adapter. Such adapters stay local (``load_adapter``)."""
+    if '_capaboost_' not in architecture:
+        raise AdapterError(f'cannot push an adapter of the plain timm model {architecture!r}: '
+                           f"timm.create_model('hf-hub:...') would build {architecture} without the adapter. Train "
+                           f'with a registered CapaBoost family (timm.list_models("*capaboost*")) to push, or load '
+                           f'this one locally with load_adapter')
+
+
 def push_adapter_to_hub(model: nn.Module, repo_id: str, results: Optional[Union[str, Path, dict]] = None,
                         private: bool = False, revision: Optional[str] = None, token: Optional[str] = None,
                         label_names: Optional[Sequence[str]] = None,
@@ -367,6 +378,7 @@ def push_adapter_to_hub(model: nn.Module, repo_id: str, results: Optional[Union[
     The token comes from huggingface_hub's usual sources (``token=``, HF_TOKEN, ``hf auth login``); never logged.
     """
     _capaboost_config(model)
+    _refuse_unregistered(model.pretrained_cfg.get('architecture', ''))
     refuse_non_finite(adapter_state_dict(model), 'push')  # before any request: nothing is created on the Hub
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
@@ -384,6 +396,7 @@ def push_folder_to_hub(folder: Union[str, Path], repo_id: str, private: bool = F
     """Upload an adapter folder (e.g. a finished run folder) as it is: config.json, the weights and the model
     card, after the same checks ``load_adapter`` makes (schema, finite values). Returns the commit URL."""
     adapter = read_adapter(folder)
+    _refuse_unregistered(adapter.meta['architecture'])
     files = [CONFIG_NAME, adapter.weights_file.name, 'README.md']
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')

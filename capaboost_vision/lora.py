@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import CapaBoostConfig
-from .masks import InferenceCache, apply_masks, make_masks
+from .masks import adapter_dtype, apply_masks, make_masks
 
 
 class CapaBoostLoRALinear(nn.Linear):
@@ -32,7 +32,7 @@ class CapaBoostLoRALinear(nn.Linear):
         self.in_features, self.out_features = in_features, out_features
         self.weight, self.bias = base.weight, base.bias  # shared with the base layer: same names, no copy
         self.rank, self.num_masks, self.scaling = config.rank, config.num_masks, config.scaling
-        dd = dict(device=base.weight.device, dtype=base.weight.dtype)
+        dd = dict(device=base.weight.device, dtype=adapter_dtype(base.weight.dtype, config.autocast_adapter_dtype))
         self.lora_A = nn.Parameter(torch.empty(config.rank, in_features, **dd))
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, **dd))  # zero: output = base at init
         if config.lora_init == 'peft':  # loralib/PEFT: U(+-1/sqrt(in))
@@ -47,7 +47,6 @@ class CapaBoostLoRALinear(nn.Linear):
         mask_b = make_masks((out_features, config.rank), name=f'{name}.lora_B', **masks)  # (d, out, r)
         self.register_buffer('lora_mask_A', mask_a.to(dd['device']))  # (d, r, in)
         self.register_buffer('lora_mask_B', mask_b.permute(1, 0, 2).contiguous().to(dd['device']))  # (out, d, r)
-        self._cache = InferenceCache()
 
     def masked_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(A_cat, B_cat): A_cat (d*r, in), B_cat (out, d*r), the concatenated masked branches."""
@@ -61,17 +60,18 @@ class CapaBoostLoRALinear(nn.Linear):
         return self.scaling * b_cat @ a_cat
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a_cat, b_cat = self._cache.get((self.lora_A, self.lora_B), self.masked_factors)
+        a_cat, b_cat = self.masked_factors()
         # scaling folded into the small factor rather than the (tokens x out) result
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(self.lora_dropout(x), a_cat),
-                                                              b_cat * self.scaling)
+        out = F.linear(x, self.weight, self.bias)
+        update = F.linear(F.linear(self.lora_dropout(x).to(a_cat.dtype), a_cat), b_cat * self.scaling)
+        return out + update.to(out.dtype)
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with ΔW folded into the base weight."""
         merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            merged.weight.copy_(self.weight + self.delta_weight().to(self.weight.dtype))
+            merged.weight.copy_(self.weight.float() + self.delta_weight().float())  # folded in fp32
             if self.bias is not None:
                 merged.bias.copy_(self.bias)
         merged.weight.requires_grad_(self.weight.requires_grad)

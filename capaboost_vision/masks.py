@@ -4,6 +4,11 @@ Each adapted factor gets ``num_masks`` masks, drawn once at creation and never t
 the CPU from a generator seeded by a stable hash of (seed, module name, factor name, branch index), so the same
 config gives the same masks in any process, whatever the global RNG state. The masks are also stored as buffers
 and saved with the adapter, so a reload never depends on regenerating them.
+
+Masked weights are recomputed on every forward pass, never cached: the masking is a few elementwise products on
+the small factors (r x in and out x r for LoRA), negligible next to the base matmuls, and nothing can go stale
+(in-place edits through ``.data``, ``load_state_dict``, ``.to()``, edited mask buffers). For inference without
+any overhead, ``merge()`` folds CapaBoost-LoRA into the base weights.
 """
 import hashlib
 from typing import Sequence, Tuple
@@ -77,6 +82,14 @@ def make_masks(
     return torch.stack(masks)
 
 
+def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
+    """float32 for CapaBoost weights on a float16/bfloat16 base (PEFT's policy: small trainable weights keep full
+    precision), else the base's dtype."""
+    if autocast_adapter_dtype and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
+
+
 def apply_masks(weight: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Concatenate the masked copies of ``weight`` along its last (rank) dimension, without d parameter copies.
 
@@ -84,30 +97,6 @@ def apply_masks(weight: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """
     rows, num_masks, k = masks.shape
     return (weight.unsqueeze(1) * masks).reshape(rows, num_masks * k)
-
-
-class InferenceCache:
-    """Holds tensors computed from parameters (masked, concatenated weights) while nothing can change them.
-
-    Used only when autograd is off (``torch.no_grad``/``inference_mode``), so inference pays for masking once.
-    The key is every parameter's in-place version counter, pointer and dtype: an optimizer step,
-    ``load_state_dict`` or ``.to()`` invalidates it.
-    """
-
-    def __init__(self) -> None:
-        self.key = None
-        self.value = None
-
-    def get(self, params: Sequence[torch.Tensor], compute):
-        if torch.compiler.is_compiling():  # a compiled graph recomputes (and fuses) the masking itself
-            return compute()
-        if torch.is_grad_enabled():
-            self.key = self.value = None
-            return compute()
-        key = tuple((p._version, p.data_ptr(), p.dtype) for p in params) + (torch.is_inference_mode_enabled(),)
-        if key != self.key:
-            self.value, self.key = compute(), key
-        return self.value
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 The prompts of all blocks of one width, stacked, form a matrix P (blocks*n x dim). Plain VPT-deep learns P
 directly. CapaBoost factorises it, P = c sum_i (U⊙M^U_i)(V⊙M^V_i)^T = c U_cat V_cat^T (c: ``CapaBoostConfig.branch_scale``) with U (blocks*n x r) and
 V (dim x r), so P reaches rank d*r at the stored cost of rank r (masking P itself would only rescale it).
-Each block computes its own n rows of P (at inference the whole P is materialised once and cached, see
-``InferenceCache``), so inference costs plain VPT-deep.
+Each block computes its own n rows of P, U_rows,cat V_cat^T (n x dim): a product far smaller than the block's
+attention, so inference costs plain VPT-deep.
 
 Each block owns its prompts: nothing is carried from one block to the next, so any subset or order of block calls
 works (gradient checkpointing recomputing one block, ``forward_intermediates``, ``prune_intermediate_layers``,
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import WindowAttention
 
 from .config import CapaBoostConfig
-from .masks import InferenceCache, apply_masks, make_masks
+from .masks import adapter_dtype, apply_masks, make_masks
 
 
 class PromptBank(nn.Module):
@@ -40,7 +40,7 @@ class PromptBank(nn.Module):
         super().__init__()
         self.num_blocks, self.length, self.dim = num_blocks, config.prompt_length, dim
         rows = num_blocks * config.prompt_length
-        dd = dict(device=device, dtype=dtype)
+        dd = dict(device=device, dtype=adapter_dtype(dtype or torch.get_default_dtype(), config.autocast_adapter_dtype))
         if config.prompt_rank == 0:  # plain VPT-deep: uniform init as in VPT
             self.prompt = nn.Parameter(torch.empty(rows, dim, **dd).uniform_(-init_bound, init_bound))
             return
@@ -59,7 +59,6 @@ class PromptBank(nn.Module):
         mask_v = make_masks((dim, r), name=f'{name}.prompt_V', **masks)  # (d, dim, r)
         self.register_buffer('mask_U', mask_u.permute(1, 0, 2).contiguous().to(device))  # (rows, d, r)
         self.register_buffer('mask_V', mask_v.permute(1, 0, 2).contiguous().to(device))  # (dim, d, r)
-        self._cache = InferenceCache()
 
     @property
     def factorised(self) -> bool:
@@ -83,12 +82,10 @@ class PromptBank(nn.Module):
         return min(self.mask_U.shape[1] * self.prompt_U.shape[1], rows, self.dim)
 
     def block_prompts(self, index: int) -> torch.Tensor:
-        """The (n, dim) prompts of block ``index``: its rows of P, computed alone when autograd is on (a block
-        recomputed by gradient checkpointing needs nothing from other blocks), sliced from the cached P otherwise."""
+        """The (n, dim) prompts of block ``index``: its own rows of P, computed from nothing but the parameters (a
+        block recomputed by gradient checkpointing needs nothing from other blocks)."""
         if not self.factorised:
             return self.prompt[index * self.length:(index + 1) * self.length]
-        if not torch.is_grad_enabled():
-            return self._cache.get((self.prompt_U, self.prompt_V), self.materialize)[index]
         rows = slice(index * self.length, (index + 1) * self.length)
         # (n, d*r) @ (d*r, dim) -> (n, dim)
         prompts = apply_masks(self.prompt_U[rows], self.mask_U[rows]) @ apply_masks(self.prompt_V, self.mask_V).t()
@@ -109,7 +106,8 @@ class DeepPrompt(nn.Module):
 
     # ViT hooks: each block inserts its prompts on entry and removes them on exit
     def vit_pre_hook(self, index: int, num_prefix: int, block: nn.Module, args, kwargs):
-        if kwargs.get('attn_mask') is not None or kwargs.get('is_causal'):
+        # a real mask (not fx's placeholder for the argument) or causal attention would not fit the prompt tokens
+        if isinstance(kwargs.get('attn_mask'), torch.Tensor) or kwargs.get('is_causal') is True:
             raise ValueError('capaboost prompt models do not support attn_mask/is_causal: the prompts change the '
                              'token count')
         x = args[0]  # (B, prefix + patches, dim)

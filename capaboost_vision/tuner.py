@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
 import torch.nn as nn
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
 from .adapter import CapaBoostAdapter
 from .config import CapaBoostConfig
@@ -13,6 +13,8 @@ from .lora import CapaBoostLoRALinear
 from .prompt import build_swin_prompt, build_vit_prompt, install_swin_prompt, install_vit_prompt
 
 CAPABOOST_MODULES = (CapaBoostLoRALinear, CapaBoostAdapter)
+# blocks with one attention (attn.qkv, attn.proj) and one MLP (mlp.fc1, mlp.fc2) on the residual stream
+SUPPORTED_BLOCKS = {'vit': (Block, ResPostBlock), 'swin': (SwinTransformerBlock,)}
 
 
 def model_family(model: nn.Module) -> str:
@@ -26,10 +28,19 @@ def model_family(model: nn.Module) -> str:
 
 
 def transformer_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(qualified name, block) for every transformer block, in order."""
-    if model_family(model) == 'vit':
-        return [(f'blocks.{i}', b) for i, b in enumerate(model.blocks)]
-    return [(f'layers.{s}.blocks.{j}', b) for s, stage in enumerate(model.layers) for j, b in enumerate(stage.blocks)]
+    """(qualified name, block) for every transformer block, in order; ValueError naming a block type CapaBoost does
+    not know (e.g. ParallelThingsBlock, whose attention and MLP are lists)."""
+    family = model_family(model)
+    if family == 'vit':
+        blocks = [(f'blocks.{i}', b) for i, b in enumerate(model.blocks)]
+    else:
+        blocks = [(f'layers.{s}.blocks.{j}', b) for s, stage in enumerate(model.layers)
+                  for j, b in enumerate(stage.blocks)]
+    for name, block in blocks:
+        if not isinstance(block, SUPPORTED_BLOCKS[family]):
+            raise ValueError(f'not supported: {type(block).__name__} ({name}) in {type(model).__name__}; CapaBoost '
+                             f'applies to {", ".join(c.__name__ for c in SUPPORTED_BLOCKS[family])} blocks')
+    return blocks
 
 
 def head_name(model: nn.Module) -> str:
@@ -98,7 +109,9 @@ def apply_capaboost(model: nn.Module, config: CapaBoostConfig) -> nn.Module:
 def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fold every CapaBoost-LoRA update into its base weight and return a plain timm model.
 
-    The result has exactly the base model's modules and state-dict keys and gives the same outputs.
+    The result has exactly the base model's modules and state-dict keys, gives the same outputs, and is what
+    ``timm.create_model(base)`` returns: every parameter trainable (the CapaBoost model's frozen backbone is a
+    PEFT setting, not part of the merged model).
     """
     config = getattr(model, 'capaboost_config', None)
     if config is None or config.method != 'lora':
@@ -111,6 +124,7 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
             parent_name, attr = name.rsplit('.', 1)
             setattr(model.get_submodule(parent_name), attr, module.to_linear())
     del model.capaboost_config
+    model.requires_grad_(True)
     return model
 
 

@@ -160,3 +160,14 @@ def test_search_command_end_to_end(small_root, tmp_path, capsys):
                        '--max-extensions', '1', '--seeds', 0, 1, '--data-path', small_root, '--output', tmp_path,
                        *SMALL)
     assert code == 0 and out.count('skip:') == 5
+
+
+def test_train_accepts_a_plain_timm_model_name(small_root, tmp_path, capsys):
+    code, out, err = run(capsys, 'train', '--task', 'toy', '--method', 'capaboost_lora', '--data-path', small_root,
+                         '--output', tmp_path, *SMALL, '--model', 'vit_small_patch16_224')
+    assert code == 0, err
+    results = json.loads((tmp_path / 'vit_small_patch16_224/toy/final/capaboost_lora/seed0/results.json').read_text())
+    assert results['max_rank'] == 16 and results['trainable_params_excl_head'] == 12 * 8 * (384 + 3 * 384)
+    code, _, err = run(capsys, 'train', '--task', 'toy', '--data-path', small_root, '--output', tmp_path, *SMALL,
+                       '--model', 'resnet18')
+    assert code == 2 and 'not a timm VisionTransformer/SwinTransformer' in err

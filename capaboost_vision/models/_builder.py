@@ -5,17 +5,28 @@ from typing import Any, Callable, Dict
 
 import torch.nn as nn
 from timm.models import PretrainedCfg, get_pretrained_cfg
+from timm.models._features import FeatureGetterNet
+from timm.models._builder import pretrained_cfg_for_features
 
 from ..config import CONFIG_KEYS, CapaBoostConfig
 from ..hub import load_adapter, registered_base_id
 from ..tuner import apply_capaboost
 
 
+CAPABOOST_PAPER = 'arXiv:2407.01320'
+BASE_PAPERS = {'vit': 'arXiv:2010.11929', 'dinov2': 'arXiv:2304.07193', 'swin': 'arXiv:2103.14030'}
+
+
 def base_cfg(name_tag: str, **overrides: Any) -> Dict[str, Any]:
-    """A pretrained cfg that loads the base weights ``name_tag`` (with its full hub id) for our architecture."""
+    """A pretrained cfg that loads the base weights ``name_tag`` (with its full hub id) for our architecture, with
+    the CapaBoost and base papers, the base weights' license and a note naming them."""
     cfg = get_pretrained_cfg(name_tag).to_dict()
     for key in ('architecture', 'tag'):
         cfg.pop(key, None)
+    base_papers = [p for key, p in BASE_PAPERS.items() if key in name_tag.split('.')[0]]
+    cfg.update(paper_ids=', '.join([CAPABOOST_PAPER, *base_papers]),
+               notes=(f'base weights: timm/{name_tag} ({cfg.get("license") or "see the base model"}); CapaBoost '
+                      f'weights start untrained (zero update) and are the only trainable part with the head',))
     cfg.update(overrides)
     return cfg
 
@@ -36,6 +47,8 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretra
     CapaBoost settings (rank, num_masks, mask_density, ...) are keyword arguments; every setting, defaults
     included, lands in ``model._model_args`` so a pushed config.json rebuilds the same model.
     ``adapter='hf-hub:org/repo[@rev]'`` or a local folder loads trained adapter weights after the base weights.
+    ``features_only=True`` (with ``out_indices``) returns timm's ``FeatureGetterNet`` around the CapaBoost model:
+    CapaBoost is applied to the whole model first, then the feature wrapper prunes what the indices do not need.
     """
     method = variant.rsplit('_', 1)[-1]
     adapter = kwargs.pop('adapter', None)
@@ -52,6 +65,11 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretra
     kwargs.pop('method', None)
     config = CapaBoostConfig.from_kwargs(dict(kwargs, method=method))  # validate before building anything
     base_kwargs = {k: v for k, v in kwargs.items() if k not in CONFIG_KEYS}
+    features_only = base_kwargs.pop('features_only', False)
+    feature_kwargs = {k: base_kwargs.pop(k) for k in ('out_indices', 'feature_cls') if k in base_kwargs}
+    if feature_kwargs.pop('feature_cls', 'getter') != 'getter':
+        raise ValueError(f'feature_cls={kwargs["feature_cls"]!r} is invalid for {variant}: CapaBoost feature '
+                         f'extraction uses feature_cls="getter" (forward_intermediates)')
     model = create_base(variant, pretrained=pretrained, **base_kwargs)
     model.capaboost_base_weights = loaded_weights_id(model, pretrained)
     apply_capaboost(model, config)
@@ -60,4 +78,30 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretra
     model._model_args = dict(getattr(model, '_model_args', {}), **recorded)
     if adapter:
         load_adapter(model, adapter)
+    if features_only:
+        return _feature_getter(model, feature_kwargs.get('out_indices'))
     return model
+
+
+class NHWCFeatureGetter(FeatureGetterNet):
+    """timm's FeatureGetterNet with NHWC outputs, as the base Swin's ``features_only`` model gives them (Swin's
+    ``forward_intermediates`` returns NCHW only). A getter keeps the whole model, prompts included, as ``.model``."""
+
+    def forward(self, x):
+        features = super().forward(x)
+        if isinstance(features, dict):
+            return {k: v.permute(0, 2, 3, 1) for k, v in features.items()}
+        return [f.permute(0, 2, 3, 1) for f in features]  # (B, C, H, W) -> (B, H, W, C)
+
+
+def _feature_getter(model: nn.Module, out_indices: Any) -> nn.Module:
+    """The feature wrapper ``features_only=True`` gives the base model, over the CapaBoost model (ViT: the last 3
+    blocks by default, NCHW; Swin: every stage, NHWC)."""
+    if out_indices is None:
+        out_indices = 3 if hasattr(model, 'blocks') else tuple(range(len(model.layers)))
+    nhwc = getattr(model, 'output_fmt', 'NCHW') == 'NHWC'
+    features = (NHWCFeatureGetter if nhwc else FeatureGetterNet)(model, out_indices=out_indices)
+    features.pretrained_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
+    features.default_cfg = features.pretrained_cfg
+    features.capaboost_config = model.capaboost_config
+    return features
