@@ -83,7 +83,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         raise RunError(f'--data-path {root} does not exist or is not a folder')
     bad = 0
     for task in resolve_tasks(args.tasks, root):
-        for split in check_task(root, task, expected_lines=task.name in TASKS):
+        for split in check_task(root, task, expected_lines=TASKS.get(task.name) == task):
             status = 'ok' if not split.problem_count else f'{split.problem_count} problem(s)'
             print(f'{task.name:22s} {split.split:15s} {split.lines:6d} lines  {status}')
             for problem in split.problems:

@@ -99,7 +99,10 @@ def _sprites(kind: str, count: int = 6000, size: int = 64, bins: int = 16, seed:
         else:
             draw.ellipse([cx - r, cy - 0.5 * r, cx + r, cy + 0.5 * r], fill=255)
         images[i] = np.asarray(img)
-        labels[i] = min(int((cx / size - 0.1) / 0.8 * bins), bins - 1) if kind == 'loc' else int(angle / (2 * np.pi) * bins) % bins
+        if kind == 'loc':
+            labels[i] = min(int((cx / size - 0.1) / 0.8 * bins), bins - 1)
+        else:
+            labels[i] = int(angle / (2 * np.pi) * bins) % bins
     return images, labels
 
 

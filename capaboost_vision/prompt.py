@@ -1,10 +1,10 @@
 """CapaBoost deep prompts (VPT-deep) for ViT and Swin.
 
 The prompts of all blocks of one width, stacked, form a matrix P (blocks*n x dim). Plain VPT-deep learns P
-directly. CapaBoost factorises it, P = c sum_i (U⊙M^U_i)(V⊙M^V_i)^T = c U_cat V_cat^T (c: ``CapaBoostConfig.branch_scale``) with U (blocks*n x r) and
-V (dim x r), so P reaches rank d*r at the stored cost of rank r (masking P itself would only rescale it).
-Each block computes its own n rows of P, U_rows,cat V_cat^T (n x dim): a product far smaller than the block's
-attention, so inference costs plain VPT-deep.
+directly. CapaBoost factorises it, P = c sum_i (U⊙M^U_i)(V⊙M^V_i)^T = c U_cat V_cat^T with U (blocks*n x r) and
+V (dim x r) (c: ``CapaBoostConfig.branch_scale``), so P reaches rank d*r at the stored cost of rank r (masking P
+itself would only rescale it). Each block computes its own n rows of P, (n x d*r) @ (d*r x dim): a product far
+smaller than the block's attention, so inference costs plain VPT-deep.
 
 Each block owns its prompts: nothing is carried from one block to the next, so any subset or order of block calls
 works (gradient checkpointing recomputing one block, ``forward_intermediates``, ``prune_intermediate_layers``,

@@ -3,8 +3,8 @@
 Results are split by protocol (final: train800val200 -> test; val: train800 -> val200) into separate sections:
 validation and test numbers never meet in one table. Custom tasks get their own table and are never averaged into
 the VTAB means. A row that misses a task or a seed that others in its table have is marked incomplete and gets
-no average. Averages, as the literature reports them: the mean of each group (Natural, Specialized, Structured), the mean of
-the three group means (VPT, NOAH, FacT) and the plain mean over tasks (SSF, V-PETL). Each is computed per seed and
+no average. Averages, as the literature reports them: the mean of each group (Natural, Specialized,
+Structured), the mean of the three group means (VPT, NOAH, FacT) and the plain mean over tasks (SSF, V-PETL). Each is computed per seed and
 reported as mean ± std over seeds. Trainable parameters exclude the classifier head, as the literature counts.
 """
 import csv
@@ -40,6 +40,9 @@ def collect(runs_dir: Path) -> List[Dict[str, Any]]:
                if not any(part.startswith('.') for part in p.relative_to(runs_dir).parts)]  # skip .cache, trash
     if not results:
         raise FileNotFoundError(f'no results.json under {runs_dir}')
+    for r in results:  # a custom task named like a VTAB task (a task.yaml with its own group) is not that task
+        if r['task'] in TASKS and r['group'] != TASKS[r['task']].group:
+            r['task'] = f'{r["task"]} (custom)'
     return results
 
 

@@ -61,10 +61,9 @@ def task_dir(root: Path, name: str) -> Path:
 
 
 def resolve_task(name: str, root: Optional[Path] = None) -> Task:
-    """The Task for ``name`` (canonical, alias, or a custom folder with task.yaml); ValueError suggests the closest."""
+    """The Task for ``name``: a folder with a task.yaml is a custom task (even when its name is a VTAB task's, e.g. a
+    generated look-alike), else the canonical VTAB task or alias; ValueError suggests the closest."""
     canonical = canonical_name(name)
-    if canonical:
-        return TASKS[canonical]
     if root is not None:
         info_file = task_dir(root, name) / TASK_INFO_FILE
         if info_file.is_file():
@@ -73,6 +72,8 @@ def resolve_task(name: str, root: Optional[Path] = None) -> Task:
                     or info['num_classes'] < 1:
                 raise ValueError(f'{info_file}: num_classes must be a positive integer')
             return Task(name, info['num_classes'], str(info.get('group', 'custom')))
+    if canonical:
+        return TASKS[canonical]
     choices = list(TASKS) + list(_CANONICAL)
     close = difflib.get_close_matches(name.lower(), choices, n=1, cutoff=0.5)
     hint = f"; did you mean '{canonical_name(close[0])}'?" if close else ''

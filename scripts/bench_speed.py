@@ -193,7 +193,7 @@ def main():
             t = runner.train_step(x, y)
             if i >= args.warmup:
                 times[row].append(t)
-    # inference: the plain timm model, every row unmerged (adapter/prompt with their cached masked weights),
+    # inference: the plain timm model, every row unmerged (masked weights recomputed every pass),
     # and the merged LoRA rows
     plain = build('linear probe', args).to(args.device)
     infer_models = {'plain timm model': plain}

@@ -68,14 +68,14 @@ def test_merge_on_device_matches_unmerged():
     torch.testing.assert_close(merged(x), model.eval()(x), rtol=1e-4, atol=1e-4)
 
 
-def test_prompt_cache_on_device_follows_updates():
+def test_prompts_on_device_follow_updates():
     model = timm.create_model('vit_tiny_capaboost_prompt', img_size=32, num_classes=3, prompt_length=2).to(DEVICE)
     x = torch.randn(2, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
         first = model.eval()(x)
         again = model(x)
         for name, p in model.named_parameters():
-            if 'capaboost_prompt' in name:  # only the prompts change: the cached prompts must follow
+            if 'capaboost_prompt' in name:  # only the prompts change: the output must follow
                 p.add_(0.1)
         changed = model(x)
     assert torch.equal(first, again) and not torch.equal(first, changed)

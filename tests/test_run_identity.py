@@ -171,3 +171,16 @@ def test_train_accepts_a_plain_timm_model_name(small_root, tmp_path, capsys):
     code, _, err = run(capsys, 'train', '--task', 'toy', '--data-path', small_root, '--output', tmp_path, *SMALL,
                        '--model', 'resnet18')
     assert code == 2 and 'not a timm VisionTransformer/SwinTransformer' in err
+
+
+def test_a_custom_folder_named_like_a_vtab_task_stays_custom(tmp_path):
+    from capaboost_vision.report import collect
+    from capaboost_vision.vtab import resolve_task
+    folder = make_task(tmp_path, name='dsprites_loc', num_classes=3, counts=(10, 5), n_test=5)
+    (folder / 'task.yaml').write_text('num_classes: 3\ngroup: structured-like\n')  # VTAB's has 16 classes
+    task = resolve_task('dsprites_loc', tmp_path)
+    assert (task.num_classes, task.group) == (3, 'structured-like')
+    run_dir = tmp_path / 'runs' / 'm'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'results.json').write_text(json.dumps(_result('dsprites_loc', 'm', 0, 50.0, group='structured-like')))
+    assert collect(tmp_path / 'runs')[0]['task'] == 'dsprites_loc (custom)'

@@ -32,53 +32,53 @@ def _create(variant: str, pretrained: bool, **kwargs) -> SwinTransformer:
 
 @register_model
 def swin_tiny_capaboost_lora(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-LoRA (attn.qkv) on Swin tiny: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-LoRA (attn.qkv) on Swin tiny; frozen backbone."""
     return _create('swin_tiny_capaboost_lora', pretrained, **kwargs)
 
 
 @register_model
 def swin_tiny_capaboost_adapter(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-adapter on Swin tiny: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-adapter on Swin tiny; frozen backbone."""
     return _create('swin_tiny_capaboost_adapter', pretrained, **kwargs)
 
 
 @register_model
 def swin_tiny_capaboost_prompt(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on Swin tiny: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-prompt (factorised VPT-deep) on Swin tiny; frozen backbone."""
     return _create('swin_tiny_capaboost_prompt', pretrained, **kwargs)
 
 
 @register_model
 def swin_small_capaboost_lora(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-LoRA (attn.qkv) on Swin small: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-LoRA (attn.qkv) on Swin small; frozen backbone."""
     return _create('swin_small_capaboost_lora', pretrained, **kwargs)
 
 
 @register_model
 def swin_small_capaboost_adapter(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-adapter on Swin small: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-adapter on Swin small; frozen backbone."""
     return _create('swin_small_capaboost_adapter', pretrained, **kwargs)
 
 
 @register_model
 def swin_small_capaboost_prompt(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on Swin small: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-prompt (factorised VPT-deep) on Swin small; frozen backbone."""
     return _create('swin_small_capaboost_prompt', pretrained, **kwargs)
 
 
 @register_model
 def swin_base_capaboost_lora(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-LoRA (attn.qkv) on Swin base: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-LoRA (attn.qkv) on Swin base; frozen backbone."""
     return _create('swin_base_capaboost_lora', pretrained, **kwargs)
 
 
 @register_model
 def swin_base_capaboost_adapter(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-adapter on Swin base: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-adapter on Swin base; frozen backbone."""
     return _create('swin_base_capaboost_adapter', pretrained, **kwargs)
 
 
 @register_model
 def swin_base_capaboost_prompt(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on Swin base: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-prompt (factorised VPT-deep) on Swin base; frozen backbone."""
     return _create('swin_base_capaboost_prompt', pretrained, **kwargs)

@@ -46,89 +46,89 @@ def _create(variant: str, pretrained: bool, **kwargs) -> VisionTransformer:
 
 @register_model
 def vit_tiny_capaboost_lora(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-LoRA (attn.qkv) on ViT tiny: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-LoRA (attn.qkv) on ViT tiny; frozen backbone."""
     return _create('vit_tiny_capaboost_lora', pretrained, **kwargs)
 
 
 @register_model
 def vit_tiny_capaboost_adapter(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-adapter on ViT tiny: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-adapter on ViT tiny; frozen backbone."""
     return _create('vit_tiny_capaboost_adapter', pretrained, **kwargs)
 
 
 @register_model
 def vit_tiny_capaboost_prompt(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on ViT tiny: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-prompt (factorised VPT-deep) on ViT tiny; frozen backbone."""
     return _create('vit_tiny_capaboost_prompt', pretrained, **kwargs)
 
 
 @register_model
 def vit_small_capaboost_lora(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-LoRA (attn.qkv) on ViT small: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-LoRA (attn.qkv) on ViT small; frozen backbone."""
     return _create('vit_small_capaboost_lora', pretrained, **kwargs)
 
 
 @register_model
 def vit_small_capaboost_adapter(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-adapter on ViT small: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-adapter on ViT small; frozen backbone."""
     return _create('vit_small_capaboost_adapter', pretrained, **kwargs)
 
 
 @register_model
 def vit_small_capaboost_prompt(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on ViT small: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-prompt (factorised VPT-deep) on ViT small; frozen backbone."""
     return _create('vit_small_capaboost_prompt', pretrained, **kwargs)
 
 
 @register_model
 def vit_base_capaboost_lora(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-LoRA (attn.qkv) on ViT base: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-LoRA (attn.qkv) on ViT base; frozen backbone."""
     return _create('vit_base_capaboost_lora', pretrained, **kwargs)
 
 
 @register_model
 def vit_base_capaboost_adapter(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-adapter on ViT base: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-adapter on ViT base; frozen backbone."""
     return _create('vit_base_capaboost_adapter', pretrained, **kwargs)
 
 
 @register_model
 def vit_base_capaboost_prompt(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on ViT base: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-prompt (factorised VPT-deep) on ViT base; frozen backbone."""
     return _create('vit_base_capaboost_prompt', pretrained, **kwargs)
 
 
 @register_model
 def vit_large_capaboost_lora(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-LoRA (attn.qkv) on ViT large: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-LoRA (attn.qkv) on ViT large; frozen backbone."""
     return _create('vit_large_capaboost_lora', pretrained, **kwargs)
 
 
 @register_model
 def vit_large_capaboost_adapter(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-adapter on ViT large: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-adapter on ViT large; frozen backbone."""
     return _create('vit_large_capaboost_adapter', pretrained, **kwargs)
 
 
 @register_model
 def vit_large_capaboost_prompt(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on ViT large: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-prompt (factorised VPT-deep) on ViT large; frozen backbone."""
     return _create('vit_large_capaboost_prompt', pretrained, **kwargs)
 
 
 @register_model
 def vit_small_dinov2_capaboost_lora(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-LoRA (attn.qkv) on ViT small dinov2: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-LoRA (attn.qkv) on ViT small dinov2; frozen backbone."""
     return _create('vit_small_dinov2_capaboost_lora', pretrained, **kwargs)
 
 
 @register_model
 def vit_small_dinov2_capaboost_adapter(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-adapter on ViT small dinov2: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-adapter on ViT small dinov2; frozen backbone."""
     return _create('vit_small_dinov2_capaboost_adapter', pretrained, **kwargs)
 
 
 @register_model
 def vit_small_dinov2_capaboost_prompt(pretrained: bool = False, **kwargs) -> VisionTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on ViT small dinov2: frozen backbone, trainable CapaBoost weights and head."""
+    """CapaBoost-prompt (factorised VPT-deep) on ViT small dinov2; frozen backbone."""
     return _create('vit_small_dinov2_capaboost_prompt', pretrained, **kwargs)
