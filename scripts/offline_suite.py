@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -142,6 +143,16 @@ def _chosen(job: SearchJob, records: Dict) -> float:
     return records[f'{job.name}@{job.task}']['chosen_lr'] if records else job.grid[0]
 
 
+def compute_minutes(args) -> float:
+    """Training time of every run (search and final) of the selected tasks and methods, from their results.json."""
+    total = 0.0
+    for path in (Path(args.work_dir) / 'runs').rglob('results.json'):
+        r = json.loads(path.read_text())
+        if r['task'] in args.tasks and re.sub(r'_lr[0-9.e+-]+$', '', r['method']) in args.methods:
+            total += r['run_seconds']
+    return total / 60
+
+
 def mean_std(values: List[float]) -> Tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -183,7 +194,8 @@ def write_outputs(args, results, records, elapsed) -> None:
     import torch
     lines = [f'Command: `{command.strip()}`  ',
              f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; '
-             f'run time {elapsed / 60:.0f} min (runs reused from an earlier invocation are not counted)  ',
+             f'compute {compute_minutes(args):.0f} min (the sum of every search and final run\'s run_seconds; this '
+             f'invocation {elapsed / 60:.0f} min, finished runs being reused)  ',
              f'DINOv2 ViT-S/14 (real weights, offline) at {args.img_size} px, {args.epochs} epochs (1 warm-up), '
              f'batch 32, AdamW + per-step cosine, ImageNet mean/std, no augmentation. Test accuracy (%) at the last '
              f'epoch of train800val200 -> test, mean ± std over seeds {seeds}. '
@@ -202,6 +214,22 @@ def write_outputs(args, results, records, elapsed) -> None:
         for p in pairs:
             lines.append(f'| {p["pair"]} | {p["mean"]:+.2f} | [{p["mean"] - p["half"]:+.2f}, '
                          f'{p["mean"] + p["half"]:+.2f}] | {p["n"]} | {p["wins"]}/{p["n"]} |')
+    if records and pairs:  # the same comparison at the plain method's own chosen lr (val200, seed 0)
+        lines += ['', 'At the plain method\'s chosen lr (val200 top-1, seed 0; from the search runs listed below, not test '
+                      'numbers): does CapaBoost-X need its own lr?', '', '| pair | ' + ' | '.join(tasks) +
+                  ' | mean |', '|---|' + '---|' * (len(tasks) + 1)]
+        for boosted, plain in PAIRS:
+            if boosted not in args.methods or plain not in args.methods:
+                continue
+            cells = []
+            for t in tasks:
+                lr = f'{records[f"{plain}@{t}"]["chosen_lr"]:g}'
+                ours, theirs = records[f'{boosted}@{t}']['val_top1'].get(lr), records[f'{plain}@{t}']['val_top1'][lr]
+                cells.append(None if ours is None else ours - theirs)
+            known = [c for c in cells if c is not None]
+            mean = f'{statistics.fmean(known):+.1f}' if known else '–'
+            lines.append(f'| {boosted} - {plain} | ' + ' | '.join('–' if c is None else f'{c:+.1f}' for c in cells)
+                         + f' | {mean} |')
     if records:
         lines += ['', 'Learning-rate search (val200 top-1 per rate):', '', '| task | method | grid | chosen |',
                   '|---|---|---|---|']
