@@ -26,9 +26,9 @@ COMMON = ['--task', 'mnist', '--model', 'vit_small_dinov2', '--data-path', str(O
 # name -> (method config, flags): equal stored parameters for the two LoRA rows; lr as the offline study chose
 # it on MNIST's val200 (docs/results/offline_suite.md)
 SETTINGS = {
-    'lora_r4': ('lora', ['--rank', '4', '--lora-alpha', '4', '--lr', '3e-3']),
-    'capaboost_lora_r4': ('capaboost_lora', ['--rank', '4', '--lora-alpha', '4', '--lr', '3e-3']),
-    'linear': ('linear', ['--lr', '1e-2']),
+    'lora_r4': ('lora', ['--rank', '4', '--lora-alpha', '4', '--lr', '1e-2']),
+    'capaboost_lora_r4': ('capaboost_lora', ['--rank', '4', '--lora-alpha', '4', '--lr', '1e-2']),
+    'linear': ('linear', ['--lr', '1e-2']),  # a scale reference, not searched
 }
 
 
