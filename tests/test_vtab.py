@@ -160,7 +160,8 @@ def test_report_standard_averages_by_hand(tmp_path):
 
 
 def test_check_reports_problems_with_file_and_line(tmp_path, capsys):
-    folder = make_task(tmp_path, name='dtd', counts=(800, 200))  # a VTAB task: line counts are checked
+    folder = make_task(tmp_path, name='dtd', counts=(800, 200))
+    (folder / 'task.yaml').unlink()  # a VTAB task as NOAH prepares it (no task.yaml): line counts are checked
     assert run_cli('check', '--data-path', tmp_path, '--tasks', 'dtd') == 0
     lines = (folder / 'train800.txt').read_text().splitlines()
     lines[4] = 'images/missing.png 1'
@@ -190,7 +191,7 @@ def test_user_errors_are_one_line_with_nonzero_exit(data_root, tmp_path, capsys)
     code, msg = err('train', '--task', 'toy', '--method', 'lorra', '--data-path', data_root, *TINY)
     assert code == 2 and "unknown method 'lorra'" in msg
     code, msg = err('train', '--task', 'toy', '--data-path', data_root, *TINY, '--model', 'resnet50')
-    assert code == 2 and 'not a CapaBoost model family' in msg
+    assert code == 2 and 'not a timm VisionTransformer/SwinTransformer' in msg
     code, msg = err('train', '--task', 'toy', '--data-path', data_root, '--num-masks', '0', *TINY,
                     '--output', tmp_path)
     assert code == 2 and 'num_masks=0 is invalid' in msg
