@@ -16,7 +16,7 @@ from queue import Empty, Queue
 from typing import Any, Dict, List, Optional
 
 from .config import CapaBoostConfig, field_default
-from .run_config import FIELDS, PEFT_FORMS, RunConfig, RunError, method_names, resolve_config
+from .run_config import CAPABOOST_FORMS, FIELDS, RunConfig, RunError, method_names, resolve_config
 
 __version__ = '0.2.0'
 _SWEEP_ONLY = ('tasks', 'methods', 'seeds', 'gpus', 'runs_per_gpu')
@@ -44,6 +44,9 @@ def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
             p.add_argument(*names, dest=name, type=type(default), choices=meta.get('choices'), default=None,
                            required=meta.get('required', False), help=help_text)
     p.add_argument('--config', help='YAML with any run settings (overrides method and task YAML) (default: none)')
+    p.add_argument('--peft-args', nargs='+', metavar='KEY=VALUE',
+                   help='HF PEFT arguments of a peft method, over its YAML peft block; values are YAML, e.g. r=4 '
+                        'target_modules=[qkv,proj] (default: none)')
     g = p.add_argument_group('CapaBoost settings (override the method YAML)')
     for f, flag in _capaboost_fields():
         default = f.default
@@ -59,12 +62,29 @@ def _overrides(args: argparse.Namespace, task: str, method: Optional[str], seed:
     capaboost = {f.name: getattr(args, flag) for f, flag in _capaboost_fields() if getattr(args, flag) is not None}
     if capaboost:
         out['capaboost'] = capaboost
+    if args.peft_args:
+        out['peft'] = _peft_args(args.peft_args)
+    return out
+
+
+def _peft_args(items: List[str]) -> Dict[str, Any]:
+    """``--peft-args r=4 alpha=8`` -> {'r': 4, 'alpha': 8} (each value read as YAML)."""
+    import yaml
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise RunError(f'--peft-args {item!r}: expected KEY=VALUE, e.g. r=4')
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise RunError(f'--peft-args {item!r}: the value is not valid YAML') from None
     return out
 
 
 def build_run_config(args: argparse.Namespace, task: str, method: Optional[str], seed: Optional[int]) -> RunConfig:
     cfg = resolve_config(_overrides(args, task, method, seed), args.config)
-    if cfg.form in PEFT_FORMS:
+    if cfg.form in CAPABOOST_FORMS:
         cfg.capaboost.setdefault('seed', cfg.seed)  # masks differ per seed unless --mask-seed fixes them
     return cfg
 
@@ -104,6 +124,8 @@ def _train_argv(args: argparse.Namespace, task: str, method: str, seed: int) -> 
         argv += [flag if value else '--no-' + name.replace('_', '-')] if isinstance(value, bool) else [flag, str(value)]
     if args.config:
         argv += ['--config', args.config]
+    if args.peft_args:
+        argv += ['--peft-args', *args.peft_args]
     for _, flag in _capaboost_fields():
         value = getattr(args, flag)
         if value is not None:
@@ -233,8 +255,10 @@ def load_run_adapter(run_dir: Path):
         results = json.loads((run_dir / 'results.json').read_text())
     except (TypeError, ValueError, yaml.YAMLError) as e:
         raise RunError(f'{run_dir} does not hold a readable run config/results ({type(e).__name__})') from None
-    if cfg.form not in PEFT_FORMS:
-        raise RunError(f'{run_dir} is a {cfg.form!r} run: only CapaBoost/PEFT runs have an adapter')
+    if cfg.form not in CAPABOOST_FORMS:
+        raise RunError(f'{run_dir} is a {cfg.form!r} run: only CapaBoost runs have a CapaBoost adapter'
+                       + (' (an HF PEFT run folder loads with peft.PeftModel.from_pretrained)' if cfg.form == 'peft'
+                          else ''))
     cfg.pretrained, cfg.weights = False, ''
     return load_adapter(build_model(cfg, results['num_classes']), run_dir, check_base=False), results
 
@@ -245,6 +269,9 @@ def cmd_push(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / 'results.json').is_file():
         raise RunError(f'{run_dir} is not a finished run folder (no results.json)')
+    if (run_dir / 'adapter_config.json').is_file():
+        raise RunError(f'{run_dir} holds an HF PEFT baseline (adapter_config.json), not a CapaBoost adapter: push '
+                       f'it with PeftModel.push_to_hub or huggingface_hub.upload_folder')
     print(push_folder_to_hub(run_dir, args.repo_id, private=args.private, revision=args.revision))
     return 0
 

@@ -40,8 +40,9 @@ from .data_cache import CachedLoader, CachedSplit, DecodeLoader, default_cache_d
 from .hub import WEIGHTS_NAME, save_adapter
 from .masks import stable_seed
 from .models._builder import loaded_weights_id
-from .run_config import PEFT_FORMS, RunConfig, RunError, check_same_run
-from .tuner import apply_capaboost, head_module, is_capaboost_key, parameter_report
+from .peft_baselines import apply_peft, save_peft
+from .run_config import CAPABOOST_FORMS, RunConfig, RunError, check_same_run
+from .tuner import apply_capaboost, head_module, head_name, is_capaboost_key, parameter_report, stored_parameters
 from .vtab import Task, resolve_task
 
 
@@ -67,22 +68,28 @@ def base_model_name(family: str) -> str:
     return timm.models.get_pretrained_cfg(f'{family}_capaboost_lora').hf_hub_id.split('/', 1)[1]
 
 
-def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
-    """The model for ``cfg.form``: a registered CapaBoost model, or any timm ViT/Swin with CapaBoost applied (PEFT
-    forms); the plain base (linear/full)."""
+def _base_model(cfg: RunConfig) -> Tuple[str, bool]:
+    """(the plain timm model name under ``--model``, whether ``--model`` is a registered CapaBoost family)."""
     family = family_of(cfg.model)
     registered = timm.is_model(f'{family}_capaboost_lora')
+    return (base_model_name(family) if registered else cfg.model), registered
+
+
+def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
+    """The model for ``cfg.form``: a registered CapaBoost model, or any timm ViT/Swin with CapaBoost applied
+    (CapaBoost forms); the plain base wrapped by HF PEFT (peft); the plain base (linear/full)."""
+    family = family_of(cfg.model)
+    base, registered = _base_model(cfg)
     kwargs: Dict[str, Any] = dict(num_classes=num_classes, img_size=cfg.img_size, drop_path_rate=cfg.drop_path)
     pretrained = cfg.pretrained or bool(cfg.weights)
     if cfg.weights:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(cfg.weights))
-    base = base_model_name(family) if registered else cfg.model
     try:
-        if cfg.form in PEFT_FORMS and registered:
+        if cfg.form in CAPABOOST_FORMS and registered:
             return timm.create_model(f'{family}_capaboost_{cfg.form}', pretrained=pretrained, **kwargs,
                                      **cfg.capaboost)
         model = timm.create_model(base, pretrained=pretrained, **kwargs)
-        if cfg.form in PEFT_FORMS:  # a plain timm name: CapaBoost applied here, as apply_capaboost users do
+        if cfg.form in CAPABOOST_FORMS:  # a plain timm name: CapaBoost applied here, as apply_capaboost users do
             model.capaboost_base_weights = loaded_weights_id(model, pretrained)
             apply_capaboost(model, CapaBoostConfig(**dict(cfg.capaboost, method=cfg.form)))
     except TypeError as e:
@@ -97,7 +104,32 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     if cfg.form == 'linear':
         model.requires_grad_(False)
         head_module(model).requires_grad_(True)
+    if cfg.form == 'peft':  # check_peft_method has vetted the block against this architecture
+        try:
+            return apply_peft(model, cfg.peft, head_name(model), f'method {cfg.method}')
+        except ValueError as e:
+            raise RunError(str(e)) from None
     return model
+
+
+def check_peft_method(cfg: RunConfig, where: str) -> None:
+    """RunError naming ``where`` (the YAML file or flag of the peft block) when the block does not apply to
+    ``--model``: checked on the meta device (no weights, no memory) when the config is resolved, so a sweep or
+    search refuses it before any run starts."""
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(_base_model(cfg)[0], pretrained=False, num_classes=2, img_size=cfg.img_size)
+    except Exception:  # noqa: BLE001  a bad --model/--img-size: build_model reports it in its own words
+        return
+    try:
+        apply_peft(model, cfg.peft, head_name(model), where)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
+def _peft_version() -> str:
+    import peft
+    return peft.__version__
 
 
 def input_normalization(norm: str, model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -267,7 +299,7 @@ def prepare(cfg: RunConfig, env: Distributed) -> Run:
                train_sampler=sampler, eval_data=eval_data, eval_split=eval_split, mean=mean, std=std,
                optimizer=optimizer, scheduler=scheduler, autocast=autocast, scaler=scaler,
                criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-               report=parameter_report(model) if cfg.form in PEFT_FORMS else None)
+               report=parameter_report(model) if cfg.form in CAPABOOST_FORMS else None)
 
 
 def resume(run: Run) -> None:
@@ -412,7 +444,7 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
     cfg, model, env = run.cfg, run.model, run.env
     evaluated = [h for h in run.history if h['eval_acc'] is not None]
     best = max(evaluated, key=lambda h: h['eval_acc'])
-    head_ids = {id(p) for p in head_module(model).parameters()}
+    counts = stored_parameters(model)
     results = {
         'task': run.task.name, 'group': run.task.group, 'num_classes': run.task.num_classes,
         'method': cfg.name or cfg.method, 'method_config': cfg.method, 'form': cfg.form, 'lr': cfg.lr,
@@ -422,10 +454,11 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
         'top1': run.history[-1]['eval_acc'],  # the LAST epoch, never the best-of-test
         'best_eval_top1': best['eval_acc'], 'best_epoch': best['epoch'], 'epochs': cfg.epochs,
         'trainable_params': sum(p.numel() for p in run.params),
-        'trainable_params_excl_head': sum(p.numel() for p in run.params if id(p) not in head_ids),
-        'head_params': sum(p.numel() for p in head_module(model).parameters()),
+        'trainable_params_excl_head': counts.trainable_excl_head, 'head_params': counts.head,
+        'fixed_params': counts.fixed,  # non-trainable tensors the method needs: masks, random bases
         'max_rank': run.report.max_rank if run.report else None,
         'capaboost': model.capaboost_config.to_dict() if run.report else None,
+        'peft': dict(cfg.peft, version=_peft_version()) if cfg.form == 'peft' else None,
         'train_images_per_s': run.history[-1]['images_per_s'], 'data_cache': cfg.data_cache,
         'compile': cfg.compile, 'img_size': cfg.img_size,
         'run_seconds': time.time() - started, 'device': str(env.device), 'world_size': env.world,
@@ -436,6 +469,9 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
             save_adapter(model, run.run_dir, results=results,
                          repo_id=f'{run.run_dir.parent.parent.name}-{cfg.method}')
             weights = run.run_dir / WEIGHTS_NAME
+        elif cfg.form == 'peft':  # PEFT's own format: loads with PeftModel.from_pretrained on the plain timm model
+            save_peft(model, run.run_dir)
+            weights = run.run_dir / 'adapter_model.safetensors'
         else:
             weights = run.run_dir / 'trainable.safetensors'
             with atomic_path(weights) as tmp:
@@ -505,7 +541,9 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
     run = prepare(cfg, env)  # everything that can fail on bad input fails here, before the folder is touched
     if env.main:
         print(f'{run_dir}: {cfg.model} {cfg.method} ({cfg.form}) on {run.task.name} ({run.task.num_classes} classes)')
-        print(run.report if run.report else f'trainable parameters {sum(p.numel() for p in run.params):,}')
+        counts = stored_parameters(run.model)
+        print(run.report if run.report else f'trainable parameters {sum(p.numel() for p in run.params):,} (excl. '
+                                            f'head {counts.trainable_excl_head:,}; fixed tensors {counts.fixed:,})')
     with _run_folder(run_dir, env.main, cfg.overwrite):
         if env.world > 1:
             dist.barrier()  # rank 0 has replaced the folder before anyone looks for a checkpoint

@@ -5,7 +5,9 @@ validation and test numbers never meet in one table. Custom tasks get their own 
 the VTAB means. A row that misses a task or a seed that others in its table have is marked incomplete and gets
 no average. Averages, as the literature reports them: the mean of each group (Natural, Specialized,
 Structured), the mean of the three group means (VPT, NOAH, FacT) and the plain mean over tasks (SSF, V-PETL). Each is computed per seed and
-reported as mean ± std over seeds. Trainable parameters exclude the classifier head, as the literature counts.
+reported as mean ± std over seeds. Trainable parameters exclude the classifier head, as the literature counts; the
+fixed column counts the non-trainable tensors a method needs beside the backbone (CapaBoost masks, VeRA/RandLoRA
+random bases). Both come from ``tuner.stored_parameters``, the same function for CapaBoost and HF PEFT rows.
 """
 import csv
 import json
@@ -70,6 +72,13 @@ def averages(task_acc: Dict[str, float], groups: Dict[str, str]) -> Dict[str, Op
 SECTIONS = {'final': 'Test accuracy (train800val200 -> test)', 'val': 'Validation accuracy (train800 -> val200)'}
 
 
+def _fixed_m(runs: List[Dict[str, Any]]) -> Optional[float]:
+    """Mean non-trainable tensors the method needs (masks, random bases), in M; None for results written before
+    they were recorded."""
+    values = [r.get('fixed_params') for r in runs]
+    return None if None in values else statistics.fmean(values) / 1e6
+
+
 def summarize(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One row per (protocol, model family, method); ``complete`` when it has every task of its table (VTAB or
     custom) that any row of the same protocol has, each with the same seeds."""
@@ -89,7 +98,8 @@ def summarize(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             lrs[r['task']].add(r.get('lr'))
         row: Dict[str, Any] = {'protocol': protocol, 'family': family, 'method': method, 'seeds': len(per_seed),
                                'tasks': sorted(groups), 'lr': {t: sorted(v, key=str) for t, v in lrs.items()},
-                               'params_M': statistics.fmean(r['trainable_params_excl_head'] for r in runs) / 1e6}
+                               'params_M': statistics.fmean(r['trainable_params_excl_head'] for r in runs) / 1e6,
+                               'fixed_M': _fixed_m(runs)}
         row['task'] = {t: _mean_std([s[t] for s in per_seed.values() if t in s]) for t in groups}
         seeds_complete = all(len(s) == len(groups) for s in per_seed.values())
         for kind, names in (('vtab', [t for t in tasks_of_protocol[protocol] if t in TASKS]),
@@ -121,7 +131,7 @@ def _ordered_tasks(rows: List[Dict[str, Any]]) -> List[str]:
 def _table(rows: List[Dict[str, Any]], tasks: List[str], custom: bool) -> List[str]:
     averages_header = ['Mean (tasks)'] if custom else ['Natural', 'Specialized', 'Structured', 'Mean (3 groups)',
                                                        'Mean (tasks)']
-    header = ['model', 'method', 'params (M)', *tasks, *averages_header, 'seeds', 'lr']
+    header = ['model', 'method', 'params (M)', 'fixed (M)', *tasks, *averages_header, 'seeds', 'lr']
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     for r in rows:
         complete = r['custom_complete'] if custom else r['vtab_complete']
@@ -130,7 +140,8 @@ def _table(rows: List[Dict[str, Any]], tasks: List[str], custom: bool) -> List[s
         if not complete:
             avg = ['incomplete'] + ['–'] * (len(avg) - 1)
         lr = ' / '.join('/'.join(f'{v:g}' for v in r['lr'][t] if v is not None) or '?' for t in tasks if t in r['lr'])
-        cells = [r['family'], r['method'], f'{r["params_M"]:.3f}',
+        fixed = '–' if r['fixed_M'] is None else f'{r["fixed_M"]:.3f}'
+        cells = [r['family'], r['method'], f'{r["params_M"]:.3f}', fixed,
                  *[_fmt(r['task'][t]) if t in r['task'] else '–' for t in tasks], *avg, str(r['seeds']), lr]
         lines.append('| ' + ' | '.join(cells) + ' |')
     return lines
@@ -163,14 +174,15 @@ def to_csv(rows: List[Dict[str, Any]], path: Path) -> None:
     keys = [*GROUPS, 'mean_of_groups', 'mean_of_tasks', 'custom_mean']
     with atomic_path(path) as tmp, open(tmp, 'w', newline='') as f:
         w = csv.writer(f)
-        w.writerow(['protocol', 'family', 'method', 'params_M', 'seeds', 'complete',
+        w.writerow(['protocol', 'family', 'method', 'params_M', 'fixed_M', 'seeds', 'complete',
                     *[f'{t}_{s}' for t in tasks + keys for s in ('mean', 'std')]])
         for r in rows:
             cells = []
             for t in tasks + keys:
                 cell = r['task'].get(t) if t in tasks else r[t]
                 cells += ['' if not cell or cell['mean'] is None else f'{cell[s]:.4f}' for s in ('mean', 'std')]
-            w.writerow([r['protocol'], r['family'], r['method'], f'{r["params_M"]:.6f}', r['seeds'],
+            w.writerow([r['protocol'], r['family'], r['method'], f'{r["params_M"]:.6f}',
+                        '' if r['fixed_M'] is None else f'{r["fixed_M"]:.6f}', r['seeds'],
                         r['vtab_complete'] and r['custom_complete'], *cells])
 
 

@@ -14,8 +14,8 @@ import yaml
 from .config import METHODS, CapaBoostConfig, field_default, setting
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
-PEFT_FORMS = METHODS  # the CapaBoost forms; 'linear' and 'full' are the non-PEFT references
-FORMS = PEFT_FORMS + ('linear', 'full')
+CAPABOOST_FORMS = METHODS  # the CapaBoost forms; 'peft' = an HF PEFT method; 'linear' and 'full' are references
+FORMS = CAPABOOST_FORMS + ('peft', 'linear', 'full')
 PROTOCOLS = ('final', 'val')
 AMP_MODES = ('bf16', 'fp16', 'none')
 NORMS = ('imagenet', 'model', 'none')
@@ -74,10 +74,20 @@ class RunConfig:
                                      'every epoch for val)', identity=False)
     form: str = setting('', 'the method\'s form', choices=FORMS, cli=False)
     capaboost: Dict[str, Any] = setting({}, 'CapaBoost settings (see CapaBoostConfig)', cli=False)
+    peft: Dict[str, Any] = setting({}, 'HF PEFT method of form peft: type (a PeftType name) plus the arguments of its '
+                                       'config class, e.g. {type: LOHA, r: 4, alpha: 8, target_modules: [qkv]}',
+                                   cli=False)
 
     def validate(self) -> None:
         if self.form not in FORMS:
             raise RunError(f'method {self.method!r} has form {self.form!r}: allowed forms are {", ".join(FORMS)}')
+        if (self.form == 'peft') != bool(self.peft):
+            raise RunError(f'method {self.method!r}: a peft block goes with form peft (and form peft needs one: '
+                           f'{{type: <PeftType>, ...}}); this one has form {self.form!r} and '
+                           f'{"a" if self.peft else "no"} peft block')
+        if self.form == 'peft' and self.capaboost:
+            raise RunError(f'method {self.method!r} has form peft: CapaBoost settings ({", ".join(self.capaboost)}) '
+                           f'do not apply; PEFT arguments go in the peft block or --peft-args')
         for f in fields(self):  # the other closed sets (protocol, amp): argparse checks flags, this checks YAML too
             choices = f.metadata.get('choices')
             if choices and getattr(self, f.name) not in choices:
@@ -115,16 +125,17 @@ IDENTITY_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata.get('id
 
 
 def _flatten(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The identity settings of a config dict, with the capaboost block spread out as capaboost.<key>."""
-    flat = {k: config.get(k, '<unset>') for k in IDENTITY_FIELDS if k != 'capaboost'}
+    """The identity settings of a config dict, with the capaboost and peft blocks spread out as <block>.<key>."""
+    flat = {k: config.get(k, '<unset>') for k in IDENTITY_FIELDS if k not in ('capaboost', 'peft')}
     capaboost = dict(config.get('capaboost') or {})
-    if config.get('form') in PEFT_FORMS:  # every CapaBoost setting, defaults filled in
+    if config.get('form') in CAPABOOST_FORMS:  # every CapaBoost setting, defaults filled in
         try:
             capaboost = CapaBoostConfig(**{'method': config['form'], **capaboost}).to_dict()
         except (TypeError, ValueError):
             pass  # compared as recorded
-    for key, value in capaboost.items():
-        flat[f'capaboost.{key}'] = list(value) if isinstance(value, tuple) else value
+    for block, settings in (('capaboost', capaboost), ('peft', config.get('peft') or {})):
+        for key, value in settings.items():
+            flat[f'{block}.{key}'] = list(value) if isinstance(value, tuple) else value
     return flat
 
 
@@ -197,6 +208,7 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None)
     layers.append(('command line', {k: v for k, v in overrides.items() if v is not None}))
     merged: Dict[str, Any] = {'method': method}
     source: Dict[str, str] = {}
+    peft_origins: List[str] = []  # every layer that set part of the peft block, for its error messages
     for origin, layer in layers:
         for key, value in layer.items():
             key = key.replace('-', '_')
@@ -205,11 +217,13 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None)
             if key not in FIELDS:
                 raise RunError(f'{origin}: unknown setting {key!r}: valid settings are {", ".join(sorted(FIELDS))}')
             value = check_type(key, value, origin)
-            if key == 'capaboost':
-                merged['capaboost'] = {**merged.get('capaboost', {}), **value}
+            if key in ('capaboost', 'peft'):  # blocks merge key by key across layers
+                merged[key] = {**merged.get(key, {}), **value}
             else:
                 merged[key] = value
             source[key] = origin
+            if key == 'peft':
+                peft_origins.append(origin)
     folder = task_folder(merged.get('task', ''))
     if folder is not None:  # a custom task folder: its parent is the data root, its name the task
         merged['task'], merged['data_path'] = folder.name, str(folder.parent)
@@ -225,4 +239,7 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None)
               f'using {clamped} (epochs // 10)', file=sys.stderr)
         cfg.warmup_epochs = clamped
     cfg.validate()
+    if cfg.form == 'peft':  # built on the meta device: every error of the PEFT block now, naming its file
+        from .engine import check_peft_method
+        check_peft_method(cfg, ' + '.join(dict.fromkeys(peft_origins)))
     return cfg

@@ -1,8 +1,9 @@
 """Applying CapaBoost to a timm ViT or Swin: plan every module first, then install them all (never half-way)."""
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
+import torch
 import torch.nn as nn
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
@@ -10,6 +11,7 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from .adapter import CapaBoostAdapter
 from .config import CapaBoostConfig
 from .lora import CapaBoostLoRALinear
+from .peft_baselines import is_peft_model
 from .prompt import build_swin_prompt, build_vit_prompt, install_swin_prompt, install_vit_prompt
 
 CAPABOOST_MODULES = (CapaBoostLoRALinear, CapaBoostAdapter)
@@ -129,6 +131,42 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 @dataclass
+class StoredParameters:
+    """What a method ships beside the backbone, counted the same way for every row (CapaBoost, HF PEFT, linear,
+    full): the trainable parameters excluding the classifier head (the literature's column), the head, and the
+    non-trainable tensors the method needs (CapaBoost masks, VeRA/RandLoRA random bases), shared ones counted once."""
+    trainable_excl_head: int
+    head: int
+    fixed: int
+
+
+def _fixed_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+    """A method's own non-trainable tensors: CapaBoost's mask buffers, or the buffers of PEFT's tuner layers beyond
+    their base layers' (VeRA's and RandLoRA's random bases: one shared tensor referenced by every layer)."""
+    if not is_peft_model(model):
+        yield from (b for n, b in model.named_buffers() if is_capaboost_key(n))
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            base = {id(b) for b in module.get_base_layer().buffers()}
+            yield from (b for b in module.buffers() if id(b) not in base)
+
+
+def stored_parameters(model: nn.Module) -> StoredParameters:
+    """The one parameter count of every results row and report (see ``StoredParameters``)."""
+    timm_model = model.get_base_model() if is_peft_model(model) else model
+    head_ids = {id(p) for p in head_module(timm_model).parameters()}
+    trainable = head = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            head += p.numel() if id(p) in head_ids else 0
+            trainable += 0 if id(p) in head_ids else p.numel()
+    fixed = sum(b.numel() for b in {id(b): b for b in _fixed_tensors(model)}.values())  # shared ones once
+    return StoredParameters(trainable, head, fixed)
+
+
+@dataclass
 class ParameterReport:
     """Parameter counts of a CapaBoost model. ``stored`` = what an adapter file holds (CapaBoost + head)."""
     total: int
@@ -155,19 +193,14 @@ class ParameterReport:
 
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Trainable/stored counts, per-module CapaBoost counts and the maximum reachable rank (d*r)."""
-    head_ids = {id(p) for p in head_module(model).parameters()}
+    counts = stored_parameters(model)
     per_module: Dict[str, int] = {}
-    capaboost = head = trainable = total = 0
     for name, p in model.named_parameters():
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
         if is_capaboost_key(name):
-            capaboost += p.numel()
             module = name.rsplit('.', 1)[0]
             per_module[module] = per_module.get(module, 0) + p.numel()
-        elif id(p) in head_ids and p.requires_grad:
-            head += p.numel()
-    masks = sum(b.numel() for n, b in model.named_buffers() if is_capaboost_key(n))
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     max_rank = 0
     for module in model.modules():
         if isinstance(module, CapaBoostLoRALinear):
@@ -177,4 +210,5 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     prompt = getattr(model, 'capaboost_prompt', None)
     if prompt is not None:
         max_rank = max(bank.max_rank() for bank in prompt.banks)
-    return ParameterReport(total, trainable, capaboost, head, masks, max_rank, per_module)
+    return ParameterReport(total, trainable, counts.trainable_excl_head, counts.head, counts.fixed, max_rank,
+                           per_module)

@@ -1,4 +1,4 @@
-"""Speed, memory and size of CapaBoost vs plain LoRA / adapter / VPT-deep and HF PEFT LoRA, in one process.
+"""Speed, memory and size of CapaBoost vs plain LoRA / adapter / VPT-deep and HF PEFT's methods, in one process.
 
 Rows are measured interleaved (A B C ... A B C ...) after warm-up, so machine noise hits every row alike, and
 are reported as ratios to our plain LoRA r=8 and to HF PEFT LoRA r=8, next to the ratio predicted by FLOPs.
@@ -9,6 +9,7 @@ are reported as ratios to our plain LoRA r=8 and to HF PEFT LoRA r=8, next to th
 Random weights (speed does not depend on them). Output: a Markdown table on stdout and a JSON file.
 """
 import argparse
+import copy
 import json
 import os
 import platform
@@ -25,11 +26,21 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import capaboost_vision as cv
-from capaboost_vision.engine import PEFT_FORMS, base_model_name, family_of
+from capaboost_vision.engine import CAPABOOST_FORMS, base_model_name, family_of
+from capaboost_vision.peft_baselines import apply_peft
+from capaboost_vision.tuner import stored_parameters
 
-ROWS = {  # name -> (form, CapaBoost kwargs); forms: lora/adapter/prompt through our registered models
+ROWS = {  # name -> (form, kwargs); lora/adapter/prompt: CapaBoost kwargs of our registered models; peft: the
+    # peft block of an HF PEFT method (PEFT's code), sized near LoRA r=8's 147,456 on ViT-S/14 qkv where it can be
     'lora r8 (ours)': ('lora', dict(rank=8, num_masks=1, mask_density=1.0)),
-    'peft lora r8': ('peft', dict(rank=8)),
+    'peft lora r8': ('peft', dict(type='LORA', r=8, lora_alpha=8)),
+    'peft dora r8': ('peft', dict(type='LORA', r=8, lora_alpha=8, use_dora=True)),
+    'peft loha r4': ('peft', dict(type='LOHA', r=4, alpha=8)),
+    'peft lokr r64 f8': ('peft', dict(type='LOKR', r=64, alpha=64, decompose_factor=8)),
+    'peft hira r8': ('peft', dict(type='HIRA', r=8)),
+    'peft randlora r12': ('peft', dict(type='RANDLORA', r=12, save_projection=False)),
+    'peft vera r256': ('peft', dict(type='VERA', r=256)),
+    'peft fourierft n12288': ('peft', dict(type='FOURIERFT', n_frequency=12288)),
     'capaboost-lora r8 d2': ('lora', dict(rank=8, num_masks=2, mask_density=0.5)),
     'capaboost-lora r8 d4': ('lora', dict(rank=8, num_masks=4, mask_density=0.5)),
     'adapter b8': ('adapter', dict(adapter_bottleneck=8, num_masks=1, mask_density=1.0)),
@@ -45,13 +56,11 @@ def build(row: str, args) -> torch.nn.Module:
     form, kwargs = ROWS[row]
     family = family_of(args.model)
     common = dict(img_size=args.img_size, num_classes=100)
-    if form in PEFT_FORMS:
+    if form in CAPABOOST_FORMS:
         return timm.create_model(f'{family}_capaboost_{form}', **common, **kwargs)
     model = timm.create_model(base_model_name(family), **common)  # random weights: pretrained=False
     if form == 'peft':
-        from peft import LoraConfig, get_peft_model
-        return get_peft_model(model, LoraConfig(r=kwargs['rank'], lora_alpha=8, target_modules=['attn.qkv'],
-                                                modules_to_save=['head']))
+        return apply_peft(model, dict(kwargs, target_modules=['qkv']), 'head', where=row)
     if form == 'linear':
         model.requires_grad_(False)
         model.head.requires_grad_(True)
@@ -107,20 +116,10 @@ def train_flops(model, x, y) -> int:
     return counter.get_total_flops()
 
 
-def stored_params(row: str, model, params, capaboost: int) -> int:
-    """PEFT weights stored by the method, excluding the head (CapaBoost: one shared copy; PEFT LoRA: its A, B)."""
-    form = ROWS[row][0]
-    if form in PEFT_FORMS:
-        return capaboost
-    if form == 'peft':
-        return sum(p.numel() for n, p in model.named_parameters() if 'lora_' in n)
-    return sum(p.numel() for p in params)
-
-
 def saved_size(row: str, model) -> int:
     form = ROWS[row][0]
     with tempfile.TemporaryDirectory() as tmp:
-        if form in PEFT_FORMS:
+        if form in CAPABOOST_FORMS:
             cv.save_adapter(model, tmp)
             return (Path(tmp) / 'adapter.safetensors').stat().st_size
         if form == 'peft':
@@ -194,13 +193,15 @@ def main():
             if i >= args.warmup:
                 times[row].append(t)
     # inference: the plain timm model, every row unmerged (masked weights recomputed every pass),
-    # and the merged LoRA rows
+    # and the merged LoRA and PEFT rows
     plain = build('linear probe', args).to(args.device)
     infer_models = {'plain timm model': plain}
     infer_models.update({row: r.model for row, r in runners.items()})
     for row, r in runners.items():
         if ROWS[row][0] == 'lora':
             infer_models[f'{row} merged'] = cv.merge(r.model)
+        elif ROWS[row][0] == 'peft':  # every PEFT method here merges into the base weights
+            infer_models[f'{row} merged'] = copy.deepcopy(r.model).merge_and_unload()
     infer_times = {k: [] for k in infer_models}
     any_runner = next(iter(runners.values()))
     for i in range(args.warmup + args.steps):
@@ -221,11 +222,11 @@ def main():
         elif args.device == 'cpu':
             mem = cpu_peak_memory(row, args)
         model = runner.model
-        capaboost = sum(p.numel() for n, p in model.named_parameters() if cv.is_capaboost_key(n))
+        counts = stored_parameters(model)  # the count of every results row and report
         results['rows'][row] = {
             'train_step_s': statistics.median(times[row]), 'train_flops': flops[row],
             'trainable_params': sum(p.numel() for p in runner.params),
-            'stored_params': stored_params(row, model, runner.params, capaboost),
+            'stored_params': counts.trainable_excl_head, 'fixed_params': counts.fixed,
             'optimizer_state_bytes': runner.optimizer_state_bytes(), 'saved_bytes': saved_size(row, model),
             'peak_memory_bytes': mem,
             'infer_s': statistics.median(infer_times[row]),
@@ -248,15 +249,16 @@ def markdown(results) -> str:
            f'{" bf16" if cfg["amp"] == "bf16" else ""}{" compiled train step" if cfg.get("compile") else ""}; {results["machine"]}; median of {cfg["steps"]} interleaved steps',
            '',
            '| row | train step (s) | ÷ our LoRA | ÷ PEFT LoRA | FLOPs ÷ our LoRA | infer (s) | infer ÷ plain | '
-           'merged infer ÷ plain | trainable | stored | optimizer state | saved file | peak memory |',
-           '|---|' + '---|' * 12]
+           'merged infer ÷ plain | trainable | stored (excl. head) | fixed | optimizer state | saved file | '
+           'peak memory |',
+           '|---|' + '---|' * 13]
     for name, r in rows.items():
         memory = '–' if r['peak_memory_bytes'] is None else f"{r['peak_memory_bytes'] / 1e6:.0f} MB"
         cells = [name, f"{r['train_step_s']:.4f}", ratio(r['train_step_s'], ours and ours['train_step_s']),
                  ratio(r['train_step_s'], peft and peft['train_step_s']),
                  ratio(r['train_flops'], ours and ours['train_flops']), f"{r['infer_s']:.4f}",
                  ratio(r['infer_s'], plain), ratio(r['infer_merged_s'], plain), f"{r['trainable_params']:,}",
-                 f"{r['stored_params']:,}", f"{r['optimizer_state_bytes'] / 1e6:.2f} MB",
+                 f"{r['stored_params']:,}", f"{r['fixed_params']:,}", f"{r['optimizer_state_bytes'] / 1e6:.2f} MB",
                  f"{r['saved_bytes'] / 1e6:.2f} MB", memory]
         out.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(out)

