@@ -50,10 +50,15 @@ def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
     g = p.add_argument_group('CapaBoost settings (override the method YAML)')
     for f, flag in _capaboost_fields():
         default = f.default
+        shown = ' '.join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f'{f.metadata["help"]} (default: {shown})'
+        if isinstance(default, bool):
+            g.add_argument('--' + flag.replace('_', '-'), dest=flag, action=argparse.BooleanOptionalAction,
+                           default=None, help=help_text)
+            continue
         element = type(default[0]) if isinstance(default, tuple) else type(default)
         g.add_argument('--' + flag.replace('_', '-'), dest=flag, type=element, choices=f.metadata.get('choices'),
-                       nargs=f.metadata.get('nargs'), default=None,
-                       help=f'{f.metadata["help"]} (default: {" ".join(map(str, default)) if isinstance(default, tuple) else default})')
+                       nargs=f.metadata.get('nargs'), default=None, help=help_text)
 
 
 def _overrides(args: argparse.Namespace, task: str, method: Optional[str], seed: Optional[int]) -> Dict[str, Any]:
@@ -128,7 +133,9 @@ def _train_argv(args: argparse.Namespace, task: str, method: str, seed: int) -> 
         argv += ['--peft-args', *args.peft_args]
     for _, flag in _capaboost_fields():
         value = getattr(args, flag)
-        if value is not None:
+        if isinstance(value, bool):
+            argv.append(('--' if value else '--no-') + flag.replace('_', '-'))
+        elif value is not None:
             argv += ['--' + flag.replace('_', '-'), *map(str, value if isinstance(value, list) else [value])]
     return argv
 

@@ -53,6 +53,10 @@ class CapaBoostConfig:
     lora_dropout: float = setting(0.0, 'dropout on the LoRA input, in [0, 1)')
     lora_init: str = setting('peft', 'init of A: peft = loralib/PEFT kaiming U(+-1/sqrt(in)); official = the '
                                      'CapaBoost code\'s U(+-1/sqrt(r)) (B is zero either way)', choices=LORA_INITS)
+    use_dora: bool = setting(False, 'DoRA on the CapaBoost-LoRA update: a learned magnitude per output row times the '
+                                     'row-normalised W0 + dW (the norm detached, as DoRA and HF PEFT do); the '
+                                     'magnitude is not masked and starts as the row norms of the weights present '
+                                     'when CapaBoost is applied')
     target_modules: Tuple[str, ...] = setting(('attn.qkv',), 'LoRA target linears in every block',
                                                choices=LORA_TARGETS, nargs='+', flag='targets')
     # adapter
@@ -129,6 +133,10 @@ class CapaBoostConfig:
             bad('prompt_rank', 'an integer >= 1, or 0 for plain (unfactorised) VPT-deep prompts')
         if not 0.0 <= number('prompt_dropout') < 1.0:
             bad('prompt_dropout', 'must lie in [0, 1)')
+        if not isinstance(self.use_dora, bool):
+            bad('use_dora', 'true or false')
+        if self.use_dora and self.method != 'lora':
+            bad('use_dora', 'DoRA applies to the LoRA form only (method="lora")')
         if not isinstance(self.autocast_adapter_dtype, bool):
             bad('autocast_adapter_dtype', 'true or false')
         if not isinstance(self.train_head, bool):

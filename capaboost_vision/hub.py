@@ -409,7 +409,7 @@ def push_folder_to_hub(folder: Union[str, Path], repo_id: str, private: bool = F
 
 
 def export_peft(model: nn.Module, folder: Union[str, Path]) -> Path:
-    """Write a stock PEFT LoRA adapter for the plain timm base model (CapaBoost-LoRA only).
+    """Write a stock PEFT LoRA (DoRA with ``use_dora``) adapter for the plain timm base model (CapaBoost-LoRA only).
 
     The CapaBoost update is linear, so it IS a rank-d*r LoRA with factors A_cat, B_cat. PEFT scales by
     lora_alpha / r_peft; with r_peft = d*r we set lora_alpha = (alpha / r) * d * r to reproduce alpha / r.
@@ -424,6 +424,8 @@ def export_peft(model: nn.Module, folder: Union[str, Path]) -> Path:
             a_cat, b_cat = module.masked_factors()
             state[f'base_model.model.{name}.lora_A.weight'] = a_cat.detach().contiguous().cpu()
             state[f'base_model.model.{name}.lora_B.weight'] = b_cat.detach().contiguous().cpu()
+            if module.use_dora:
+                state[f'base_model.model.{name}.lora_magnitude_vector'] = module.lora_magnitude.detach().cpu()
     head = head_name(model)
     for k, v in head_module(model).state_dict().items():
         state[f'base_model.model.{head}.{k}'] = v.detach().contiguous().cpu()
@@ -433,7 +435,7 @@ def export_peft(model: nn.Module, folder: Union[str, Path]) -> Path:
         'r': peft_rank, 'lora_alpha': config.scaling * peft_rank, 'lora_dropout': config.lora_dropout,
         'target_modules': list(config.target_modules), 'modules_to_save': [head], 'bias': 'none',
         'fan_in_fan_out': False, 'init_lora_weights': True, 'inference_mode': True, 'use_rslora': False,
-        'use_dora': False,
+        'use_dora': config.use_dora,
     }
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(folder / 'adapter_model.safetensors') as tmp:

@@ -7,6 +7,10 @@ product, so the stored parameters are those of a rank-r LoRA while rank(ΔW) rea
 1/(d*rho^2) with ``mask_scaling='expected'``. Gradients on the shared
 (A, B) are automatically the sum of the per-branch masked gradients (the official tied-copies semantics).
 Being an ``nn.Linear`` subclass (as in microsoft/loralib), the base ``weight``/``bias`` names never change.
+
+``use_dora`` (DoRA, Liu et al. 2024, arXiv:2402.09353, on the masked-branch sum): y = m ⊙ (W0 + ΔW) x / ||W0 + ΔW||
++ b, the norm per output row and detached from the graph (DoRA's section 4.3, as HF PEFT), the magnitude m
+(unmasked, initialised to ||W0||) trained with A and B. Still one linear map, so it still merges.
 """
 import math
 from typing import Tuple
@@ -47,6 +51,9 @@ class CapaBoostLoRALinear(nn.Linear):
         mask_b = make_masks((out_features, config.rank), name=f'{name}.lora_B', **masks)  # (d, out, r)
         self.register_buffer('lora_mask_A', mask_a.to(dd['device']))  # (d, r, in)
         self.register_buffer('lora_mask_B', mask_b.permute(1, 0, 2).contiguous().to(dd['device']))  # (out, d, r)
+        self.use_dora = config.use_dora
+        if self.use_dora:  # ||W0|| per output row: the model starts as the base model
+            self.lora_magnitude = nn.Parameter(base.weight.detach().to(dd['dtype']).norm(dim=1))
 
     def masked_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(A_cat, B_cat): A_cat (d*r, in), B_cat (out, d*r), the concatenated masked branches."""
@@ -55,23 +62,37 @@ class CapaBoostLoRALinear(nn.Linear):
         return a_cat, b_cat
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = (alpha/r) * B_cat A_cat, shape (out, in)."""
+        """ΔW = (alpha/r) * B_cat A_cat, shape (out, in): the low-rank update (with ``use_dora``, before the
+        magnitude and the row normalisation)."""
         a_cat, b_cat = self.masked_factors()
         return self.scaling * b_cat @ a_cat
+
+    def dora_scale(self, delta: torch.Tensor) -> torch.Tensor:
+        """m / ||W0 + ΔW|| per output row (out,), the norm detached (DoRA, HF PEFT)."""
+        norm = (self.weight.to(delta.dtype) + delta).norm(dim=1).detach()
+        return self.lora_magnitude / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_cat, b_cat = self.masked_factors()
         # scaling folded into the small factor rather than the (tokens x out) result
-        out = F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(self.lora_dropout(x).to(a_cat.dtype), a_cat), b_cat * self.scaling)
-        return out + update.to(out.dtype)
+        if not self.use_dora:
+            out = F.linear(x, self.weight, self.bias)
+            return out + update.to(out.dtype)
+        out = F.linear(x, self.weight)
+        scale = self.dora_scale(self.scaling * b_cat @ a_cat)  # (out,)
+        out = (scale * (out.to(update.dtype) + update)).to(out.dtype)
+        return out if self.bias is None else out + self.bias
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with ΔW folded into the base weight."""
         merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            merged.weight.copy_(self.weight.float() + self.delta_weight().float())  # folded in fp32
+            weight = self.weight.float() + self.delta_weight().float()  # folded in fp32
+            if self.use_dora:
+                weight = self.dora_scale(self.delta_weight()).float().unsqueeze(1) * weight
+            merged.weight.copy_(weight)
             if self.bias is not None:
                 merged.bias.copy_(self.bias)
         merged.weight.requires_grad_(self.weight.requires_grad)
@@ -80,5 +101,5 @@ class CapaBoostLoRALinear(nn.Linear):
         return merged
 
     def extra_repr(self) -> str:
-        return (f'{super().extra_repr()}, rank={self.rank}, num_masks={self.num_masks}, '
+        return (f'{super().extra_repr()}, rank={self.rank}, num_masks={self.num_masks}, dora={self.use_dora}, '
                 f'scaling={self.scaling:g}, max_rank={min(self.num_masks * self.rank, self.in_features, self.out_features)}')

@@ -73,3 +73,10 @@ def window_attention_with_prompts(attn, x, prompt, mask=None):
         logits = logits.view(B_, H, N, n + N)
     out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B_, N, -1)
     return F.linear(out, attn.proj.weight, attn.proj.bias)
+
+
+def naive_dora_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """DoRA on the explicit branch sum: m ⊙ (W0 + ΔW) x / ||W0 + ΔW|| (row norm, detached) + b."""
+    weight = layer.weight + naive_lora_delta(layer)
+    norm = weight.norm(dim=1, keepdim=True).detach()
+    return F.linear(x, layer.lora_magnitude.unsqueeze(1) * weight / norm, layer.bias)

@@ -52,8 +52,8 @@ def run_cli(*argv):
     return cli.main([str(a) for a in argv])
 
 
-@pytest.mark.parametrize('method', ['capaboost_lora', 'lora', 'capaboost_adapter', 'adapter', 'capaboost_prompt',
-                                    'vpt', 'linear', 'full'])
+@pytest.mark.parametrize('method', ['capaboost_lora', 'lora', 'capaboost_dora', 'capaboost_adapter', 'adapter',
+                                    'capaboost_prompt', 'vpt', 'linear', 'full'])
 def test_one_epoch_of_every_method_config(method, data_root, tmp_path):
     assert run_cli('train', '--task', 'toy', '--method', method, '--data-path', data_root, '--output', tmp_path,
                    '--epochs', 1, '--prompt-length', 2, *TINY) == 0
@@ -63,6 +63,9 @@ def test_one_epoch_of_every_method_config(method, data_root, tmp_path):
     adapter = load_file(str(run_dir / results['adapter_file']))
     assert results['adapter_file'] == ('trainable.safetensors' if method in ('linear', 'full') else 'adapter.safetensors')
     assert 'head.weight' in adapter
+    if method == 'capaboost_dora':  # LoRA r=8 on qkv plus one magnitude entry per qkv output
+        assert results['trainable_params_excl_head'] == 12 * (8 * (192 + 3 * 192) + 3 * 192)
+        assert any(k.endswith('lora_magnitude') for k in adapter)
     if method in ('lora', 'capaboost_lora'):
         assert results['trainable_params_excl_head'] == 12 * 8 * (192 + 3 * 192)  # LoRA r=8 on qkv, both
         assert results['max_rank'] == (16 if method == 'capaboost_lora' else 8)
