@@ -66,6 +66,11 @@ def val_name(name: str, lr: float) -> str:
     return f'{name}_lr{lr:g}'
 
 
+def final_argv(job: SearchJob, lr: float, seed: int) -> List[str]:
+    """The train800val200 -> test run of ``job`` at ``lr`` for ``seed`` (also what reads its results back)."""
+    return [*job.argv, '--lr', f'{lr:g}', '--protocol', 'final', '--seed', str(seed), '--name', job.name]
+
+
 def search(jobs: List[SearchJob], seeds: List[int], search_seed: int, max_extensions: int,
            run_all: Callable[[List[List[str]]], List[str]], results_of: Callable[[List[str]], Dict],
            record_dir_of: Callable[[SearchJob], Path]) -> Dict[str, Dict]:
@@ -104,8 +109,7 @@ def search(jobs: List[SearchJob], seeds: List[int], search_seed: int, max_extens
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(record, indent=2))
         records[f'{job.name}@{job.task}'] = record
-    final = [[*job.argv, '--lr', f'{job.best():g}', '--protocol', 'final', '--seed', str(seed), '--name', job.name]
-             for job in jobs for seed in seeds]
+    final = [final_argv(job, job.best(), seed) for job in jobs for seed in seeds]
     failures = run_all(final)
     if failures:
         raise RunError(f'{len(failures)} final run(s) failed, e.g. capaboost-vtab {failures[0]}')

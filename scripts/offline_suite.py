@@ -37,7 +37,7 @@ from typing import Dict, List, Tuple
 from capaboost_vision import cli
 from capaboost_vision.offline_backbone import fetch_offline_backbone
 from capaboost_vision.offline_data import SOURCES, build_task
-from capaboost_vision.search import SearchJob, records_markdown, search
+from capaboost_vision.search import SearchJob, final_argv, records_markdown, search
 
 LORA_GRID = [1e-3, 3e-3, 1e-2]
 PROMPT_GRID = [1e-2, 3e-2, 1e-1]
@@ -54,6 +54,7 @@ METHODS: Dict[str, Tuple[str, List[str], List[float], str]] = {
                                          LORA_GRID, 'CapaBoost-LoRA d=2, expected scaling') for r in (1, 2, 4, 8)},
     'capaboost_lora_r4_d4': ('capaboost_lora', ['--rank', '4', '--lora-alpha', '4', '--num-masks', '4'], LORA_GRID,
                              'CapaBoost-LoRA d=4'),
+    'capaboost_dora_r4': ('capaboost_dora', ['--rank', '4', '--lora-alpha', '4'], LORA_GRID, 'CapaBoost-DoRA d=2'),
     **{f'adapter_b{b}': ('adapter', ['--adapter-bottleneck', str(b)], LORA_GRID, 'adapter') for b in (4, 8, 16)},
     **{f'capaboost_adapter_b{b}': ('capaboost_adapter', ['--adapter-bottleneck', str(b)], LORA_GRID,
                                    'CapaBoost-adapter d=2') for b in (4, 8, 16)},
@@ -80,7 +81,8 @@ PAIRS = [(f'capaboost_lora_r{r}', f'lora_r{r}') for r in (1, 2, 4, 8)] + \
         [('capaboost_lora_r4_d4', 'lora_r4')] + \
         [(f'capaboost_adapter_b{b}', f'adapter_b{b}') for b in (4, 8, 16)] + \
         [('capaboost_prompt_n10_r18', 'vpt_n2')] + \
-        [('capaboost_lora_r4', name) for name in PEFT_ROWS]  # CapaBoost-LoRA among PEFT's high-rank methods
+        [('capaboost_lora_r4', name) for name in PEFT_ROWS] + \
+        [('capaboost_dora_r4', 'peft_dora')]  # CapaBoost-LoRA among PEFT's high-rank methods; CapaBoost on DoRA
 QUICK_METHODS = ['linear', 'lora_r4', 'capaboost_lora_r4']
 TASKS = list(SOURCES)
 PROFILES = {'cpu': dict(img_size=56, epochs=6), 'gpu': dict(img_size=224, epochs=30)}
@@ -141,15 +143,14 @@ def main() -> None:
     for name in args.methods:  # one method at a time, so an interrupted suite leaves whole methods behind
         method_jobs = [j for j in jobs if j.name == name]
         if args.quick:
-            final = [[*j.argv, '--lr', f'{j.grid[0]:g}', '--seed', str(s), '--name', name] for j in method_jobs
-                     for s in args.seeds]
+            final = [final_argv(j, j.grid[0], s) for j in method_jobs for s in args.seeds]
             if run_in_process(final):
                 raise SystemExit('a quick run failed')
             continue
         records.update(search(method_jobs, args.seeds, args.seeds[0], 2, run_in_process, cli.results_of,
                               lambda job: Path(args.work_dir) / 'runs' / 'vit_small_dinov2' / job.task / 'search'))
-    results = {(j.task, j.name, s): cli.results_of([*j.argv, '--lr', f'{_chosen(j, records):g}', '--seed', str(s),
-                                                    '--name', j.name]) for j in jobs for s in args.seeds}
+    results = {(j.task, j.name, s): cli.results_of(final_argv(j, _chosen(j, records), s)) for j in jobs
+               for s in args.seeds}
     write_outputs(args, results, records, time.time() - started)
 
 

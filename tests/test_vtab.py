@@ -117,16 +117,19 @@ def test_finished_run_is_skipped_unless_overwrite(data_root, tmp_path, capsys):
     assert run_cli(*args, '--overwrite') == 0
 
 
-def test_ddp_two_processes_gloo_agree(data_root, tmp_path):
+@pytest.mark.parametrize('method', ['capaboost_lora', 'peft_loha'])
+def test_ddp_two_processes_gloo_agree(method, data_root, tmp_path):
+    if method.startswith('peft_'):
+        pytest.importorskip('peft')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
-           '-m', 'capaboost_vision.cli', 'train', '--task', 'toy', '--method', 'capaboost_lora', '--data-path',
+           '-m', 'capaboost_vision.cli', 'train', '--task', 'toy', '--method', method, '--data-path',
            str(data_root), '--output', str(tmp_path), '--epochs', '1', *TINY]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     sums = [line.split()[-1] for line in out.stdout.splitlines() if 'trainable checksum' in line]
     assert len(sums) == 2 and sums[0] == sums[1]
-    results = json.loads((tmp_path / 'vit_tiny' / 'toy' / 'final' / 'capaboost_lora' / 'seed0' / 'results.json').read_text())
+    results = json.loads((tmp_path / 'vit_tiny' / 'toy' / 'final' / method / 'seed0' / 'results.json').read_text())
     assert results['world_size'] == 2
 
 
