@@ -6,8 +6,9 @@ Shaped like timm's train.py: ``prepare`` (model, validated data, optimizer), ``r
 A run folder holds: ``config.yaml`` (the resolved config), ``metrics.csv`` (one row per epoch),
 ``checkpoint.pt`` (trainable weights, masks, optimizer, scheduler, epoch; rewritten atomically after every epoch,
 and only ever with finite weights) and, once finished, ``results.json`` plus the adapter (``adapter.safetensors``,
-``config.json``, model card ``README.md``: the folder loads with ``load_adapter`` or ``adapter=``) or, for
-linear/full, ``trainable.safetensors``.
+``config.json``, model card ``README.md``: the folder loads with ``load_adapter`` or ``adapter=``), for HF PEFT
+methods PEFT's own ``adapter_config.json`` + ``adapter_model.safetensors`` (``PeftModel.from_pretrained`` on the
+plain timm model), or, for linear/full, ``trainable.safetensors``.
 """
 import contextlib
 import fcntl
@@ -40,7 +41,7 @@ from .data_cache import CachedLoader, CachedSplit, DecodeLoader, default_cache_d
 from .hub import WEIGHTS_NAME, save_adapter
 from .masks import stable_seed
 from .models._builder import loaded_weights_id
-from .peft_baselines import apply_peft, save_peft
+from .peft_baselines import apply_peft, peft_version, save_peft
 from .run_config import CAPABOOST_FORMS, RunConfig, RunError, check_same_run
 from .tuner import apply_capaboost, head_module, head_name, is_capaboost_key, parameter_report, stored_parameters
 from .vtab import Task, resolve_task
@@ -125,11 +126,6 @@ def check_peft_method(cfg: RunConfig, where: str) -> None:
         apply_peft(model, cfg.peft, head_name(model), where)
     except ValueError as e:
         raise RunError(str(e)) from None
-
-
-def _peft_version() -> str:
-    import peft
-    return peft.__version__
 
 
 def input_normalization(norm: str, model: nn.Module) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -458,7 +454,7 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
         'fixed_params': counts.fixed,  # non-trainable tensors the method needs: masks, random bases
         'max_rank': run.report.max_rank if run.report else None,
         'capaboost': model.capaboost_config.to_dict() if run.report else None,
-        'peft': dict(cfg.peft, version=_peft_version()) if cfg.form == 'peft' else None,
+        'peft': dict(cfg.peft, version=peft_version()) if cfg.form == 'peft' else None,
         'train_images_per_s': run.history[-1]['images_per_s'], 'data_cache': cfg.data_cache,
         'compile': cfg.compile, 'img_size': cfg.img_size,
         'run_seconds': time.time() - started, 'device': str(env.device), 'world_size': env.world,

@@ -26,6 +26,8 @@ from .masks import adapter_dtype, apply_masks, make_masks
 class CapaBoostLoRALinear(nn.Linear):
     """LoRA linear layer with ``num_masks`` static masked branches of one shared rank-r pair (A, B)."""
 
+    __constants__ = ['use_dora']  # TorchScript compiles only the branch this layer takes
+
     def __init__(self, base: nn.Linear, config: CapaBoostConfig, name: str) -> None:
         out_features, in_features = base.weight.shape
         if config.rank > min(in_features, out_features):
@@ -53,7 +55,7 @@ class CapaBoostLoRALinear(nn.Linear):
         self.register_buffer('lora_mask_B', mask_b.permute(1, 0, 2).contiguous().to(dd['device']))  # (out, d, r)
         self.use_dora = config.use_dora
         if self.use_dora:  # ||W0|| per output row: the model starts as the base model
-            self.lora_magnitude = nn.Parameter(base.weight.detach().to(dd['dtype']).norm(dim=1))
+            self.lora_magnitude = nn.Parameter(torch.linalg.vector_norm(base.weight.detach().to(dd['dtype']), dim=1))
 
     def masked_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(A_cat, B_cat): A_cat (d*r, in), B_cat (out, d*r), the concatenated masked branches."""
@@ -69,7 +71,7 @@ class CapaBoostLoRALinear(nn.Linear):
 
     def dora_scale(self, delta: torch.Tensor) -> torch.Tensor:
         """m / ||W0 + ΔW|| per output row (out,), the norm detached (DoRA, HF PEFT)."""
-        norm = (self.weight.to(delta.dtype) + delta).norm(dim=1).detach()
+        norm = torch.linalg.vector_norm(self.weight.to(delta.dtype) + delta, dim=1).detach()
         return self.lora_magnitude / norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

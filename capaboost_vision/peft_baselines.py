@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 import torch.nn as nn
@@ -90,15 +90,15 @@ def is_peft_model(model: nn.Module) -> bool:
     return peft is not None and isinstance(model, peft.PeftModel)
 
 
-def save_peft(model: nn.Module, folder: Path) -> List[Path]:
+def save_peft(model: nn.Module, folder: Path) -> None:
     """PEFT's own format (adapter_config.json, adapter_model.safetensors, PEFT's README.md) via ``save_pretrained``,
     written into a temporary folder and moved into ``folder`` file by file (each move atomic)."""
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix='.peft.') as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        written = []
         for path in sorted(Path(tmp).iterdir()):
-            target = folder / path.name
-            shutil.move(str(path), str(target))
-            written.append(target)
-    return written
+            shutil.move(str(path), str(folder / path.name))
+
+
+def peft_version() -> str:
+    return _peft().__version__

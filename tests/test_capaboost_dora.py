@@ -79,3 +79,13 @@ def test_dora_counts_its_magnitude_and_refuses_other_forms():
     assert counts.trainable_excl_head == 2 * (4 * (32 + 96) + 96)  # A, B and one magnitude entry per qkv output
     with pytest.raises(ValueError, match='use_dora.*LoRA form only'):
         CapaBoostConfig(method='adapter', use_dora=True)
+
+
+def test_jit_script_of_a_dora_model_equals_eager():
+    model = apply_capaboost(tiny_vit().eval(), CapaBoostConfig(rank=4, use_dora=True))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, CapaBoostLoRALinear):
+                trained_like(m)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(torch.jit.script(model)(x), model(x), atol=1e-5)
