@@ -169,6 +169,7 @@ def parse_args():
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', choices=['none', 'bf16'], default='none')
     p.add_argument('--rows', nargs='+', default=list(ROWS), help='subset of: ' + ', '.join(ROWS))
+    p.add_argument('--no-peft', action='store_true', help='leave out the HF PEFT rows (for a machine without peft)')
     p.add_argument('--compile', action='store_true', help='torch.compile each model for the train step '
                                                               '(inference stays eager)')
     p.add_argument('--compile-backend', default='inductor', help='torch.compile backend (aot_eager: graph capture '
@@ -179,6 +180,8 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.no_peft:
+        args.rows = [row for row in args.rows if ROWS[row][0] != 'peft']
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
     y = torch.randint(0, 100, (args.batch_size,), device=args.device)

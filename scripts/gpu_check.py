@@ -84,9 +84,10 @@ def main() -> None:
                           '--warmup', '3', '--amp', 'bf16'])
     device = ['--device', 'cpu' if dry else 'cuda']
     lora_rows = ['lora r8 (ours)', 'peft lora r8', 'capaboost-lora r8 d2', 'capaboost-lora r8 d4']
-    if importlib.util.find_spec('peft') is None:
-        lora_rows.remove('peft lora r8')
     rows = ['--rows', 'lora r8 (ours)', 'capaboost-lora r8 d2', 'adapter b8', 'vpt-deep n10'] if dry else []
+    if importlib.util.find_spec('peft') is None:  # every row but HF PEFT's
+        lora_rows.remove('peft lora r8')
+        rows.append('--no-peft')
     check.run('speed, eager', [py, 'scripts/bench_speed.py', *speed, *device, *rows,
                                '--output', str(out / 'bench_speed.json')], json_file=str(out / 'bench_speed.json'))
     compile_rows = lora_rows[:1] + lora_rows[-2:-1] if dry else lora_rows

@@ -159,11 +159,13 @@ def _chosen(job: SearchJob, records: Dict) -> float:
 
 
 def compute_minutes(args) -> float:
-    """Training time of every run (search and final) of the selected tasks and methods, from their results.json."""
+    """Training time of every run (search and final) of the selected tasks, methods and seeds, from their
+    results.json."""
     total = 0.0
     for path in (Path(args.work_dir) / 'runs').rglob('results.json'):
         r = json.loads(path.read_text())
-        if r['task'] in args.tasks and re.sub(r'_lr[0-9.e+-]+$', '', r['method']) in args.methods:
+        if r['task'] in args.tasks and r['seed'] in args.seeds and \
+                re.sub(r'_lr[0-9.e+-]+$', '', r['method']) in args.methods:
             total += r['run_seconds']
     return total / 60
 
