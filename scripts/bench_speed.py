@@ -43,6 +43,7 @@ ROWS = {  # name -> (form, kwargs); lora/adapter/prompt: CapaBoost kwargs of our
     'peft fourierft n12288': ('peft', dict(type='FOURIERFT', n_frequency=12288)),
     'capaboost-lora r8 d2': ('lora', dict(rank=8, num_masks=2, mask_density=0.5)),
     'capaboost-lora r8 d4': ('lora', dict(rank=8, num_masks=4, mask_density=0.5)),
+    'capaboost-dora r8 d2': ('lora', dict(rank=8, num_masks=2, mask_density=0.5, use_dora=True)),
     'adapter b8': ('adapter', dict(adapter_bottleneck=8, num_masks=1, mask_density=1.0)),
     'capaboost-adapter b8 d2': ('adapter', dict(adapter_bottleneck=8, num_masks=2, mask_density=0.5)),
     'vpt-deep n10': ('prompt', dict(prompt_length=10, prompt_rank=0, num_masks=1, mask_density=1.0)),

@@ -232,8 +232,8 @@ def write_outputs(args, results, records, elapsed) -> None:
                      f'{r["images_per_s"]:.0f} | {r["lr"]} |')
     lines += ['', 'Stored params and fixed tensors: `tuner.stored_parameters`, one count for every row (fixed = '
                   'non-trainable tensors the method needs beside the backbone: CapaBoost/LoRA mask buffers, VeRA and '
-                  'RandLoRA random bases). Train img/s: the mean over the final runs\' last epochs, which ran one '
-                  'after another on this machine (a rough cost; `scripts/bench_speed.py` measures it interleaved).']
+                  'RandLoRA random bases). Train img/s: the final runs\' own last-epoch throughput, a rough guide only '
+                  'where runs shared the cores with other jobs; `scripts/bench_speed.py` measures cost interleaved.']
     if pairs:
         lines += ['', 'Paired differences (first row minus second, test top-1 points, over tasks x seeds, 95% '
                       't-interval; the stored sizes are in the table above):', '',
