@@ -159,9 +159,12 @@ def stored_parameters(model: nn.Module) -> StoredParameters:
     head_ids = {id(p) for p in head_module(timm_model).parameters()}
     trainable = head = 0
     for p in model.parameters():
-        if p.requires_grad:
-            head += p.numel() if id(p) in head_ids else 0
-            trainable += 0 if id(p) in head_ids else p.numel()
+        if not p.requires_grad:
+            continue
+        if id(p) in head_ids:
+            head += p.numel()
+        else:
+            trainable += p.numel()
     fixed = sum(b.numel() for b in {id(b): b for b in _fixed_tensors(model)}.values())  # shared ones once
     return StoredParameters(trainable, head, fixed)
 
