@@ -13,15 +13,19 @@ W_up_cat = [W_up⊙M^up_1 | ...] (dim x d*b); b_up is added once. The adapter re
 
 ``placement='sequential'`` is part of the MLP branch by definition: mlp(x) + s * adapter(mlp(x)), inside it.
 
-The adapter is attached as ``mlp.capaboost_adapter`` and runs from hooks (a forward hook on the MLP computes it
-from the MLP's input; for the parallel placement a forward hook on the block adds it to the block's output), so
-every base parameter name (``blocks.0.mlp.fc1.weight``...) stays as it was.
+The adapter is attached as ``mlp.capaboost_adapter``, so every base parameter name (``blocks.0.mlp.fc1.weight``...)
+stays as it was, and each block runs its own adapter: CapaBoost swaps the block's class for the subclass below that
+matches it (``ADAPTER_BLOCKS``), whose forward is timm's with the adapter added. Nothing is carried between modules
+or calls, so the blocks script (TorchScript), trace (fx), compile and export as timm's do.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.vision_transformer import Block, ResPostBlock
 
 from .config import CapaBoostConfig
 from .masks import adapter_dtype, apply_masks, make_masks
@@ -36,8 +40,8 @@ class CapaBoostAdapter(nn.Module):
         if b > dim:
             raise ValueError(f'adapter_bottleneck={b} is invalid for {name} (width {dim}): it must be at most {dim}')
         self.num_masks, self.scale, self.placement = d, config.adapter_scale, config.adapter_placement
+        self.parallel = config.adapter_placement == 'parallel'
         self.branch_scale = config.branch_scale
-        self._pending = None  # parallel placement: this block pass's adapter output, added by block_hook
         dd = dict(device=device, dtype=adapter_dtype(dtype or torch.get_default_dtype(), config.autocast_adapter_dtype))
         self.down_weight = nn.Parameter(torch.empty(b, dim, **dd))
         self.down_bias = nn.Parameter(torch.zeros(b, **dd))
@@ -62,22 +66,52 @@ class CapaBoostAdapter(nn.Module):
         branches = F.linear(self.act(F.linear(x.to(down.dtype), down, down_bias)), up)  # (..., dim): sum over d
         return (self.scale * (branches * self.branch_scale + self.up_bias)).to(x.dtype)
 
-    def mlp_hook(self, mlp: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on the MLP. Sequential: add the adapter of the MLP's output to it. Parallel: compute the
-        adapter of the MLP's input and hold it for ``block_hook`` (the MLP's output is left alone)."""
-        if self.placement == 'sequential':
-            return output + self(output)
-        self._pending = self(args[0])
-        return output
-
-    def block_hook(self, block: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on the block (parallel placement): add this pass's adapter output to the residual stream,
-        after the block's LayerScale and drop-path. Swin's MLP sees (B, H*W, C), its block returns (B, H, W, C)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            raise RuntimeError('capaboost adapter: the block finished without running its MLP')
-        return output + pending.view(output.shape)
-
     def extra_repr(self) -> str:
         b, dim = self.down_weight.shape
         return f'dim={dim}, bottleneck={b}, num_masks={self.num_masks}, scale={self.scale}, placement={self.placement}'
+
+
+class AdapterBlock(Block):
+    """timm's ViT ``Block`` with its MLP's CapaBoost adapter: sequential inside the MLP branch, parallel beside it
+    (outside LayerScale and drop-path)."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        h = self.norm2(x)
+        if self.mlp.capaboost_adapter.parallel:
+            return x + self.drop_path2(self.ls2(self.mlp(h))) + self.mlp.capaboost_adapter(h)
+        y = self.mlp(h)
+        return x + self.drop_path2(self.ls2(y + self.mlp.capaboost_adapter(y)))
+
+
+class AdapterResPostBlock(ResPostBlock):
+    """timm's ``ResPostBlock`` (norm after attention and MLP) with its MLP's CapaBoost adapter."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = x + self.drop_path1(self.norm1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal)))
+        if self.mlp.capaboost_adapter.parallel:
+            return x + self.drop_path2(self.norm2(self.mlp(x))) + self.mlp.capaboost_adapter(x)
+        y = self.mlp(x)
+        return x + self.drop_path2(self.norm2(y + self.mlp.capaboost_adapter(y)))
+
+
+class AdapterSwinBlock(SwinTransformerBlock):
+    """timm's ``SwinTransformerBlock`` with its MLP's CapaBoost adapter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, -1, C)  # (B, H, W, C) -> (B, H*W, C)
+        h = self.norm2(x)
+        if self.mlp.capaboost_adapter.parallel:
+            x = x + self.drop_path2(self.mlp(h)) + self.mlp.capaboost_adapter(h)
+        else:
+            y = self.mlp(h)
+            x = x + self.drop_path2(y + self.mlp.capaboost_adapter(y))
+        return x.reshape(B, H, W, C)
+
+
+# the class CapaBoost swaps in for each supported timm block (exact types: a subclass may have its own forward)
+ADAPTER_BLOCKS = {Block: AdapterBlock, ResPostBlock: AdapterResPostBlock, SwinTransformerBlock: AdapterSwinBlock}

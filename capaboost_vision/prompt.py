@@ -16,17 +16,21 @@ feature extraction).
 - Swin: each window attention gets its block's n prompts as extra keys/values (projected by the block's own
   frozen qkv), with zero relative-position bias and no shift mask for them.
 
-Everything runs from hooks on the blocks (and, for Swin, a subclass of timm's WindowAttention swapped in place),
-so every base parameter name stays as it was; the prompts live under ``capaboost_prompt``.
+CapaBoost swaps each ViT block's class for the subclass below that matches it (``PROMPTED_VIT_BLOCKS``: timm's
+forward between the insertion and the removal) and each Swin window attention's for ``PromptedWindowAttention``,
+so every base parameter name stays as it was. Each prompted module reaches its bank through its own subtree (a tied
+submodule, as tied weights are: TorchScript, fx and export need the path); the bank's one name stays
+``capaboost_prompt.banks.<width group>``, listed first so ``named_parameters`` uses it, and state dicts hold it only
+there.
 """
 import math
-from functools import partial
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.swin_transformer import WindowAttention
+from timm.models.vision_transformer import Block, ResPostBlock
 
 from .config import CapaBoostConfig
 from .masks import adapter_dtype, apply_masks, make_masks
@@ -35,13 +39,17 @@ from .masks import adapter_dtype, apply_masks, make_masks
 class PromptBank(nn.Module):
     """The stacked prompts of ``num_blocks`` blocks of width ``dim``: plain, or CapaBoost-factorised."""
 
+    __constants__ = ['factorised']  # TorchScript compiles only the form this bank has
+
     def __init__(self, num_blocks: int, dim: int, config: CapaBoostConfig, name: str, init_bound: float,
                  device=None, dtype=None) -> None:
         super().__init__()
         self.num_blocks, self.length, self.dim = num_blocks, config.prompt_length, dim
         rows = num_blocks * config.prompt_length
+        self.factorised, self.branch_scale = config.prompt_rank > 0, config.branch_scale
+        self.dropout = nn.Dropout(config.prompt_dropout) if config.prompt_dropout > 0 else nn.Identity()
         dd = dict(device=device, dtype=adapter_dtype(dtype or torch.get_default_dtype(), config.autocast_adapter_dtype))
-        if config.prompt_rank == 0:  # plain VPT-deep: uniform init as in VPT
+        if not self.factorised:  # plain VPT-deep: uniform init as in VPT
             self.prompt = nn.Parameter(torch.empty(rows, dim, **dd).uniform_(-init_bound, init_bound))
             return
         r, d, rho = config.prompt_rank, config.num_masks, config.mask_density
@@ -50,7 +58,6 @@ class PromptBank(nn.Module):
                              f'it must be at most {min(rows, dim)}')
         # balanced factors whose product c * sum has VPT's prompt variance (bound^2 / 3) over ~d*r*rho^2 kept terms:
         # c^2 * d*r*rho^2 * std^4 = bound^2 / 3, with c = config.branch_scale
-        self.branch_scale = config.branch_scale
         std = (init_bound ** 2 / 3 / (self.branch_scale ** 2 * d * r * rho * rho)) ** 0.25
         self.prompt_U = nn.Parameter(torch.randn(rows, r, **dd) * std)
         self.prompt_V = nn.Parameter(torch.randn(dim, r, **dd) * std)
@@ -59,10 +66,6 @@ class PromptBank(nn.Module):
         mask_v = make_masks((dim, r), name=f'{name}.prompt_V', **masks)  # (d, dim, r)
         self.register_buffer('mask_U', mask_u.permute(1, 0, 2).contiguous().to(device))  # (rows, d, r)
         self.register_buffer('mask_V', mask_v.permute(1, 0, 2).contiguous().to(device))  # (dim, d, r)
-
-    @property
-    def factorised(self) -> bool:
-        return not hasattr(self, 'prompt')
 
     def materialize(self) -> torch.Tensor:
         """The prompts, shape (num_blocks, n, dim)."""
@@ -82,49 +85,109 @@ class PromptBank(nn.Module):
         return min(self.mask_U.shape[1] * self.prompt_U.shape[1], rows, self.dim)
 
     def block_prompts(self, index: int) -> torch.Tensor:
-        """The (n, dim) prompts of block ``index``: its own rows of P, computed from nothing but the parameters (a
-        block recomputed by gradient checkpointing needs nothing from other blocks)."""
+        """The (n, dim) prompts of block ``index`` (prompt dropout applied): its own rows of P, computed from
+        nothing but the parameters (a block recomputed by gradient checkpointing needs nothing from other blocks)."""
+        start, end = index * self.length, (index + 1) * self.length
         if not self.factorised:
-            return self.prompt[index * self.length:(index + 1) * self.length]
-        rows = slice(index * self.length, (index + 1) * self.length)
+            return self.dropout(self.prompt[start:end])
         # (n, d*r) @ (d*r, dim) -> (n, dim)
-        prompts = apply_masks(self.prompt_U[rows], self.mask_U[rows]) @ apply_masks(self.prompt_V, self.mask_V).t()
-        return prompts * self.branch_scale if self.branch_scale != 1.0 else prompts
+        prompts = apply_masks(self.prompt_U[start:end], self.mask_U[start:end]) @ apply_masks(self.prompt_V,
+                                                                                            self.mask_V).t()
+        return self.dropout(prompts * self.branch_scale if self.branch_scale != 1.0 else prompts)
 
 
 class DeepPrompt(nn.Module):
-    """All prompt banks of a model (one per block width); hands each block its own prompts."""
+    """All prompt banks of a model (one per block width), registered in one place: ``capaboost_prompt.banks``."""
 
-    def __init__(self, banks: List[PromptBank], dropout: float) -> None:
+    def __init__(self, banks: List[PromptBank]) -> None:
         super().__init__()
         self.banks = nn.ModuleList(banks)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def prompts(self, group: int, index: int) -> torch.Tensor:
-        """The (n, dim) prompts of block ``index`` of width group ``group``."""
-        return self.dropout(self.banks[group].block_prompts(index))
 
-    # ViT hooks: each block inserts its prompts on entry and removes them on exit
-    def vit_pre_hook(self, index: int, num_prefix: int, block: nn.Module, args, kwargs):
-        # a real mask (not fx's placeholder for the argument) or causal attention would not fit the prompt tokens
-        if isinstance(kwargs.get('attn_mask'), torch.Tensor) or kwargs.get('is_causal') is True:
+class BlockPrompts:
+    """Mixin of the prompted modules: ``capaboost_prompts()`` is this module's (n, dim) rows of its bank."""
+
+    capaboost_prompt_index: int
+
+    def capaboost_prompts(self) -> torch.Tensor:
+        return self.capaboost_prompt_bank.block_prompts(self.capaboost_prompt_index)
+
+
+def attach_bank(module: nn.Module, bank: PromptBank, index: int) -> None:
+    """Tie ``bank`` to the prompted ``module`` as ``capaboost_prompt_bank`` (the module's prompts are its rows
+    ``index``), leaving the tied path out of state dicts, saved and loaded."""
+    module.capaboost_prompt_bank = bank
+    module.capaboost_prompt_index = index
+    module.register_state_dict_post_hook(_leave_out_tied_bank)
+    module.register_load_state_dict_post_hook(_tied_bank_is_not_missing)
+
+
+def _leave_out_tied_bank(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + 'capaboost_prompt_bank.')]:
+        del state_dict[key]
+
+
+def _tied_bank_is_not_missing(module: nn.Module, incompatible_keys) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if 'capaboost_prompt_bank' not in k.split('.')]
+
+
+def _name_banks_first(model: nn.Module) -> None:
+    """Move ``capaboost_prompt`` to the front of the model's children: a tied module is named after its first path."""
+    for name in [n for n in model._modules if n != 'capaboost_prompt']:
+        model._modules[name] = model._modules.pop(name)
+
+
+class PromptedVitTokens(BlockPrompts):
+    """The ViT prompt tokens of one block: inserted after the prefix tokens on entry, removed on exit."""
+
+    capaboost_num_prefix: int
+
+    def insert_prompts(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
+        # a real mask or causal attention would not fit the prompt tokens (fx's placeholders for them are neither)
+        if isinstance(attn_mask, torch.Tensor) or (isinstance(is_causal, bool) and is_causal):
             raise ValueError('capaboost prompt models do not support attn_mask/is_causal: the prompts change the '
                              'token count')
-        x = args[0]  # (B, prefix + patches, dim)
-        prompts = self.prompts(0, index).to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n, dim)
-        return (torch.cat([x[:, :num_prefix], prompts, x[:, num_prefix:]], dim=1), *args[1:]), kwargs
+        p = self.capaboost_num_prefix  # (B, prefix + patches, dim) -> (B, prefix + n + patches, dim)
+        prompts = self.capaboost_prompts().to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n, dim)
+        return torch.cat([x[:, :p], prompts, x[:, p:]], dim=1)
 
-    def vit_post_hook(self, num_prefix: int, block: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-        n = self.banks[0].length  # (B, prefix + n + patches, dim) -> (B, prefix + patches, dim)
-        return torch.cat([output[:, :num_prefix], output[:, num_prefix + n:]], dim=1)
+    def remove_prompts(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.capaboost_num_prefix  # (B, prefix + n + patches, dim) -> (B, prefix + patches, dim)
+        return torch.cat([x[:, :p], x[:, p + self.capaboost_prompt_bank.length:]], dim=1)
 
 
-class PromptedWindowAttention(WindowAttention):
+class PromptedBlock(PromptedVitTokens, Block):
+    """timm's ViT ``Block`` with its VPT-deep prompts."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = self.insert_prompts(x, attn_mask, is_causal)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return self.remove_prompts(x)
+
+
+class PromptedResPostBlock(PromptedVitTokens, ResPostBlock):
+    """timm's ``ResPostBlock`` with its VPT-deep prompts."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        x = self.insert_prompts(x, attn_mask, is_causal)
+        x = x + self.drop_path1(self.norm1(self.attn(x)))
+        x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        return self.remove_prompts(x)
+
+
+# the class CapaBoost swaps in for each supported ViT block (exact types: a subclass may have its own forward)
+PROMPTED_VIT_BLOCKS = {Block: PromptedBlock, ResPostBlock: PromptedResPostBlock}
+
+
+class PromptedWindowAttention(BlockPrompts, WindowAttention):
     """timm's WindowAttention with the block's prompts as extra keys/values (zero bias, never masked)."""
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        deep_prompt, group, index = self._capaboost_prompt
-        prompt = deep_prompt.prompts(group, index).to(x.dtype)  # (n, C)
+        prompt = self.capaboost_prompts().to(x.dtype)  # (n, C)
         B_, N, C = x.shape
         n = prompt.shape[0]
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, H, N, hd)
@@ -151,17 +214,17 @@ def vpt_init_bound(patch_size, dim: int) -> float:
 def build_vit_prompt(model: nn.Module, config: CapaBoostConfig) -> DeepPrompt:
     p = model.blocks[0].attn.qkv.weight
     bound = vpt_init_bound(model.patch_embed.patch_size, model.embed_dim)
-    bank = PromptBank(len(model.blocks), model.embed_dim, config, 'capaboost_prompt.banks.0', bound,
-                      device=p.device, dtype=p.dtype)
-    return DeepPrompt([bank], config.prompt_dropout)
+    return DeepPrompt([PromptBank(len(model.blocks), model.embed_dim, config, 'capaboost_prompt.banks.0', bound,
+                                  device=p.device, dtype=p.dtype)])
 
 
 def install_vit_prompt(model: nn.Module, deep_prompt: DeepPrompt) -> None:
     model.capaboost_prompt = deep_prompt
-    num_prefix = model.num_prefix_tokens
     for i, block in enumerate(model.blocks):
-        block.register_forward_pre_hook(partial(deep_prompt.vit_pre_hook, i, num_prefix), with_kwargs=True)
-        block.register_forward_hook(partial(deep_prompt.vit_post_hook, num_prefix))
+        block.__class__ = PROMPTED_VIT_BLOCKS[type(block)]
+        block.capaboost_num_prefix = model.num_prefix_tokens
+        attach_bank(block, deep_prompt.banks[0], i)
+    _name_banks_first(model)
 
 
 def build_swin_prompt(model: nn.Module, config: CapaBoostConfig) -> DeepPrompt:
@@ -172,7 +235,7 @@ def build_swin_prompt(model: nn.Module, config: CapaBoostConfig) -> DeepPrompt:
         bound = vpt_init_bound(model.patch_embed.patch_size, dim)
         banks.append(PromptBank(len(stage.blocks), dim, config, f'capaboost_prompt.banks.{s}', bound,
                                 device=qkv.weight.device, dtype=qkv.weight.dtype))
-    return DeepPrompt(banks, config.prompt_dropout)
+    return DeepPrompt(banks)
 
 
 def install_swin_prompt(model: nn.Module, deep_prompt: DeepPrompt) -> None:
@@ -180,4 +243,6 @@ def install_swin_prompt(model: nn.Module, deep_prompt: DeepPrompt) -> None:
     for s, stage in enumerate(model.layers):
         for j, block in enumerate(stage.blocks):
             block.attn.__class__ = PromptedWindowAttention
-            block.attn._capaboost_prompt = (deep_prompt, s, j)  # a plain tuple: not registered as a submodule
+            attach_bank(block.attn, deep_prompt.banks[s], j)
+    _name_banks_first(model)
+

@@ -8,14 +8,16 @@ import torch.nn as nn
 from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 
-from .adapter import CapaBoostAdapter
+from .adapter import ADAPTER_BLOCKS, CapaBoostAdapter
 from .config import CapaBoostConfig
 from .lora import CapaBoostLoRALinear
 from .peft_baselines import is_peft_model
 from .prompt import build_swin_prompt, build_vit_prompt, install_swin_prompt, install_vit_prompt
 
 CAPABOOST_MODULES = (CapaBoostLoRALinear, CapaBoostAdapter)
-# blocks with one attention (attn.qkv, attn.proj) and one MLP (mlp.fc1, mlp.fc2) on the residual stream
+# blocks with one attention (attn.qkv, attn.proj) and one MLP (mlp.fc1, mlp.fc2) on the residual stream; exact
+# types, as the adapter and prompt forms swap in subclasses with timm's forward written out (a subclass of these
+# may have a forward of its own)
 SUPPORTED_BLOCKS = {'vit': (Block, ResPostBlock), 'swin': (SwinTransformerBlock,)}
 
 
@@ -39,7 +41,7 @@ def transformer_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
         blocks = [(f'layers.{s}.blocks.{j}', b) for s, stage in enumerate(model.layers)
                   for j, b in enumerate(stage.blocks)]
     for name, block in blocks:
-        if not isinstance(block, SUPPORTED_BLOCKS[family]):
+        if type(block) not in SUPPORTED_BLOCKS[family]:
             raise ValueError(f'not supported: {type(block).__name__} ({name}) in {type(model).__name__}; CapaBoost '
                              f'applies to {", ".join(c.__name__ for c in SUPPORTED_BLOCKS[family])} blocks')
     return blocks
@@ -91,9 +93,7 @@ def apply_capaboost(model: nn.Module, config: CapaBoostConfig) -> nn.Module:
                                                         device=ref.device, dtype=ref.dtype)))
         for (_, block), (mlp, adapter) in zip(blocks, planned):
             mlp.capaboost_adapter = adapter
-            mlp.register_forward_hook(adapter.mlp_hook)
-            if adapter.placement == 'parallel':  # added outside LayerScale and drop-path (AdaptFormer)
-                block.register_forward_hook(adapter.block_hook)
+            block.__class__ = ADAPTER_BLOCKS[type(block)]  # timm's forward with the adapter in it
     else:  # prompt
         if family == 'vit':
             install_vit_prompt(model, build_vit_prompt(model, config))

@@ -1,6 +1,7 @@
 """Independent reference implementations: explicit loops over the d masked branches, no concatenation."""
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 
 
 def naive_lora_delta(layer) -> torch.Tensor:
@@ -48,7 +49,7 @@ def naive_vpt_deep_vit(model, x: torch.Tensor) -> torch.Tensor:
     for i, block in enumerate(model.blocks):
         p = prompts[i].expand(h.shape[0], -1, -1)
         h = torch.cat([h[:, :npt], p, h[:, npt + (n if i else 0):]], dim=1)
-        h = block.forward(h)  # .forward directly: the module hooks under test do not run
+        h = Block.forward(block, h)  # timm's own forward: not the prompted one under test
     h = torch.cat([h[:, :npt], h[:, npt + n:]], dim=1)
     return model.forward_head(model.norm(h))
 

@@ -70,7 +70,7 @@ def test_swin_prompted_window_attention_equals_explicit_softmax_float64():
     model = apply_capaboost(tiny_swin().double(), CapaBoostConfig(method='prompt', prompt_length=3, prompt_rank=2)).eval()
     attn = model.layers[0].blocks[1].attn  # a shifted block
     assert isinstance(attn, PromptedWindowAttention)
-    prompt = model.capaboost_prompt.prompts(0, 1)
+    prompt = model.capaboost_prompt.banks[0].block_prompts(1)
     x = torch.randn(2 * 4, 16, 16, dtype=torch.float64)  # (batch * windows, window area, C)
     mask = torch.zeros(4, 16, 16, dtype=torch.float64)
     mask[1:, :8, 8:] = float('-inf')
@@ -104,3 +104,22 @@ def test_swin_prompt_model_trains_only_prompts_and_head():
                          'head.fc.bias', 'head.fc.weight']
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(model.get_parameter(n).grad is not None for n in trainable)
+
+
+@pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
+def test_prompt_banks_are_tied_to_their_blocks_and_saved_once(make):
+    model = apply_capaboost(make(), CapaBoostConfig(method='prompt', prompt_length=2, prompt_rank=2))
+    prompted = [m for m in model.modules() if hasattr(m, 'capaboost_prompt_index')]
+    assert prompted and all(m.capaboost_prompt_bank in list(model.capaboost_prompt.banks) for m in prompted)
+    names = [n for n, _ in model.named_parameters()] + list(model.state_dict())
+    assert not [n for n in names if 'capaboost_prompt_bank' in n]  # one name per prompt tensor: the bank's own
+    loaded = model.load_state_dict(model.state_dict())  # strict: nothing missing, nothing unexpected
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    copied = copy.deepcopy(model)  # the tie survives a copy: the copy's blocks use the copy's banks
+    assert all(m.capaboost_prompt_bank in list(copied.capaboost_prompt.banks) for m in copied.modules()
+               if hasattr(m, 'capaboost_prompt_index'))
+    x = torch.randn(2, 3, 32, 32)
+    fresh = {k: torch.randn_like(v) if 'prompt_' in k else v for k, v in model.state_dict().items()}
+    model.load_state_dict(fresh, assign=True)  # new tensors in the bank: every block sees them
+    copied.load_state_dict(fresh)
+    assert torch.allclose(model.eval()(x), copied.eval()(x), atol=1e-6)

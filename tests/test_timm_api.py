@@ -103,11 +103,25 @@ def test_fx_trace_compile_fullgraph_and_export(family, form):
     assert torch.allclose(exported.module()(x()), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize('family', list(KW))
-def test_jit_script_lora(family):
-    model = capaboost(family, 'lora').eval()
+@pytest.mark.parametrize('family, form', CASES + [('vit', 'adapter-sequential'), ('swin', 'adapter-sequential')])
+def test_jit_script_equals_eager_saves_and_trains(family, form, tmp_path):
+    extra = dict(adapter_placement='sequential') if form == 'adapter-sequential' else {}
+    model = capaboost(family, form.split('-')[0], **extra).eval()
+    keys = list(model.state_dict())
     scripted = torch.jit.script(model)
-    assert torch.allclose(scripted(x()), model(x()), atol=1e-5)
+    assert list(model.state_dict()) == keys  # scripting leaves the eager model as it was
+    expected = model(x())
+    assert torch.allclose(scripted(x()), expected, atol=1e-5)
+    torch.jit.save(scripted, tmp_path / 'scripted.pt')
+    assert torch.allclose(torch.jit.load(tmp_path / 'scripted.pt')(x()), expected, atol=1e-5)
+    grads = []  # the scripted model trains the same (shared) parameters with the same gradients
+    for m in (model, scripted):
+        model.zero_grad()
+        m(x()).logsumexp(-1).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-5), name
 
 
 @pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
