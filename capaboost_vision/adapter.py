@@ -40,7 +40,6 @@ class CapaBoostAdapter(nn.Module):
         if b > dim:
             raise ValueError(f'adapter_bottleneck={b} is invalid for {name} (width {dim}): it must be at most {dim}')
         self.num_masks, self.scale, self.placement = d, config.adapter_scale, config.adapter_placement
-        self.parallel = config.adapter_placement == 'parallel'
         self.branch_scale = config.branch_scale
         dd = dict(device=device, dtype=adapter_dtype(dtype or torch.get_default_dtype(), config.autocast_adapter_dtype))
         self.down_weight = nn.Parameter(torch.empty(b, dim, **dd))
@@ -79,7 +78,7 @@ class AdapterBlock(Block):
                 is_causal: bool = False) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
         h = self.norm2(x)
-        if self.mlp.capaboost_adapter.parallel:
+        if self.mlp.capaboost_adapter.placement == 'parallel':
             return x + self.drop_path2(self.ls2(self.mlp(h))) + self.mlp.capaboost_adapter(h)
         y = self.mlp(h)
         return x + self.drop_path2(self.ls2(y + self.mlp.capaboost_adapter(y)))
@@ -91,7 +90,7 @@ class AdapterResPostBlock(ResPostBlock):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
         x = x + self.drop_path1(self.norm1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal)))
-        if self.mlp.capaboost_adapter.parallel:
+        if self.mlp.capaboost_adapter.placement == 'parallel':
             return x + self.drop_path2(self.norm2(self.mlp(x))) + self.mlp.capaboost_adapter(x)
         y = self.mlp(x)
         return x + self.drop_path2(self.norm2(y + self.mlp.capaboost_adapter(y)))
@@ -105,7 +104,7 @@ class AdapterSwinBlock(SwinTransformerBlock):
         x = x + self.drop_path1(self._attn(self.norm1(x)))
         x = x.reshape(B, -1, C)  # (B, H, W, C) -> (B, H*W, C)
         h = self.norm2(x)
-        if self.mlp.capaboost_adapter.parallel:
+        if self.mlp.capaboost_adapter.placement == 'parallel':
             x = x + self.drop_path2(self.mlp(h)) + self.mlp.capaboost_adapter(h)
         else:
             y = self.mlp(h)

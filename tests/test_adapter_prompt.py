@@ -19,7 +19,7 @@ def test_adapter_equals_naive_branch_sum_float64(cfg):
         adapter.down_bias.normal_()
     x = torch.randn(2, 7, 32, dtype=torch.float64)
     assert torch.allclose(adapter(x), naive_adapter(adapter, x), atol=1e-10, rtol=0)
-    with torch.no_grad():  # the cached inference path gives the same result
+    with torch.no_grad():  # and without autograd
         assert torch.allclose(adapter(x), naive_adapter(adapter, x), atol=1e-10, rtol=0)
 
 
@@ -61,7 +61,7 @@ def test_vit_prompt_model_equals_written_out_vpt_deep_float64(cfg):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     ref = naive_vpt_deep_vit(model, x)
     assert torch.allclose(model(x), ref, atol=1e-10, rtol=0)
-    with torch.no_grad():  # the cached prompts at inference give the same result
+    with torch.no_grad():  # and without autograd, pass after pass
         assert torch.allclose(model(x), ref, atol=1e-10, rtol=0)
         assert torch.allclose(model(x), ref, atol=1e-10, rtol=0)
 
@@ -91,9 +91,9 @@ def test_prompt_cache_is_invalidated_by_an_optimizer_step(make):
     opt.step()
     model.eval()
     with torch.no_grad():
-        cached = model(x)
-    assert not torch.allclose(before, cached)
-    assert torch.allclose(cached, model(x), atol=1e-6)  # grad-enabled (uncached) pass agrees
+        after = model(x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, model(x), atol=1e-6)  # a grad-enabled pass agrees
 
 
 def test_swin_prompt_model_trains_only_prompts_and_head():
