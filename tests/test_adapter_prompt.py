@@ -123,3 +123,12 @@ def test_prompt_banks_are_tied_to_their_blocks_and_saved_once(make):
     model.load_state_dict(fresh, assign=True)  # new tensors in the bank: every block sees them
     copied.load_state_dict(fresh)
     assert torch.allclose(model.eval()(x), copied.eval()(x), atol=1e-6)
+
+
+def test_vit_prompt_model_refuses_an_attention_mask_it_cannot_fit():
+    model = apply_capaboost(tiny_vit(), CapaBoostConfig(method='prompt', prompt_length=2, prompt_rank=2))
+    x = torch.randn(1, 3, 32, 32)
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    for kwargs in (dict(attn_mask=torch.zeros(1, 1, tokens, tokens)), dict(is_causal=True)):
+        with pytest.raises(ValueError, match='do not support attn_mask/is_causal'):
+            model(x, **kwargs)
