@@ -241,22 +241,23 @@ def write_outputs(args, results, records, elapsed) -> None:
         for p in pairs:
             lines.append(f'| {p["pair"]} | {p["mean"]:+.2f} | [{p["mean"] - p["half"]:+.2f}, '
                          f'{p["mean"] + p["half"]:+.2f}] | {p["n"]} | {p["wins"]}/{p["n"]} |')
-    if records and pairs:  # the same comparison at the plain method's own chosen lr (val200, seed 0)
+    lr_rows = []  # the same comparison at the plain method's own chosen lr (val200, seed 0); PEFT rows have no twin
+    for boosted, plain in PAIRS if records else []:
+        if boosted not in args.methods or plain not in args.methods or plain in PEFT_ROWS:
+            continue
+        cells = []
+        for t in tasks:
+            lr = f'{records[f"{plain}@{t}"]["chosen_lr"]:g}'
+            ours, theirs = records[f'{boosted}@{t}']['val_top1'].get(lr), records[f'{plain}@{t}']['val_top1'][lr]
+            cells.append(None if ours is None else ours - theirs)
+        known = [c for c in cells if c is not None]
+        mean = f'{statistics.fmean(known):+.1f}' if known else '–'
+        lr_rows.append(f'| {boosted} - {plain} | ' + ' | '.join('–' if c is None else f'{c:+.1f}' for c in cells)
+                       + f' | {mean} |')
+    if lr_rows:
         lines += ['', 'At the plain method\'s chosen lr (val200 top-1, seed 0; from the search runs listed below, not test '
                       'numbers): does CapaBoost-X need its own lr?', '', '| pair | ' + ' | '.join(tasks) +
-                  ' | mean |', '|---|' + '---|' * (len(tasks) + 1)]
-        for boosted, plain in PAIRS:
-            if boosted not in args.methods or plain not in args.methods or plain in PEFT_ROWS:
-                continue
-            cells = []
-            for t in tasks:
-                lr = f'{records[f"{plain}@{t}"]["chosen_lr"]:g}'
-                ours, theirs = records[f'{boosted}@{t}']['val_top1'].get(lr), records[f'{plain}@{t}']['val_top1'][lr]
-                cells.append(None if ours is None else ours - theirs)
-            known = [c for c in cells if c is not None]
-            mean = f'{statistics.fmean(known):+.1f}' if known else '–'
-            lines.append(f'| {boosted} - {plain} | ' + ' | '.join('–' if c is None else f'{c:+.1f}' for c in cells)
-                         + f' | {mean} |')
+                  ' | mean |', '|---|' + '---|' * (len(tasks) + 1), *lr_rows]
     if records:
         lines += ['', 'Learning-rate search (val200 top-1 per rate):', '',
                   records_markdown([dict(r, family='vit_small_dinov2') for r in records.values()])]
