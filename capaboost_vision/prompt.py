@@ -245,4 +245,3 @@ def install_swin_prompt(model: nn.Module, deep_prompt: DeepPrompt) -> None:
             block.attn.__class__ = PromptedWindowAttention
             attach_bank(block.attn, deep_prompt.banks[s], j)
     _name_banks_first(model)
-
