@@ -1,14 +1,45 @@
 """Atomic writes: nothing half-written is ever left under the final name."""
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, List, Union
 
 
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken for a full disk (torch's message hides it)
+
+
+class DiskFullError(OSError):
+    """A write that failed for lack of space: one line naming the file and the free space. The file it would have
+    replaced, if any, is unchanged."""
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether ``error``, raised while writing into ``folder``, means the disk (or quota) is full: ENOSPC/EDQUOT,
+    safetensors' 'No space left on device', or torch's bare '[enforce fail at inline_container.cc]' with the
+    disk found (nearly) full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(error, (OSError, RuntimeError)) and type(error).__name__ != 'SafetensorError':
+        return False
+    if 'No space left on device' in str(error) or 'Disk quota exceeded' in str(error):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+def _megabytes(n: int) -> str:
+    return f'{n / 1e6:.1f} MB'
+
+
 @contextlib.contextmanager
 def atomic_path(path: Union[str, Path]) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on failure delete it."""
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on failure delete it. A write
+    that fails for lack of space becomes one ``DiskFullError`` line naming ``path`` and the free space."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
@@ -17,6 +48,16 @@ def atomic_path(path: Union[str, Path]) -> Iterator[str]:
         yield tmp
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except Exception as e:
+        full = _disk_full(e, path.parent)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if not full:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise DiskFullError(f'cannot write {path}: no space left on the device ({_megabytes(free)} free there); '
+                            f'{"the previous " + path.name + " is unchanged; " if path.exists() else ""}free some '
+                            f'space and rerun (a run continues from its last checkpoint with --resume)') from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

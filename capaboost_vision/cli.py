@@ -16,7 +16,8 @@ from queue import Empty, Queue
 from typing import Any, Dict, List, Optional
 
 from .config import CapaBoostConfig, field_default
-from .run_config import CAPABOOST_FORMS, FIELDS, RunConfig, RunError, method_names, resolve_config
+from .run_config import CAPABOOST_FORMS, FIELDS, RunConfig, RunError, Stopped, method_names, resolve_config
+from .vtab import resolve_tasks
 
 __version__ = '0.2.0'
 _SWEEP_ONLY = ('tasks', 'methods', 'seeds', 'gpus', 'runs_per_gpu')
@@ -28,6 +29,11 @@ def _capaboost_fields():
             yield f, f.metadata.get('flag', f.name)
 
 
+def _range_text(f) -> str:
+    """'; allowed: [0, 1)' for a numeric setting with a range, for its --help."""
+    return f'; allowed: {f.metadata["range"]}' if f.metadata.get('range') else ''
+
+
 def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
     """One flag per RunConfig field in ``scopes``. Defaults stay None so the YAML layers apply; help shows the
     effective default."""
@@ -37,7 +43,7 @@ def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
             continue
         default = field_default(f)
         names = ['--' + name.replace('_', '-')] + ([meta['short']] if 'short' in meta else [])
-        help_text = f'{meta["help"]} (default: {default if default != "" else "none"})'
+        help_text = f'{meta["help"]} (default: {default if default != "" else "none"}{_range_text(f)})'
         if isinstance(default, bool):
             p.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -51,7 +57,7 @@ def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
     for f, flag in _capaboost_fields():
         default = f.default
         shown = ' '.join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f'{f.metadata["help"]} (default: {shown})'
+        help_text = f'{f.metadata["help"]} (default: {shown}{_range_text(f)})'
         if isinstance(default, bool):
             g.add_argument('--' + flag.replace('_', '-'), dest=flag, action=argparse.BooleanOptionalAction,
                            default=None, help=help_text)
@@ -95,8 +101,9 @@ def build_run_config(args: argparse.Namespace, task: str, method: Optional[str],
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = build_run_config(args, args.task, args.method, args.seed)  # bad settings answer before torch loads
     from .engine import train
-    train(build_run_config(args, args.task, args.method, args.seed))
+    train(cfg)
     return 0
 
 
@@ -144,7 +151,14 @@ def run_all(argvs: List[List[str]], gpus: Optional[str], runs_per_gpu: int) -> L
     """Run ``train`` command lines, ``runs_per_gpu`` at once on each GPU of ``gpus`` (subprocesses), or one after
     another in this process when there is no GPU list and one run at a time. Returns the failed command lines."""
     if not gpus and runs_per_gpu == 1:
-        return [' '.join(argv) for argv in argvs if main(argv)]
+        failures = []
+        for argv in argvs:
+            code = main(argv)
+            if code >= 128:  # stopped by a signal (the run said where its checkpoint is): the sweep stops too
+                raise SystemExit(code)
+            if code:
+                failures.append(' '.join(argv))
+        return failures
     jobs: Queue = Queue()
     for argv in argvs:
         jobs.put(argv)
@@ -172,23 +186,21 @@ def run_all(argvs: List[List[str]], gpus: Optional[str], runs_per_gpu: int) -> L
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """task x method x seed; on GPUs, ``--runs-per-gpu`` runs at once on each; finished runs are skipped."""
-    from .engine import finished_results, run_directory
-    from .vtab import resolve_tasks
     tasks = resolve_tasks(args.tasks, Path(args.data_path or '.'))
+    runs = [(task.name, method, seed, build_run_config(args, task.name, method, seed))  # every run validated
+            for task in tasks for method in args.methods for seed in args.seeds]  # before any starts (or torch loads)
+    from .engine import finished_results, run_directory
     argvs = []
     seen = set()
-    for task in tasks:
-        for method in args.methods:
-            for seed in args.seeds:
-                cfg = build_run_config(args, task.name, method, seed)  # validates every run before starting any
-                run_dir = run_directory(cfg)
-                if run_dir in seen:
-                    raise RunError(f'two runs of this sweep would write {run_dir}')
-                seen.add(run_dir)
-                if not cfg.overwrite and finished_results(cfg, run_dir) is not None:
-                    print(f'skip: {run_dir} already holds this finished run')
-                    continue
-                argvs.append(_train_argv(args, task.name, method, seed))
+    for task, method, seed, cfg in runs:
+        run_dir = run_directory(cfg)
+        if run_dir in seen:
+            raise RunError(f'two runs of this sweep would write {run_dir}')
+        seen.add(run_dir)
+        if not cfg.overwrite and finished_results(cfg, run_dir) is not None:
+            print(f'skip: {run_dir} already holds this finished run')
+            continue
+        argvs.append(_train_argv(args, task, method, seed))
     failures = run_all(argvs, args.gpus, args.runs_per_gpu)
     if failures:
         print(f'{len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
@@ -210,9 +222,7 @@ def results_of(argv: List[str]) -> Dict[str, Any]:
 def cmd_search(args: argparse.Namespace) -> int:
     """Per task and method: lr grid on train800 -> val200 (extended at an edge), then the chosen lr on
     train800val200 -> test for every seed."""
-    from .engine import family_of, run_directory
     from .search import SearchJob, records_markdown, search
-    from .vtab import resolve_tasks
     if any(lr <= 0 for lr in args.lrs):
         raise RunError(f'--lrs {" ".join(map(str, args.lrs))}: every rate must be > 0')
     tasks = resolve_tasks(args.tasks, Path(args.data_path or '.'))
@@ -222,6 +232,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             build_run_config(args, task.name, method, args.seeds[0])  # validates every run before starting any
             jobs.append(SearchJob(task.name, method, _train_argv(args, task.name, method, args.seeds[0]),
                                   sorted(set(args.lrs))))
+    from .engine import family_of, run_directory  # torch loads once every run is validated
 
     def record_dir(job: SearchJob) -> Path:
         cfg = build_run_config(args, job.task, job.name, args.seeds[0])
@@ -386,6 +397,17 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: Exception, network: bool) -> str:
+    """The error's first line; for a Hub or network failure, what it means and the way out (``explain_hub_error``,
+    imported only then: it loads torch)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    if network or isinstance(error, (HfHubHTTPError, LocalEntryNotFoundError, ConnectionError)):
+        from .hub import explain_hub_error
+        return explain_hub_error(error)
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _user_errors() -> tuple:
     """Exception types that are the user's input, shown as one line (imported only once a command runs)."""
     from huggingface_hub.errors import HfHubHTTPError
@@ -400,15 +422,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = getattr(args, 'debug', False) or bool(os.environ.get('CAPABOOST_DEBUG'))
     try:
         return args.fn(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a run's training loop (a run stops with Stopped, below)
         print('interrupted; the last finished epoch is checkpointed (use --resume)', file=sys.stderr)
         return 130
     except Exception as e:
+        if isinstance(e, Stopped) and not debug:
+            print(f'error: {e}', file=sys.stderr)
+            return 128 + e.signum
         network = type(e).__module__.split('.')[0].startswith('httpx')  # huggingface_hub's HTTP client's errors
         if debug or not (isinstance(e, _user_errors()) or network):
             raise
-        from .hub import explain_hub_error
-        print(f'error: {explain_hub_error(e)}', file=sys.stderr)
+        print(f'error: {_one_line(e, network)}', file=sys.stderr)
         return 2
 
 

@@ -6,9 +6,10 @@ PIL image) then ``to_float_normalized`` (ToTensor's /255 and Normalize's (x - me
 (``VTABDataset`` through a DataLoader) and the decode-once cache (``data_cache``) both use exactly these, so
 their batches are bit-identical.
 """
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import List, NamedTuple, Sequence
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO, List, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,26 +35,37 @@ class Sample(NamedTuple):
     line: int  # 1-based line in the list file, for error messages
 
 
+_LABEL = re.compile(r'-?[0-9]+')  # ASCII digits only: str.isdigit() also takes '²' (int() fails) and '١' (read as 1)
+
+
+def parse_line(line: str, where: str, num_classes: int) -> Sample:
+    """One list line ``relative/image/path label``; DataError naming ``where`` (file:line) when it does not parse,
+    its label is outside [0, num_classes), or its path leaves the task folder (absolute, or with a '..' part)."""
+    parts = line.rsplit(maxsplit=1)
+    if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
+        raise DataError(f'{where}: line does not parse (expected "relative/image/path label", the label in ASCII '
+                        f'digits): {line!r}')
+    path, label = parts[0], int(parts[1])
+    if PurePosixPath(path).is_absolute() or PureWindowsPath(path).is_absolute() or PureWindowsPath(path).drive \
+            or '..' in PureWindowsPath(path).parts:
+        raise DataError(f'{where}: image path {path!r} leaves the task folder: list paths are relative to it, '
+                        f'without absolute paths or ".." parts')
+    if not 0 <= label < num_classes:
+        raise DataError(f'{where}: label {label} is outside [0, {num_classes - 1}]')
+    return Sample(path, label, 0)
+
+
 def read_list(list_file: Path, num_classes: int) -> List[Sample]:
-    """Parse a split list. Raises DataError naming file and line for a line that does not parse or a bad label."""
+    """Parse a split list. Raises DataError naming file and line for a line that does not parse, a bad label or a
+    path outside the task folder."""
     if not list_file.is_file():
         raise DataError(f'list file {list_file} does not exist')
     try:
         text = list_file.read_text(encoding='utf-8')
     except UnicodeDecodeError as e:
         raise DataError(f'list file {list_file} is not UTF-8 text (byte {e.start}); save it as UTF-8') from None
-    samples = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
-            raise DataError(f'{list_file}:{lineno}: expected "relative/image/path label", got {line!r}')
-        label = int(parts[1])
-        if not 0 <= label < num_classes:
-            raise DataError(f'{list_file}:{lineno}: label {label} is outside [0, {num_classes - 1}]')
-        samples.append(Sample(parts[0], label, lineno))
-    return samples
+    return [parse_line(line, f'{list_file}:{lineno}', num_classes)._replace(line=lineno)
+            for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def vtab_resize(img_size: int) -> Resize:
@@ -61,8 +73,9 @@ def vtab_resize(img_size: int) -> Resize:
     return Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
-def load_resized(path: Path, img_size: int) -> np.ndarray:
-    """Decode one image, convert to RGB and squash-resize: uint8 (3, H, W). Raises OSError on a bad file."""
+def load_resized(path: Union[Path, BinaryIO], img_size: int) -> np.ndarray:
+    """Decode one image (a path or an open binary file), convert to RGB and squash-resize: uint8 (3, H, W).
+    Raises OSError on a bad file."""
     with Image.open(path) as img:
         img = vtab_resize(img_size)(img.convert('RGB'))
     return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
@@ -146,13 +159,12 @@ def check_task(root: Path, task: Task, expected_lines: bool = True, max_listed: 
             if not line.strip():
                 continue
             result.lines += 1
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
-                problem(f'{list_file}:{lineno}: line does not parse: {line!r}')
+            try:
+                sample = parse_line(line, f'{list_file}:{lineno}', task.num_classes)
+            except DataError as e:
+                problem(str(e))
                 continue
-            if not 0 <= int(parts[1]) < task.num_classes:
-                problem(f'{list_file}:{lineno}: label {parts[1]} outside [0, {task.num_classes - 1}]')
-            image = folder / parts[0]
+            image = folder / sample.path
             try:
                 with Image.open(image) as img:
                     img.verify()

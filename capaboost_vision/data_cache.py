@@ -2,37 +2,53 @@
 
 A VTAB-1k train split is 1,000 images (150 MB as uint8 at 224 px). Each split a run reads is decoded and
 squash-resized once (``data.load_resized``: the same pixels as the decode path) into a uint8 ``.npy`` file under
-the cache folder, keyed by (task folder, split, list-file contents, size, resize method), so every run of a
-sweep shares it. Building it shows a progress bar and doubles as the split's validation: a missing or corrupt
-image fails here, before any training, in one line naming the list file and line.
+the cache folder, keyed by (task folder, split, list-file contents, each listed file's size and modification
+time, size, resize method), so every run of a sweep shares it and an image changed in place is decoded again.
+Beside it a ``.json`` header records the key, shape, dtype and the SHA-256 of the pixels (and of the source files'
+bytes); a cache file that does not match its header is rebuilt, never trained on. Building it shows a progress bar
+and doubles as the split's validation: a missing or corrupt image fails here, before any training, in one line
+naming the list file and line.
 
 A run then keeps the train split in memory (on the GPU when there is one) and builds batches by indexing, with
 the /255 and normalisation on the device. Splits larger than the budget (dSprites' 74k test images at 224 px
 are 11 GB) are validated once (a stamp file remembers it) and stream through a DataLoader with workers.
 """
 import contextlib
+import errno
 import fcntl
 import hashlib
+import io
+import json
 import math
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ._io import atomic_path
-from .data import RESIZE_METHOD, DataError, VTABDataset, load_resized, to_float_normalized
+from ._io import atomic_path, write_text_atomic
+from .data import RESIZE_METHOD, VTABDataset, load_resized, to_float_normalized
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def cache_key(dataset: VTABDataset) -> str:
-    """(task folder, split, list contents, size, resize method) as a short hash; the file name carries it."""
+    """(task folder, split, list contents, every listed file's size and modification time, size, resize method) as
+    a short hash; the file name carries it. An image replaced in place under the same name changes the key, so its
+    split is decoded again instead of served stale."""
     parts = [str(CACHE_VERSION), str(dataset.dir.resolve()), dataset.list_file.name,
              dataset.list_file.read_bytes().hex(), str(dataset.img_size), RESIZE_METHOD]
+    for sample in dataset.samples:
+        try:
+            stat = (dataset.dir / sample.path).stat()
+            parts.append(f'{sample.path}\0{stat.st_size}\0{stat.st_mtime_ns}')
+        except OSError:  # missing: decoding reports it (file:line), in list order with the other problems
+            parts.append(f'{sample.path}\0missing')
     digest = hashlib.sha256('\0'.join(parts).encode()).hexdigest()[:16]
     return f'{dataset.dir.name}-{dataset.list_file.stem}-{dataset.img_size}px-{RESIZE_METHOD}-{digest}'
 
@@ -46,35 +62,95 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _decode_all(dataset: VTABDataset, desc: str, show_progress: bool) -> Iterator[Tuple[int, np.ndarray]]:
+def _decode_all(dataset: VTABDataset, desc: str, show_progress: bool,
+                sources: Optional[Any] = None) -> Iterator[Tuple[int, np.ndarray]]:
     """(index, uint8 (3, H, W) pixels) of every image in list order, with a progress bar; DataError (file:line)
-    on the first missing or undecodable image."""
+    on the first missing or undecodable image. ``sources`` (a hash) is fed every file's bytes, in list order."""
     for i in tqdm(range(len(dataset)), desc=f'{desc} {dataset.list_file}', leave=False,
                   disable=None if show_progress else True):
         sample = dataset.samples[i]
         try:
-            yield i, load_resized(dataset.dir / sample.path, dataset.img_size)
+            data = (dataset.dir / sample.path).read_bytes()
+            pixels = load_resized(io.BytesIO(data), dataset.img_size)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise dataset.image_error(sample, e) from None
+        if sources is not None:
+            sources.update(data)
+        yield i, pixels
+
+
+def _header_file(path: Path) -> Path:
+    return path.with_suffix('.json')
+
+
+def _cache_problem(path: Path, key: str, shape: Tuple[int, ...]) -> Optional[str]:
+    """Why the cache file ``path`` cannot be trusted (None when it can): its header file (key, shape, dtype and
+    the SHA-256 of the pixels, written after the pixels) must be present and match what the file holds."""
+    try:
+        header = json.loads(_header_file(path).read_text())
+        if not isinstance(header, dict):
+            raise ValueError
+    except FileNotFoundError:
+        return 'it has no header file (an interrupted build?)'
+    except (OSError, ValueError):
+        return f'its header {_header_file(path).name} is unreadable'
+    if header.get('key') != key or header.get('version') != CACHE_VERSION:
+        return f'its header {_header_file(path).name} describes another cache'
+    try:
+        images = np.load(path, mmap_mode='r')
+    except (OSError, ValueError, EOFError) as e:
+        return f'it is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else "no details"})'
+    if images.dtype != np.uint8 or images.shape != shape:
+        return f'it holds {images.dtype} {images.shape}, expected uint8 {shape}'
+    if header.get('shape') != list(shape) or header.get('dtype') != 'uint8':
+        return f'its header {_header_file(path).name} records another shape or dtype'
+    if hashlib.sha256(memoryview(np.ascontiguousarray(images)).cast('B')).hexdigest() != header.get('sha256'):
+        return 'its pixels do not match the checksum in its header (changed or damaged on disk)'
+    return None
 
 
 def split_bytes(dataset: VTABDataset) -> int:
     return len(dataset) * 3 * dataset.img_size ** 2
 
 
+def _reserve_space(path: str) -> None:
+    """Allocate the whole (sparse) memmap file now, so a full disk fails here with ENOSPC instead of killing the
+    process with a bus error when a page of the mapping is written. Skipped where the filesystem cannot."""
+    with open(path, 'r+b') as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 def build_cache(dataset: VTABDataset, cache_dir: Path, show_progress: bool = True) -> Path:
-    """The split's uint8 (N, 3, H, W) ``.npy`` file, built (atomically, under a lock) when missing."""
-    path = Path(cache_dir) / f'{cache_key(dataset)}.npy'
+    """The split's uint8 (N, 3, H, W) ``.npy`` file and its ``.json`` header (key, shape, dtype, SHA-256 of the
+    pixels and of the source files), built atomically under a lock when missing. A file that does not match its
+    header (truncated, another dtype, damaged pixels, no header) is rebuilt, with a note naming it."""
+    key = cache_key(dataset)
+    path = Path(cache_dir) / f'{key}.npy'
+    shape = (len(dataset), 3, dataset.img_size, dataset.img_size)
     with _locked(path.with_suffix('.lock')):
-        if path.is_file():
-            return path
-        size = dataset.img_size
+        if path.is_file() or _header_file(path).is_file():
+            problem = _cache_problem(path, key, shape)
+            if problem is None:
+                return path
+            print(f'note: cache file {path} cannot be used: {problem}; rebuilding it', file=sys.stderr)
+            _header_file(path).unlink(missing_ok=True)
+        pixels_hash, sources_hash = hashlib.sha256(), hashlib.sha256()
         with atomic_path(path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(len(dataset), 3, size, size))
-            for i, pixels in _decode_all(dataset, 'caching', show_progress):
+            out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=shape)
+            _reserve_space(tmp)
+            for i, pixels in _decode_all(dataset, 'caching', show_progress, sources_hash):
                 out[i] = pixels
+                pixels_hash.update(pixels.tobytes())  # rows in order: the hash of the C-ordered array
             out.flush()
             del out
+        header = {'version': CACHE_VERSION, 'key': key, 'list_file': str(dataset.list_file.resolve()),
+                  'shape': list(shape), 'dtype': 'uint8', 'sha256': pixels_hash.hexdigest(),
+                  'sources_sha256': sources_hash.hexdigest()}
+        write_text_atomic(_header_file(path), json.dumps(header, indent=1))
     return path
 
 
@@ -120,10 +196,7 @@ def prepare_split(dataset: VTABDataset, cache_dir: Path, budget_bytes: int, devi
     if split_bytes(dataset) > budget_bytes:
         validate_split(dataset, cache_dir, show_progress)
         return dataset
-    path = build_cache(dataset, cache_dir, show_progress)
-    images = np.load(path, mmap_mode='r')
-    if images.shape != (len(dataset), 3, dataset.img_size, dataset.img_size):
-        raise DataError(f'cache file {path} has shape {images.shape}: delete it to rebuild')
+    images = np.load(build_cache(dataset, cache_dir, show_progress), mmap_mode='r')  # checked against its header
     if device is None:
         return CachedSplit(images, labels)
     return CachedSplit(torch.from_numpy(np.array(images)).to(device), labels)

@@ -16,6 +16,8 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -42,7 +44,7 @@ from .hub import WEIGHTS_NAME, save_adapter
 from .masks import stable_seed
 from .models._builder import loaded_weights_id
 from .peft_baselines import apply_peft, peft_version, save_peft
-from .run_config import CAPABOOST_FORMS, RunConfig, RunError, check_same_run
+from .run_config import CAPABOOST_FORMS, RunConfig, RunError, Stopped, check_same_run
 from .tuner import apply_capaboost, head_module, head_name, is_capaboost_key, parameter_report, stored_parameters
 from .vtab import Task, resolve_task
 
@@ -154,8 +156,11 @@ def all_finite(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
 def run_directory(cfg: RunConfig) -> Path:
     """<output>/<family>/<task>/<protocol>/<name or method>/seed<N>: always under ``--output``; the protocol is in
     the path, so a val run and a final run of the same method never share a folder."""
-    return Path(cfg.output) / family_of(cfg.model) / resolve_task(cfg.task, Path(cfg.data_path)).name / \
+    run_dir = Path(cfg.output) / family_of(cfg.model) / resolve_task(cfg.task, Path(cfg.data_path)).name / \
         cfg.protocol / (cfg.name or cfg.method) / f'seed{cfg.seed}'
+    if not run_dir.resolve().is_relative_to(Path(cfg.output).resolve()):  # names are checked; links may still lead out
+        raise RunError(f'the run folder {run_dir} resolves to {run_dir.resolve()}, outside --output {cfg.output}')
+    return run_dir
 
 
 def finished_results(cfg: RunConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
@@ -200,6 +205,56 @@ class Distributed:
         return t.tolist()
 
 
+class StopSignals:
+    """SIGTERM and SIGINT handlers for one run, installed in the main thread only (a run in another thread keeps
+    the process's handlers).
+
+    Until training starts (``deferred`` False) a signal stops the run at once, raising ``Stopped`` wherever it is:
+    every file is written atomically, so nothing is left half-written. Once training runs, a signal only records
+    ``signum`` and the loop stops after the current step (``_stop_if_asked``), never mid-write; a second SIGINT
+    stops at once.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.signum, self.deferred = run_dir, None, False
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> 'StopSignals':
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.deferred and self.signum is None:
+            self.signum = signum
+            return
+        ckpt = self.run_dir / 'checkpoint.pt'
+        kept = (f'the checkpoint {ckpt} is kept: rerun the same command with --resume to continue from it'
+                if ckpt.is_file() else 'no checkpoint was written: rerun the same command to start again')
+        raise Stopped(f'stopped by {signal.Signals(signum).name} before the current step ended; {kept}', signum)
+
+
+def _stop_if_asked(run: 'Run', when: str) -> None:
+    """Stopped, naming the last checkpoint, when a stop signal arrived (under DDP: on any rank, so every rank
+    stops at the same step instead of hanging in a collective)."""
+    signum = run.stop.signum if run.stop is not None else None
+    if run.env.world > 1:
+        signum = int(run.env.all_sum([float(signum or 0)])[0]) or None
+        signum = signum if signum in (signal.SIGTERM, signal.SIGINT) else (signum and signal.SIGTERM)
+    if not signum:
+        return
+    last = run.history[-1]['epoch'] if run.history else 0
+    kept = (f'the last checkpoint is {run.ckpt_file} (epoch {last} of {run.cfg.epochs}): rerun the same command '
+            f'with --resume to continue from it' if last and run.ckpt_file.is_file() else
+            'no epoch had finished, so no checkpoint was written: rerun the same command to start again')
+    raise Stopped(f'stopped by {signal.Signals(signum).name} {when}; {kept}', signum)
+
+
 class Diverged(RunError):
     """Non-finite loss, gradients or weights. Detected on values every rank shares (all-reduced gradients, the
     replicated weights), so under DDP every rank stops at the same step instead of hanging in a collective."""
@@ -227,6 +282,7 @@ class Run:
     scaler: Optional[torch.amp.GradScaler]
     criterion: nn.Module
     report: Any = None
+    stop: Optional[StopSignals] = None
     start_epoch: int = 0
     history: List[Dict[str, Any]] = field(default_factory=list)
 
@@ -382,6 +438,7 @@ def train_one_epoch(run: Run, epoch: int) -> Dict[str, Any]:
         correct += (logits.argmax(-1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f'{loss_value:.4f}', lr=f'{run.optimizer.param_groups[0]["lr"]:.2e}', refresh=False)
+        _stop_if_asked(run, f'at epoch {epoch + 1}, step {step + 1} of {len(run.train_loader)}')
     elapsed = time.time() - tic
     if not all_finite(run.params):  # the replicated weights: every rank agrees
         raise _diverged(run, epoch + 1, 'the weights became non-finite')
@@ -480,10 +537,10 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _run_folder(run_dir: Path, main: bool, overwrite: bool):
-    """Lock the run folder (through a sibling lock file, so the folder itself can be replaced), on ``overwrite``
-    move the old folder out of the way in one atomic rename and delete it, then create it. On failure remove
-    what this call created when it holds nothing."""
+def _run_folder_lock(run_dir: Path, main: bool):
+    """Lock the run folder through a sibling lock file (so the folder itself can be replaced), before anything
+    slow happens: a second run on the same folder is refused at once. On failure remove what this call (or the
+    run inside it) created when it holds nothing."""
     created = missing_folders(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_file = run_dir.parent / f'.{run_dir.name}.lock'
@@ -494,14 +551,6 @@ def _run_folder(run_dir: Path, main: bool, overwrite: bool):
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RunError(f'{run_dir} is being written by another run') from None
-            if overwrite and run_dir.exists():
-                # one rename: an interrupted overwrite leaves either the whole old run or none of it in run_dir,
-                # never an old checkpoint or results.json that a later --resume would take for the new run's
-                trash = run_dir.parent / f'.{run_dir.name}.overwritten'
-                shutil.rmtree(trash, ignore_errors=True)
-                run_dir.rename(trash)
-                shutil.rmtree(trash, ignore_errors=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
         yield
     except BaseException:
         if lock is not None:
@@ -516,39 +565,65 @@ def _run_folder(run_dir: Path, main: bool, overwrite: bool):
         lock.close()
 
 
+def _replace_run_folder(run_dir: Path, main: bool, overwrite: bool) -> None:
+    """Create the run folder; on ``overwrite`` first move the old one out of the way in one atomic rename and
+    delete it (one rename: an interrupted overwrite leaves either the whole old run or none of it in run_dir,
+    never an old checkpoint or results.json that a later --resume would take for the new run's)."""
+    if main and overwrite and run_dir.exists():
+        trash = run_dir.parent / f'.{run_dir.name}.overwritten'
+        shutil.rmtree(trash, ignore_errors=True)
+        run_dir.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _reusable_results(cfg: RunConfig, run_dir: Path, main: bool) -> Optional[Dict[str, Any]]:
+    """The results of the finished run in ``run_dir`` when it can be reused as it is; RunError when the folder holds
+    an unfinished run and neither --resume nor --overwrite says what to do with it."""
+    if cfg.overwrite:
+        return None
+    results = finished_results(cfg, run_dir)
+    if results is not None:
+        if main:
+            print(f'skip: {run_dir} already holds this finished run (pass --overwrite to redo it)')
+        return results
+    if (run_dir / 'checkpoint.pt').is_file() and not cfg.resume:
+        raise RunError(f'{run_dir} holds an unfinished run: pass --resume to continue it or --overwrite to restart')
+    return None
+
+
 def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) -> Dict[str, Any]:
     """Run (or resume) one training run; returns the results dict (also written to results.json).
 
     A finished run is reused, and a checkpoint resumed, only when it was made with the same settings
-    (``run_config.IDENTITY_FIELDS``); otherwise RunError names the differing settings.
+    (``run_config.IDENTITY_FIELDS``); otherwise RunError names the differing settings. SIGTERM and SIGINT stop the
+    run after the current step (``Stopped``, naming the last checkpoint); a second SIGINT stops at once.
     """
     env = Distributed(cfg.device)
     run_dir = run_directory(cfg)
-    ckpt_file = run_dir / 'checkpoint.pt'
-    if not cfg.overwrite:
-        results = finished_results(cfg, run_dir)
+    with _run_folder_lock(run_dir, env.main), StopSignals(run_dir) as stop:
+        results = _reusable_results(cfg, run_dir, env.main)
         if results is not None:
-            if env.main:
-                print(f'skip: {run_dir} already holds this finished run (pass --overwrite to redo it)')
             return results
-        if ckpt_file.is_file() and not cfg.resume:
-            raise RunError(f'{run_dir} holds an unfinished run: pass --resume to continue it or --overwrite to '
-                           f'restart')
-    run = prepare(cfg, env)  # everything that can fail on bad input fails here, before the folder is touched
-    if env.main:
-        print(f'{run_dir}: {cfg.model} {cfg.method} ({cfg.form}) on {run.task.name} ({run.task.num_classes} classes)')
-        counts = stored_parameters(run.model)
-        print(run.report if run.report else f'trainable parameters {sum(p.numel() for p in run.params):,} (excl. '
-                                            f'head {counts.trainable_excl_head:,}; fixed tensors {counts.fixed:,})')
-    with _run_folder(run_dir, env.main, cfg.overwrite):
+        run = prepare(cfg, env)  # everything that can fail on bad input fails here, before the folder is touched
+        if env.main:
+            print(f'{run_dir}: {cfg.model} {cfg.method} ({cfg.form}) on {run.task.name} '
+                  f'({run.task.num_classes} classes)')
+            counts = stored_parameters(run.model)
+            print(run.report if run.report else f'trainable parameters {sum(p.numel() for p in run.params):,} '
+                                                f'(excl. head {counts.trainable_excl_head:,}; fixed tensors '
+                                                f'{counts.fixed:,})')
+        _replace_run_folder(run_dir, env.main, cfg.overwrite)
         if env.world > 1:
             dist.barrier()  # rank 0 has replaced the folder before anyone looks for a checkpoint
-        if cfg.resume and ckpt_file.is_file() and not cfg.overwrite:
+        if cfg.resume and run.ckpt_file.is_file() and not cfg.overwrite:
             resume(run)
         elif env.main and cfg.resume:
             print(f'--resume: no checkpoint in {run_dir}, starting from epoch 0')
         if env.world > 1:
             dist.barrier()
+        run.stop = stop
+        stop.deferred = True  # from here a signal stops the run after the current step, never mid-write
         writer = _tensorboard_writer(run_dir) if env.main else None
         eval_interval = cfg.eval_interval or (1 if cfg.protocol == 'val' else cfg.epochs)
         started = time.time()
@@ -572,6 +647,7 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
                       + f' {row["images_per_s"]:.1f} img/s', flush=True)
             if on_epoch_end:
                 on_epoch_end(epoch + 1)
+            _stop_if_asked(run, f'after epoch {epoch + 1}')
         results = finish(run, started)
         if env.world > 1:
             checksum = sum(float(p.detach().double().sum()) for p in run.params)

@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -223,8 +223,8 @@ def _fetch(source: str, filename: str) -> Path:
     except RevisionNotFoundError:
         raise AdapterError(f'adapter repo {repo_id} has no revision {revision!r}') from None
     except LocalEntryNotFoundError:
-        raise AdapterError(f'cannot fetch {filename} of {repo_id}: no network and not in the Hugging Face cache. '
-                           'Connect once (without HF_HUB_OFFLINE=1) to fill the cache, or load from a local folder '
+        raise AdapterError(f'cannot fetch {filename} of {repo_id}: no network and not in the Hugging Face cache '
+                           f'(not in the local cache at {constants.HF_HUB_CACHE}). Connect once (without HF_HUB_OFFLINE=1) to fill the cache, or load from a local folder '
                            '(save_adapter / snapshot_download)') from None
     except EntryNotFoundError:  # LocalEntryNotFoundError subclasses it, so it is caught first, above
         raise AdapterError(f'adapter repo {repo_id} has no file {filename}') from None
@@ -245,14 +245,44 @@ def _schema_error(config_file: Path, what: str) -> AdapterError:
     return AdapterError(f'{config_file} is not a CapaBoost adapter config: {what}')
 
 
-def read_adapter(source: Union[str, Path]) -> AdapterFile:
-    """Read and validate config.json (schema) and the weights (safetensors, unpacked masks, finite values)."""
-    source = str(source)
-    config_file = _fetch(source, CONFIG_NAME)
-    try:
-        meta = json.loads(config_file.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f'{config_file} is not valid JSON text ({type(e).__name__})') from None
+MAX_CLASSES = 1_000_000
+
+
+def _sizes(low: int) -> Callable[[Any], bool]:
+    """An integer, or a list of integers, in [low, 65536] (image, patch and window sizes, widths, depths, heads)."""
+    def ok(value: Any) -> bool:
+        values = value if isinstance(value, (list, tuple)) and 0 < len(value) <= 64 else [value]
+        return all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= 65536 for v in values)
+    return ok
+
+
+def _probability(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value < 1
+
+
+# The timm ViT/Swin constructor arguments a saved config.json may carry in model_args, each with what it allows.
+# Anything else (adapter=, pretrained_cfg_overlay=, a file or URL) is refused: a repo is someone else's data.
+BASE_MODEL_ARGS: Dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(('img_size', 'patch_size', 'window_size', 'embed_dim', 'depth', 'depths', 'num_heads',
+                     'in_chans'), _sizes(1)),
+    'reg_tokens': _sizes(0),
+    'num_classes': lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CLASSES,
+    **dict.fromkeys(('drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate',
+                     'patch_drop_rate'), _probability),
+    **dict.fromkeys(('class_token', 'no_embed_class', 'dynamic_img_size', 'dynamic_img_pad', 'qkv_bias',
+                     'pre_norm'), lambda v: isinstance(v, bool)),
+    'global_pool': lambda v: v in ('', 'token', 'avg', 'avgmax', 'max', 'map'),
+    'mlp_ratio': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 64,
+    'init_values': lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and math.isfinite(v)),
+}
+
+
+def check_repo_config(meta: Any, config_file: Path, building: bool) -> CapaBoostConfig:
+    """The schema of an adapter's config.json, checked before anything is built or read from it (a Hub repo's file
+    is data from someone else); returns its CapaBoost config. ``building``: the model itself is built from it
+    (``create_model('hf-hub:...')``), so its architecture must be a registered CapaBoost model, its tag one of that
+    model's, and every ``model_args`` entry a CapaBoost setting or a bounded timm constructor argument."""
     if not isinstance(meta, dict):
         raise _schema_error(config_file, f'a JSON object is required, not {type(meta).__name__}')
     block = meta.get('capaboost')
@@ -264,8 +294,9 @@ def read_adapter(source: Union[str, Path]) -> AdapterFile:
     for key, kind in (('architecture', str), ('num_classes', int)):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise _schema_error(config_file, f'"{key}" must be a {kind.__name__}')
-    weights = block.get('weights', WEIGHTS_NAME)
-    saved = block.get('config')
+    if not 1 <= meta['num_classes'] <= MAX_CLASSES:
+        raise _schema_error(config_file, f'"num_classes" {meta["num_classes"]} is outside [1, {MAX_CLASSES:,}]')
+    weights, saved = block.get('weights', WEIGHTS_NAME), block.get('config')
     if not isinstance(weights, str):
         raise _schema_error(config_file, '"capaboost.weights" must be a file name')
     if not isinstance(saved, dict) or set(saved) - set(CONFIG_KEYS):
@@ -274,6 +305,63 @@ def read_adapter(source: Union[str, Path]) -> AdapterFile:
         config = CapaBoostConfig(**saved)
     except (TypeError, ValueError) as e:
         raise _schema_error(config_file, f'"capaboost.config": {e}') from None
+    if building:
+        _check_build_args(meta, config_file, config.method)
+    return config
+
+
+def _check_build_args(meta: Dict[str, Any], config_file: Path, method: str) -> None:
+    """What timm builds the model from: every ``model_args`` entry a CapaBoost setting or a bounded timm
+    constructor argument, and the base weights' tag one of the architecture's registered tags."""
+    import timm
+    arch = meta['architecture']
+    if not (arch.endswith(f'_capaboost_{method}') and timm.is_model(arch)):
+        raise _schema_error(config_file, f'"architecture" {arch!r} is not a registered CapaBoost-{method} '
+                                         f'model (timm.list_models("*_capaboost_*"))')
+    model_args = meta.get('model_args', {})
+    if not isinstance(model_args, dict):
+        raise _schema_error(config_file, '"model_args" must be an object')
+    for key, value in model_args.items():
+        if key in CONFIG_KEYS and key != 'method':
+            continue
+        if key not in BASE_MODEL_ARGS:
+            raise _schema_error(config_file, f'"model_args.{key}" is not allowed: model_args hold CapaBoost settings '
+                                             f'and timm size/rate arguments only')
+        if not BASE_MODEL_ARGS[key](value):
+            raise _schema_error(config_file, f'"model_args.{key}" {value!r} is out of range')
+    try:
+        CapaBoostConfig(**{k: v for k, v in model_args.items() if k in CONFIG_KEYS and k != 'method'}, method=method)
+    except (TypeError, ValueError) as e:
+        raise _schema_error(config_file, f'"model_args": {e}') from None
+    pretrained_cfg = meta.get('pretrained_cfg', {})
+    if not isinstance(pretrained_cfg, dict):
+        raise _schema_error(config_file, '"pretrained_cfg" must be an object')
+    tag = pretrained_cfg.get('tag')
+    if tag is not None and (not isinstance(tag, str) or f'{arch}.{tag}' not in timm.list_pretrained(f'{arch}.*')):
+        raise _schema_error(config_file, f'"pretrained_cfg.tag" {tag!r} is not a pretrained tag of {arch}')
+
+
+def check_repo(source: str) -> None:
+    """Fetch (or read) the config.json of ``source`` (``hf-hub:org/repo[@rev]`` or a folder) and check it as
+    ``check_repo_config(building=True)`` does, before timm builds anything from it."""
+    config_file = _fetch(source, CONFIG_NAME)
+    check_repo_config(_read_json(config_file), config_file, building=True)
+
+
+def _read_json(config_file: Path) -> Any:
+    try:
+        return json.loads(config_file.read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f'{config_file} is not valid JSON text ({type(e).__name__})') from None
+
+
+def read_adapter(source: Union[str, Path]) -> AdapterFile:
+    """Read and validate config.json (schema) and the weights (safetensors, unpacked masks, finite values)."""
+    source = str(source)
+    config_file = _fetch(source, CONFIG_NAME)
+    meta = _read_json(config_file)
+    config = check_repo_config(meta, config_file, building=False)
+    weights = meta['capaboost'].get('weights', WEIGHTS_NAME)
     weights_file = _fetch(source, weights)
     try:
         state = load_file(str(weights_file))
@@ -351,6 +439,7 @@ def create_model_from_hub(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name)`` for an ``hf-hub:`` adapter repo (random backbone unless ``pretrained``), with
     one-line errors (AdapterError) instead of huggingface_hub's generic ones."""
     import timm
+    check_repo(name)  # one AdapterError line for a missing repo or a config.json that is not ours to build
     try:
         model = timm.create_model(name, **kwargs)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:

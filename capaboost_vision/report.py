@@ -11,20 +11,29 @@ random bases). Both come from ``tuner.stored_parameters``, the same function for
 """
 import csv
 import json
+import math
 import statistics
+import sys
 from collections import defaultdict
+from numbers import Real
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ._io import atomic_path, write_text_atomic
 from .vtab import GROUPS, TASKS
 
 
+SECTIONS = {'final': 'Test accuracy (train800val200 -> test)', 'val': 'Validation accuracy (train800 -> val200)'}
 REQUIRED_KEYS = ('task', 'group', 'method', 'family', 'seed', 'top1', 'trainable_params_excl_head')
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_results(path: Path) -> Dict[str, Any]:
-    """One results.json; ValueError naming the file when it is not one."""
+    """One results.json; ValueError naming the file when it is not one (not JSON, a missing key, a value of the
+    wrong type, a top-1 that is not a finite number in [0, 100])."""
     try:
         result = json.loads(path.read_text(encoding='utf-8'))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -32,20 +41,50 @@ def read_results(path: Path) -> Dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if not isinstance(result, dict) or k not in result]
     if missing:
         raise ValueError(f'{path} is not a run result: missing {", ".join(missing)}')
+    for key in ('task', 'group', 'method', 'family'):
+        if not isinstance(result[key], str):
+            raise ValueError(f'{path}: {key} {result[key]!r} is not a string')
+    if isinstance(result['seed'], bool) or not isinstance(result['seed'], int):
+        raise ValueError(f'{path}: seed {result["seed"]!r} is not an integer')
+    if not _is_number(result['top1']) or not 0 <= result['top1'] <= 100:
+        raise ValueError(f'{path}: top1 {result["top1"]!r} is not a finite accuracy in [0, 100]')
+    if not _is_number(result['trainable_params_excl_head']) or result['trainable_params_excl_head'] < 0:
+        raise ValueError(f'{path}: trainable_params_excl_head {result["trainable_params_excl_head"]!r} is not a '
+                         f'parameter count')
+    if result.get('protocol', 'final') not in SECTIONS:
+        raise ValueError(f'{path}: protocol {result["protocol"]!r} is not one of {", ".join(SECTIONS)}')
+    for key in ('lr', 'fixed_params'):
+        if result.get(key) is not None and not _is_number(result[key]):
+            raise ValueError(f'{path}: {key} {result[key]!r} is not a finite number')
     return result
 
 
-def collect(runs_dir: Path) -> List[Dict[str, Any]]:
+def collect_with_skipped(runs_dir: Path) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """(every well-formed results.json under ``runs_dir``, one line per malformed one naming its file and why).
+    FileNotFoundError when there is no well-formed result at all."""
     if not Path(runs_dir).is_dir():
         raise FileNotFoundError(f'{runs_dir} does not exist or is not a folder')
-    results = [read_results(p) for p in sorted(Path(runs_dir).rglob('results.json'))
-               if not any(part.startswith('.') for part in p.relative_to(runs_dir).parts)]  # skip .cache, trash
+    results, skipped = [], []
+    for p in sorted(Path(runs_dir).rglob('results.json')):
+        if any(part.startswith('.') for part in p.relative_to(runs_dir).parts):  # skip .cache, trash
+            continue
+        try:
+            results.append(read_results(p))
+        except ValueError as e:
+            skipped.append(str(e))
     if not results:
-        raise FileNotFoundError(f'no results.json under {runs_dir}')
+        raise FileNotFoundError(f'no results.json under {runs_dir}' if not skipped else
+                                f'no usable results.json under {runs_dir}: {len(skipped)} malformed (first: '
+                                f'{skipped[0]})')
     for r in results:  # a custom task named like a VTAB task (a task.yaml with its own group) is not that task
         if r['task'] in TASKS and r['group'] != TASKS[r['task']].group:
             r['task'] = f'{r["task"]} (custom)'
-    return results
+    return results, skipped
+
+
+def collect(runs_dir: Path) -> List[Dict[str, Any]]:
+    """Every well-formed results.json under ``runs_dir`` (malformed ones are left out: ``collect_with_skipped``)."""
+    return collect_with_skipped(runs_dir)[0]
 
 
 def _mean_std(values: List[float]) -> Dict[str, Optional[float]]:
@@ -67,9 +106,6 @@ def averages(task_acc: Dict[str, float], groups: Dict[str, str]) -> Dict[str, Op
     out['mean_of_groups'] = statistics.fmean(group_means) if group_means else None
     out['mean_of_tasks'] = statistics.fmean(task_acc.values()) if task_acc else None
     return out
-
-
-SECTIONS = {'final': 'Test accuracy (train800val200 -> test)', 'val': 'Validation accuracy (train800 -> val200)'}
 
 
 def _fixed_m(runs: List[Dict[str, Any]]) -> Optional[float]:
@@ -236,9 +272,15 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
 
 def write_report(runs_dir: Path, prefix: Optional[Path] = None) -> Dict[str, Path]:
     from .search import read_records, records_markdown
-    rows = summarize(collect(runs_dir))
+    results, skipped = collect_with_skipped(runs_dir)
+    for line in skipped:
+        print(f'note: skipped {line}', file=sys.stderr)
+    rows = summarize(results)
     prefix = Path(prefix or Path(runs_dir) / 'report')
     md = to_markdown(rows)
+    if skipped:
+        md += (f'\n## Skipped results\n\n{len(skipped)} malformed results.json file(s) are not in the tables '
+               f'above:\n\n' + ''.join(f'- {line}\n' for line in skipped))
     records = read_records(Path(runs_dir))
     if records:
         md += ('\n## Learning-rate search (train800 -> val200; the chosen rate trains the final runs)\n\n'

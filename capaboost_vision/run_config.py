@@ -4,6 +4,7 @@ Resolution order: defaults <- method YAML <- task YAML <- ``--config`` YAML <- c
 type-checked against its field, and an error names the file (or flag) it came from. No torch import here: the
 CLI parses and validates arguments before loading torch and timm.
 """
+import difflib
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from .config import METHODS, CapaBoostConfig, field_default, setting
+from .config import METHODS, CapaBoostConfig, SettingError, check_setting, field_default, setting
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
 CAPABOOST_FORMS = METHODS  # the CapaBoost forms; 'peft' = an HF PEFT method; 'linear' and 'full' are references
@@ -26,13 +27,22 @@ class RunError(Exception):
     """A user-facing error of a run (bad input, divergence, busy folder): printed as one line by the CLI."""
 
 
+class Stopped(RunError):
+    """The run was stopped by a signal (SIGTERM from a scheduler, SIGINT from Ctrl-C): the message says where the
+    last checkpoint is and how to resume; the CLI exits with 128 + ``signum``, as a process killed by it would."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs. Defaults are the VTAB-1k protocol of the vision PEFT literature."""
     task: str = setting('', 'VTAB-1k task (e.g. cifar), or a custom task folder holding a task.yaml', scope='train',
                          required=True)
     method: str = setting('capaboost_lora', 'method config from configs/methods', scope='train')
-    seed: int = setting(0, 'training seed; also the mask seed unless --mask-seed', scope='train')
+    seed: int = setting(0, 'training seed; also the mask seed unless --mask-seed', scope='train', range='[0, inf)')
     name: str = setting('', 'run name for the folder and the report row (default: the method)', scope='train',
                         identity=False)
     resume: bool = setting(False, 'continue the run folder\'s checkpoint (refused when its settings differ)',
@@ -42,43 +52,51 @@ class RunConfig:
                              identity=False)
     output: str = setting('runs', 'root of the run folders <output>/<family>/<task>/<protocol>/<name>/seed<N>',
                           identity=False)
-    epochs: int = setting(100, 'training epochs')
-    warmup_epochs: int = setting(10, 'linear warm-up epochs of the per-step cosine schedule')
-    batch_size: int = setting(64, 'global batch size', short='-b')
-    eval_batch_size: int = setting(256, 'evaluation batch size (evaluation runs at the last epoch)', identity=False)
-    lr: float = setting(1e-3, 'AdamW learning rate')
-    weight_decay: float = setting(1e-4, 'AdamW weight decay')
-    img_size: int = setting(224, 'squash-resize size in pixels (at least the patch size)')
+    epochs: int = setting(100, 'training epochs', range='[1, 100000]')
+    warmup_epochs: int = setting(10, 'linear warm-up epochs of the per-step cosine schedule', range='[0, inf)')
+    batch_size: int = setting(64, 'global batch size', short='-b', range='[1, 1000000]')
+    eval_batch_size: int = setting(256, 'evaluation batch size (evaluation runs at the last epoch)', identity=False,
+                                  range='[1, 1000000]')
+    lr: float = setting(1e-3, 'AdamW learning rate', range='(0, 100]')
+    weight_decay: float = setting(1e-4, 'AdamW weight decay', range='[0, 10]')
+    img_size: int = setting(224, 'squash-resize size in pixels (at least the patch size)', range='[16, 4096]')
     weights: str = setting('', 'base weights file (.safetensors, or .pth read with weights_only=True) instead of '
                                 'timm pretrained resolution')
     pretrained: bool = setting(True, 'load pretrained base weights (--no-pretrained: random init, for tests)')
     overwrite: bool = setting(False, 'redo a finished or unfinished run from scratch (the old folder is removed '
                                       'first, atomically)', identity=False)
     protocol: str = setting('final', 'final: train800val200 -> test; val: train800 -> val200', choices=PROTOCOLS)
-    drop_path: float = setting(0.1, 'stochastic depth rate')
-    label_smoothing: float = setting(0.0, 'label smoothing of the cross-entropy')
+    drop_path: float = setting(0.1, 'stochastic depth rate', range='[0, 1)')
+    label_smoothing: float = setting(0.0, 'label smoothing of the cross-entropy', range='[0, 1)')
     norm: str = setting('imagenet', "input normalisation: imagenet = ImageNet mean/std (NOAH, FacT, RepAdapter, GLoRA, "
                                     "V-PETL on ViT-B/16 in21k); model = the pretrained cfg's mean/std; none = [0, 1] "
                                     "inputs (VPT, SSF)", choices=NORMS)
     amp: str = setting('bf16', 'GPU autocast dtype (CPU runs in fp32)', choices=AMP_MODES)
-    clip_grad: float = setting(0.0, 'max gradient norm (0 = off)')
+    clip_grad: float = setting(0.0, 'max gradient norm (0 = off)', range='[0, inf)')
     compile: bool = setting(False, 'torch.compile the model for training', identity=False)
     data_cache: bool = setting(True, 'decode every image once into a uint8 cache and train from memory '
                                       '(--no-data-cache: decode every epoch)', identity=False)
     cache_dir: str = setting('', 'folder of the decoded-image cache (default <output>/.cache)', identity=False)
     cache_budget_gb: float = setting(8.0, 'splits larger than this many GB stream from disk instead of the cache',
-                                     identity=False)
-    workers: int = setting(4, 'data loader workers of the decode path', short='-j', identity=False)
+                                     identity=False, range='[0, inf)')
+    workers: int = setting(4, 'data loader workers of the decode path', short='-j', identity=False,
+                          range='[0, 1024]')
     device: str = setting('auto', 'auto, cpu, cuda or cuda:N', identity=False)
     eval_interval: int = setting(0, 'evaluate every N epochs (0: the last epoch only for --protocol final, '
-                                     'every epoch for val)', identity=False)
+                                     'every epoch for val)', identity=False, range='[0, inf)')
     form: str = setting('', 'the method\'s form', choices=FORMS, cli=False)
     capaboost: Dict[str, Any] = setting({}, 'CapaBoost settings (see CapaBoostConfig)', cli=False)
     peft: Dict[str, Any] = setting({}, 'HF PEFT method of form peft: type (a PeftType name) plus the arguments of its '
                                        'config class, e.g. {type: LOHA, r: 4, alpha: 8, target_modules: [qkv]}',
                                    cli=False)
 
-    def validate(self) -> None:
+    def validate(self, source: Optional[Dict[str, str]] = None) -> None:
+        """RunError naming the setting, and the YAML file it came from (``source``: setting -> origin), for the
+        first value that is not allowed."""
+        def where(name: str) -> str:
+            origin = (source or {}).get(name, 'command line')
+            return f'--{_flag(name)}' if origin == 'command line' else f'{origin}: {name}'
+
         if self.form not in FORMS:
             raise RunError(f'method {self.method!r} has form {self.form!r}: allowed forms are {", ".join(FORMS)}')
         if (self.form == 'peft') != bool(self.peft):
@@ -88,21 +106,21 @@ class RunConfig:
         if self.form == 'peft' and self.capaboost:
             raise RunError(f'method {self.method!r} has form peft: CapaBoost settings ({", ".join(self.capaboost)}) '
                            f'do not apply; PEFT arguments go in the peft block or --peft-args')
-        for f in fields(self):  # the other closed sets (protocol, amp): argparse checks flags, this checks YAML too
-            choices = f.metadata.get('choices')
-            if choices and getattr(self, f.name) not in choices:
-                raise RunError(f'--{_flag(f.name)} {getattr(self, f.name)!r} is invalid: choose one of '
-                               f'{", ".join(choices)}')
-        for name in ('epochs', 'batch_size', 'eval_batch_size'):
-            if getattr(self, name) < 1:
-                raise RunError(f'--{_flag(name)} {getattr(self, name)} is invalid: must be >= 1')
-        if self.img_size < 16:
-            raise RunError(f'--img-size {self.img_size} is invalid: must be >= 16 (and at least the patch size)')
-        for name in ('lr', 'weight_decay', 'drop_path', 'label_smoothing', 'clip_grad', 'cache_budget_gb'):
-            if getattr(self, name) < 0:
-                raise RunError(f'--{_flag(name)} {getattr(self, name)} is invalid: must be >= 0')
-        if self.workers < 0 or self.eval_interval < 0 or self.warmup_epochs < 0:
-            raise RunError('--workers, --eval-interval and --warmup-epochs must be >= 0')
+        for name in ('task', 'name', 'method'):  # each becomes one folder of the run's path under --output
+            value = getattr(self, name)
+            if value in ('.', '..') or any(c in value for c in ('/', '\\', '\0')):
+                hint = '; a task folder is given as --task PATH/TO/FOLDER holding a task.yaml' if name == 'task' else ''
+                raise RunError(f'{where(name)} {value!r} is invalid: a plain name is required (no path separators '
+                               f'or ".."){hint}')
+        for f in fields(self):
+            value = getattr(self, f.name)
+            choices = f.metadata.get('choices')  # closed sets (protocol, amp): argparse checks flags, this YAML too
+            if choices and value not in choices:
+                raise RunError(f'{where(f.name)} {value!r} is invalid: choose one of {", ".join(choices)}')
+            try:  # every number: finite and inside the range its field declares
+                check_setting(f, value)
+            except SettingError as e:
+                raise RunError(f'{where(f.name)} {value!r} is invalid: {str(e).split(" is invalid: ", 1)[1]}') from None
         if self.weights and not Path(self.weights).is_file():
             raise RunError(f'--weights {self.weights}: file does not exist')
         if not (self.device in ('auto', 'cpu', 'cuda') or self.device.startswith('cuda:')):
@@ -114,6 +132,7 @@ def _flag(name: str) -> str:
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
+CAPABOOST_FIELDS = {f.name: f for f in fields(CapaBoostConfig)}
 
 
 _TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,), dict: (dict,)}
@@ -181,6 +200,28 @@ def load_yaml(path: Path) -> Dict[str, Any]:
     return data
 
 
+def check_capaboost_block(block: Dict[str, Any], form: str, origins: Dict[str, str]) -> None:
+    """RunError naming the YAML file (or flag) and key of the first unknown or invalid CapaBoost setting: checked
+    when the config is resolved, so a sweep or search refuses it before any run starts."""
+    def where(key: str) -> str:
+        origin = origins.get(key, 'command line')
+        if origin == 'command line':
+            return '--' + CAPABOOST_FIELDS[key].metadata.get('flag', key).replace('_', '-') \
+                if key in CAPABOOST_FIELDS else key
+        return f'{origin}: capaboost.{key}'
+
+    unknown = [key for key in block if key not in CAPABOOST_FIELDS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], CAPABOOST_FIELDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ''
+        raise RunError(f'{where(unknown[0])}: unknown CapaBoost setting {unknown[0]!r}{hint}: valid settings are '
+                       f'{", ".join(k for k in CAPABOOST_FIELDS if k != "method")}')
+    try:
+        CapaBoostConfig(**dict(block, method=form))
+    except SettingError as e:
+        raise RunError(f'{where(e.name)}: {e}') from None
+
+
 def task_folder(task: str) -> Optional[Path]:
     """The folder when ``--task`` names a custom task folder (a path holding task.yaml), else None."""
     path = Path(task).expanduser()
@@ -209,6 +250,7 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None)
     merged: Dict[str, Any] = {'method': method}
     source: Dict[str, str] = {}
     peft_origins: List[str] = []  # every layer that set part of the peft block, for its error messages
+    capaboost_source: Dict[str, str] = {}  # CapaBoost setting -> the layer that set it
     for origin, layer in layers:
         for key, value in layer.items():
             key = key.replace('-', '_')
@@ -224,6 +266,8 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None)
             source[key] = origin
             if key == 'peft':
                 peft_origins.append(origin)
+            if key == 'capaboost':
+                capaboost_source.update(dict.fromkeys(value, origin))
     folder = task_folder(merged.get('task', ''))
     if folder is not None:  # a custom task folder: its parent is the data root, its name the task
         merged['task'], merged['data_path'] = folder.name, str(folder.parent)
@@ -238,7 +282,9 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None)
         print(f'note: warmup_epochs={cfg.warmup_epochs} (from {origin}) is longer than epochs={cfg.epochs}; '
               f'using {clamped} (epochs // 10)', file=sys.stderr)
         cfg.warmup_epochs = clamped
-    cfg.validate()
+    cfg.validate(source)
+    if cfg.form in CAPABOOST_FORMS:
+        check_capaboost_block(cfg.capaboost, cfg.form, capaboost_source)
     if cfg.form == 'peft':  # built on the meta device: every error of the PEFT block now, naming its file
         from .engine import check_peft_method
         check_peft_method(cfg, ' + '.join(dict.fromkeys(peft_origins)))

@@ -60,25 +60,34 @@ def task_dir(root: Path, name: str) -> Path:
     return Path(root) / name
 
 
+MAX_CLASSES = 1_000_000  # a task.yaml's num_classes above this is a typo, not a head to allocate
+
+
 def resolve_task(name: str, root: Optional[Path] = None) -> Task:
     """The Task for ``name``: a folder with a task.yaml is a custom task (even when its name is a VTAB task's, e.g. a
-    generated look-alike), else the canonical VTAB task or alias; ValueError suggests the closest."""
+    generated look-alike), else the canonical VTAB task or alias; ValueError naming the missing data path or task
+    folder, and suggesting the closest task name."""
     canonical = canonical_name(name)
     if root is not None:
+        if not Path(root).is_dir():
+            raise ValueError(f'--data-path {root} does not exist or is not a folder')
         info_file = task_dir(root, name) / TASK_INFO_FILE
         if info_file.is_file():
             info = load_yaml(info_file)  # a mapping, or RunError naming the file
-            if isinstance(info.get('num_classes'), bool) or not isinstance(info.get('num_classes'), int) \
-                    or info['num_classes'] < 1:
-                raise ValueError(f'{info_file}: num_classes must be a positive integer')
-            return Task(name, info['num_classes'], str(info.get('group', 'custom')))
+            num_classes = info.get('num_classes')
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
+                    or not 1 <= num_classes <= MAX_CLASSES:
+                raise ValueError(f'{info_file}: num_classes {num_classes!r} is invalid: an integer in '
+                                 f'[1, {MAX_CLASSES:,}] is required')
+            return Task(name, num_classes, str(info.get('group', 'custom')))
     if canonical:
         return TASKS[canonical]
     choices = list(TASKS) + list(_CANONICAL)
     close = difflib.get_close_matches(name.lower(), choices, n=1, cutoff=0.5)
     hint = f"; did you mean '{canonical_name(close[0])}'?" if close else ''
-    raise ValueError(f"unknown task '{name}'{hint} Known tasks: {', '.join(TASKS)} "
-                     f"(or a folder under the data path with a {TASK_INFO_FILE})")
+    where = f'{task_dir(root, name)} is not a folder holding a {TASK_INFO_FILE}' if root is not None else \
+        f'a custom task is a folder holding a {TASK_INFO_FILE}'
+    raise ValueError(f"unknown task '{name}'{hint} ({where}). Known tasks: {', '.join(TASKS)}")
 
 
 def resolve_tasks(names: List[str], root: Optional[Path] = None) -> List[Task]:

@@ -179,7 +179,7 @@ def test_check_reports_problems_with_file_and_line(tmp_path, capsys):
     assert run_cli('check', '--data-path', tmp_path, '--tasks', 'dtd') == 1
     out = capsys.readouterr().out
     assert 'train800.txt:5: image' in out and 'is missing' in out
-    assert 'train800.txt:7: label 99 outside [0, 46]' in out
+    assert 'train800.txt:7: label 99 is outside [0, 46]' in out
     assert 'train800.txt:9: line does not parse' in out
     assert '799 lines, expected 800' in out
     assert 'val200.txt:51: image' in out and 'unreadable' in out
@@ -207,7 +207,7 @@ def test_user_errors_are_one_line_with_nonzero_exit(data_root, tmp_path, capsys)
                     *TINY)
     assert code == 2 and 'test.txt:1: label 7 is outside [0, 2]' in msg
     code, msg = err('train', '--task', 'toy', '--data-path', data_root, '--output', tmp_path, '--epochs', 1,
-                    '--lr', '1e30', '--method', 'full', *TINY)
+                    '--lr', '100', '--method', 'full', *TINY)
     assert code == 2 and 'training diverged at epoch 1' in msg and 'Rerun with a lower --lr' in msg
 
 

@@ -9,7 +9,7 @@ from timm.models._features import FeatureGetterNet
 from timm.models._builder import pretrained_cfg_for_features
 
 from ..config import CONFIG_KEYS, CapaBoostConfig
-from ..hub import load_adapter, registered_base_id
+from ..hub import check_repo, load_adapter, registered_base_id
 from ..tuner import apply_capaboost
 
 
@@ -56,9 +56,11 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretra
     source_cfg = source_cfg.to_dict() if isinstance(source_cfg, PretrainedCfg) else source_cfg
     if isinstance(source_cfg, dict) and source_cfg.get('source') in ('hf-hub', 'local-dir'):
         # an adapter repo (timm's 'hf-hub:'/'local-dir:' names): the repo holds the adapter, and its recorded tag
-        # names the base weights, which load from their own source
-        if pretrained:
-            adapter = f'hf-hub:{source_cfg["hf_hub_id"]}' if source_cfg['source'] == 'hf-hub' else source_cfg['file']
+        # names the base weights, which load from their own source. Its config.json is someone else's data: its
+        # schema is checked before anything is built from it (no adapter path, file or overlay of its choosing)
+        repo = f'hf-hub:{source_cfg["hf_hub_id"]}' if source_cfg['source'] == 'hf-hub' else source_cfg['file']
+        check_repo(repo)
+        adapter = repo if pretrained else None
         kwargs['pretrained_cfg'] = source_cfg.get('tag') or None
     if kwargs.get('method', method) != method:
         raise ValueError(f'method={kwargs["method"]!r} is invalid for {variant}: its method is {method!r}')

@@ -1,0 +1,399 @@
+"""Careless and hostile input: nothing silently wrong, nothing written outside --output, nothing trusted from a
+remote repo. Each case is one that a fresh clone of the earlier code got wrong (a stale cache trained on, a raw
+traceback, a file written outside --output, a local path read on a remote repo's say-so).
+
+CLI cases run the real ``capaboost-vtab`` entry point in a subprocess: exit code, one ``error:`` line naming the
+culprit, and nothing written or left behind.
+"""
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+
+import capaboost_vision as cv
+from capaboost_vision import cli as cli_module
+from capaboost_vision._io import DiskFullError
+from capaboost_vision.data import DataError, VTABDataset, read_list
+from capaboost_vision.data_cache import prepare_split
+from capaboost_vision.engine import run_directory, train
+from capaboost_vision.hub import AdapterError
+from capaboost_vision.run_config import RunError, resolve_config
+from capaboost_vision.vtab import Task
+from hub_server import HubServer
+from test_robustness import ENTRY, cli, files_under, one_line_error
+from test_vtab import TINY, make_task
+
+RUN = ['--task', 'toy', '--method', 'lora', '--epochs', '1', *TINY]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    make_task(root)
+    return root
+
+
+def tree(path: Path):
+    """Every file under ``path`` with its size and modification time: what a refused command must leave as is."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob('*') if p.is_file()}
+
+
+def results_of(out: Path, name: str) -> dict:
+    return json.loads((out / 'vit_tiny' / 'toy' / 'final' / name / 'seed0' / 'results.json').read_text())
+
+
+# ---- 1-2. the decode-once cache: stale entries and damaged files are never trained on ----
+
+TOY = Task('toy', 3, 'custom')
+
+
+def cached_pixels(folder: Path, cache_dir: Path) -> torch.Tensor:
+    split = prepare_split(VTABDataset(folder.parent, TOY, 'test', 16), cache_dir, int(1e9), None, show_progress=False)
+    return torch.from_numpy(np.array(split.images))
+
+
+def decoded_pixels(folder: Path) -> torch.Tensor:
+    dataset = VTABDataset(folder.parent, TOY, 'test', 16)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def test_an_image_replaced_in_place_is_decoded_again(tmp_path):
+    folder = make_task(tmp_path / 'data', n_test=20)
+    before = cached_pixels(folder, tmp_path / 'cache')
+    for line in (folder / 'test.txt').read_text().splitlines()[:10]:  # the same names and lists, other pixels
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / line.split()[0])
+    after = cached_pixels(folder, tmp_path / 'cache')
+    assert torch.equal(after, decoded_pixels(folder)) and not torch.equal(after, before)
+    assert not after[:10].any() and torch.equal(after[10:], before[10:])
+    headers = [json.loads(p.read_text()) for p in (tmp_path / 'cache').glob('toy-test-*.json')]
+    assert len(headers) == 2 and len({h['sources_sha256'] for h in headers}) == 2  # content hash recorded
+
+
+def _truncate(path, shape):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def _empty(path, shape):
+    path.write_bytes(b'')
+
+
+def _float32(path, shape):
+    np.save(path, np.zeros(shape, np.float32))
+
+
+def _zeroed(path, shape):
+    np.save(path, np.zeros(shape, np.uint8))
+
+
+def _one_pixel(path, shape):
+    images = np.load(path, mmap_mode='r+')
+    images[0, 0, 0, 0] ^= 1
+    images.flush()
+
+
+def _no_header(path, shape):
+    path.with_suffix('.json').unlink()
+
+
+@pytest.mark.parametrize('damage', [_truncate, _empty, _float32, _zeroed, _one_pixel, _no_header])
+def test_a_damaged_cache_file_is_rebuilt_not_used(damage, tmp_path, capsys):
+    folder = make_task(tmp_path / 'data', n_test=20)
+    good = cached_pixels(folder, tmp_path / 'cache')
+    cache_file, = (tmp_path / 'cache').glob('toy-test-*.npy')
+    damage(cache_file, tuple(good.shape))
+    capsys.readouterr()
+    assert torch.equal(cached_pixels(folder, tmp_path / 'cache'), good)
+    err = capsys.readouterr().err
+    assert f'note: cache file {cache_file} cannot be used' in err and 'rebuilding it' in err
+    capsys.readouterr()
+    assert torch.equal(cached_pixels(folder, tmp_path / 'cache'), good)  # rebuilt: used as it is from now on
+    assert capsys.readouterr().err == ''
+
+
+# ---- 3-4. run folders stay under --output; list paths stay in the task folder ----
+
+@pytest.mark.parametrize('extra, fragment', [
+    (['--task', '../../../data/toy'], "--task '../../../data/toy' is invalid: a plain name is required"),
+    (['--task', 'toy', '--name', '../../../../escaped_name'], "--name '../../../../escaped_name' is invalid"),
+    (['--task', 'toy', '--name', 'a/b'], "--name 'a/b' is invalid"),
+])
+def test_run_folders_never_leave_output(data, tmp_path, extra, fragment):
+    before = tree(tmp_path.parent)
+    code, _, err = cli('train', '--data-path', data, '--output', tmp_path / 'runs', *TINY, *extra, cwd=tmp_path)
+    one_line_error(code, err, fragment)
+    assert tree(tmp_path.parent) == before
+
+
+def test_a_run_folder_that_resolves_outside_output_is_refused(data, tmp_path):
+    (tmp_path / 'runs').mkdir()
+    (tmp_path / 'runs' / 'vit_tiny').symlink_to(tmp_path / 'elsewhere', target_is_directory=True)
+    cfg = resolve_config(dict(task='toy', data_path=str(data), output=str(tmp_path / 'runs'), model='vit_tiny'))
+    with pytest.raises(RunError, match='resolves to .*outside --output'):
+        run_directory(cfg)
+
+
+def test_list_paths_outside_the_task_folder_are_refused(tmp_path, capsys):
+    folder = make_task(tmp_path / 'data', n_test=5)
+    bad = ['/tmp/secret.png', '../../outside.png', 'images/../../outside.png', 'C:/secret.png']
+    (folder / 'test.txt').write_text('images/0.png 0\n' + ''.join(f'{path} 1\n' for path in bad))
+    code, _, err = cli('train', *RUN, '--data-path', tmp_path / 'data', '--output', tmp_path / 'runs')
+    one_line_error(code, err, f"{folder / 'test.txt'}:2: image path '/tmp/secret.png' leaves the task folder")
+    assert not (tmp_path / 'runs').exists()
+    capsys.readouterr()
+    assert cli_module.main(['check', '--data-path', str(tmp_path / 'data'), '--tasks', 'toy']) == 1
+    out = capsys.readouterr().out
+    for lineno, path in enumerate(bad, 2):  # check names every one
+        assert f'test.txt:{lineno}: image path {path!r} leaves the task folder' in out
+
+
+# ---- 5-6. every number has a range; every error names its real culprit ----
+
+@pytest.mark.parametrize('extra, fragment', [
+    (['--lr', '1e300'], '--lr 1e+300 is invalid: must lie in (0, 100]'),
+    (['--drop-path', '1.5'], '--drop-path 1.5 is invalid: must lie in [0, 1)'),
+    (['--label-smoothing', '1.5'], '--label-smoothing 1.5 is invalid: must lie in [0, 1)'),
+    (['--weight-decay', 'nan'], '--weight-decay nan is invalid'),
+    (['--clip-grad', 'nan'], '--clip-grad nan is invalid: must be >= 0 and finite'),
+    (['--lora-alpha', 'nan'], '--lora-alpha: lora_alpha=nan is invalid: must be > 0 and finite'),
+    (['--lora-alpha', 'inf'], '--lora-alpha: lora_alpha=inf is invalid'),
+    (['--method', 'capaboost_adapter', '--adapter-scale', 'nan'], '--adapter-scale: adapter_scale=nan is invalid'),
+    (['--seed', '-1'], '--seed -1 is invalid: an integer >= 0 is required'),
+])
+def test_numbers_outside_their_range_are_refused_naming_the_flag(data, tmp_path, extra, fragment):
+    code, _, err = cli('train', *RUN, '--data-path', data, '--output', tmp_path / 'runs', *extra)
+    one_line_error(code, err, fragment)
+    assert not (tmp_path / 'runs').exists()
+
+
+@pytest.mark.parametrize('text, fragment', [
+    ('lr: .nan\n', 'bad.yaml: lr nan is invalid'),
+    ('capaboost: {lora_alpha: .inf}\n', 'bad.yaml: capaboost.lora_alpha: lora_alpha=inf is invalid'),
+    ('capaboost: {mask_densty: 0.5}\n', "bad.yaml: capaboost.mask_densty: unknown CapaBoost setting 'mask_densty' "
+                                        "(did you mean 'mask_density'?)"),
+])
+def test_bad_yaml_numbers_and_typos_name_the_file_before_any_run(data, tmp_path, text, fragment):
+    (tmp_path / 'bad.yaml').write_text(text)
+    for command in (['train', *RUN], ['sweep', '--tasks', 'toy', '--methods', 'lora', 'capaboost_lora',
+                                      '--epochs', '1', *TINY]):
+        code, _, err = cli(*command, '--data-path', data, '--output', tmp_path / 'runs', '--config',
+                           tmp_path / 'bad.yaml')
+        one_line_error(code, err, fragment)
+        assert not (tmp_path / 'runs').exists()
+
+
+def test_labels_are_ascii_integers(tmp_path):
+    folder = make_task(tmp_path / 'data', n_test=5)
+    (folder / 'test.txt').write_text('images/0.png 0\nimages/1.png ²\n')
+    code, _, err = cli('train', *RUN, '--data-path', tmp_path / 'data', '--output', tmp_path / 'runs')
+    one_line_error(code, err, f'{folder / "test.txt"}:2: line does not parse', 'ASCII digits')
+    for label in ('١', '1.0', '+1', '1e0'):  # '١' is a digit to str.isdigit(), and int() reads it as 1
+        (folder / 'test.txt').write_text(f'images/0.png 0\nimages/1.png {label}\n')
+        with pytest.raises(DataError, match='test.txt:2: line does not parse'):
+            read_list(folder / 'test.txt', 3)
+
+
+def test_task_yaml_sizes_and_missing_data_paths_name_the_culprit(tmp_path):
+    folder = make_task(tmp_path / 'data', n_test=5)
+    (folder / 'task.yaml').write_text('num_classes: 1000000000000\n')
+    code, _, err = cli('train', *RUN, '--data-path', tmp_path / 'data', '--output', tmp_path / 'runs')
+    one_line_error(code, err, f'{folder / "task.yaml"}: num_classes 1000000000000 is invalid')
+    code, _, err = cli('train', *RUN, '--data-path', tmp_path / 'nowhere', '--output', tmp_path / 'runs')
+    one_line_error(code, err, f'--data-path {tmp_path / "nowhere"} does not exist')
+    code, _, err = cli('train', *RUN, '--task', 'my_task', '--data-path', tmp_path / 'data', '--output',
+                       tmp_path / 'runs')
+    one_line_error(code, err, "unknown task 'my_task'", f'{tmp_path / "data" / "my_task"} is not a folder holding')
+    assert not (tmp_path / 'runs').exists()
+
+
+# ---- 7. a full disk: one line, the previous checkpoint kept ----
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A factory of small tmpfs mounts (root only; skipped elsewhere, or where mounting is not allowed)."""
+    if os.geteuid() != 0 or not shutil.which('mount'):
+        pytest.skip('the full-disk cases mount a small tmpfs, which needs root')
+    mounts = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f'disk{len(mounts)}'
+        folder.mkdir()
+        done = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f'cannot mount a tmpfs here: {done.stderr.decode().strip()}')
+        mounts.append(folder)
+        return folder
+    yield mount
+    for folder in mounts:
+        subprocess.run(['umount', '-l', str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a filler file until the disk is full."""
+    filler = folder / 'filler'
+    with open(filler, 'wb', buffering=0) as f:  # unbuffered: closing it has nothing left to write
+        try:
+            while True:
+                f.write(b'\0' * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_at_the_first_checkpoint_is_one_line(data, tmp_path, small_disk):
+    disk = small_disk('256k')  # the run folder's config fits, LoRA r=8's checkpoint (~0.9 MB) does not
+    code, _, err = cli('train', *RUN, '--data-path', data, '--output', disk / 'runs', '--cache-dir',
+                       tmp_path / 'cache')
+    run_dir = disk / 'runs' / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0'
+    one_line_error(code, err, f'cannot write {run_dir / "checkpoint.pt"}: no space left on the device', 'MB free')
+    assert not [p for p in files_under(disk) if p.name.endswith('.tmp')]
+
+
+def test_a_full_disk_later_keeps_the_last_checkpoint_and_resumes(data, tmp_path, small_disk):
+    disk = small_disk('1m')  # room for two LoRA r=1 checkpoints (~0.13 MB each), until the filler takes it
+    cfg = resolve_config(dict(task='toy', method='lora', data_path=str(data), output=str(disk / 'runs'),
+                              cache_dir=str(tmp_path / 'cache'), epochs=3, model='vit_tiny', pretrained=False,
+                              img_size=32, batch_size=100, workers=0, warmup_epochs=0, capaboost=dict(rank=1)))
+    cfg.capaboost['seed'] = 0
+    run_dir = run_directory(cfg)
+    fillers = []
+    with pytest.raises(DiskFullError, match=f'cannot write {run_dir / "checkpoint.pt"}: no space left .* the '
+                                            f'previous checkpoint.pt is unchanged'):
+        train(cfg, on_epoch_end=lambda epoch: fillers.append(fill(disk)) if epoch == 1 else None)
+    kept = torch.load(run_dir / 'checkpoint.pt', weights_only=True)
+    assert kept['epoch'] == 1 and not [p for p in files_under(disk) if p.name.endswith('.tmp')]
+    fillers.pop().unlink()
+    cfg.resume = True  # the adapter write at the end meets a full disk too: the same one line
+    with pytest.raises(DiskFullError, match=f'cannot write {run_dir / "adapter.safetensors"}'):
+        train(cfg, on_epoch_end=lambda epoch: fillers.append(fill(disk)) if epoch == 3 else None)
+    fillers.pop().unlink()
+    assert not (run_dir / 'results.json').exists()
+    assert train(cfg)['epochs'] == 3  # the last checkpoint (epoch 3) finishes the run
+
+
+# ---- 8. SIGTERM and SIGINT stop after the current step and say how to resume ----
+
+@pytest.mark.parametrize('sig, code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_after_the_step_naming_the_checkpoint(data, tmp_path, sig, code):
+    out = tmp_path / 'runs'
+    argv = [*ENTRY, 'train', *RUN[:4], '--epochs', '200', *TINY, '--data-path', str(data), '--output', str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # epoch 2 is checkpointed: the run is well inside its loop
+        if line.startswith('epoch 2/200'):
+            break
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    run_dir = out / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0'
+    assert proc.returncode == code, err[-2000:]
+    one_line_error(2, err.strip(), f'stopped by {sig.name} at epoch', f'the last checkpoint is {run_dir}/checkpoint.pt',
+                   'rerun the same command with --resume')
+    epoch = torch.load(run_dir / 'checkpoint.pt', weights_only=True)['epoch']
+    assert f'(epoch {epoch} of 200)' in err and epoch >= 2
+    assert not [p for p in files_under(out) if p.name.endswith('.tmp')]
+
+
+# ---- 9. a busy run folder is refused before any preparation ----
+
+def test_a_busy_run_folder_is_refused_before_model_and_data(data, tmp_path):
+    run_dir = tmp_path / 'runs' / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0'
+    run_dir.parent.mkdir(parents=True)
+    with open(run_dir.parent / '.seed0.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run holds the folder
+        code, out, err = cli('train', *RUN, '--data-path', data, '--output', tmp_path / 'runs')
+    one_line_error(code, err, f'{run_dir} is being written by another run')
+    assert 'trainable' not in out and not (tmp_path / 'runs' / '.cache').exists()  # no model, no data read
+
+
+# ---- 10. report: malformed results are skipped, named, and counted ----
+
+def test_report_skips_malformed_results_naming_them(data, tmp_path):
+    out = tmp_path / 'runs'
+    assert cli_module.main(['train', *RUN, '--data-path', str(data), '--output', str(out)]) == 0
+    good = out / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0' / 'results.json'
+    top1 = json.loads(good.read_text())['top1']
+    bad = {}
+    for i, value in enumerate(['"abc"', 'null', 'NaN', '1e400', '-5']):
+        bad[value] = out / 'vit_tiny' / 'toy' / 'final' / f'broken{i}' / 'seed0' / 'results.json'
+        bad[value].parent.mkdir(parents=True)
+        bad[value].write_text(good.read_text().replace(f'"top1": {top1}', f'"top1": {value}'))
+    code, _, err = cli('report', out)
+    assert code == 0, err
+    assert err.splitlines() == [f'note: skipped {bad[v]}: top1 {json.loads(v)!r} is not a finite accuracy in '
+                                f'[0, 100]' for v in sorted(bad, key=lambda v: str(bad[v]))]
+    report = (out / 'report.md').read_text()
+    tables, skipped = report.split('## Skipped results')
+    assert '| lora |' in tables and 'broken' not in tables
+    assert '5 malformed results.json file(s) are not in the tables above' in skipped
+    assert all(str(path) in skipped for path in bad.values())
+
+
+# ---- 11. a remote repo's config.json is data: checked before anything is built ----
+
+def _repo_variant(tmp_path, name, edit):
+    model = timm.create_model('vit_tiny_capaboost_lora', img_size=32, num_classes=3)
+    folder = tmp_path / name
+    cv.save_adapter(model, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    edit(config)
+    (folder / 'config.json').write_text(json.dumps(config))
+    return folder
+
+
+HOSTILE = {
+    'local adapter path': (lambda c: c['model_args'].update(adapter='/some/local/path'),
+                           '"model_args.adapter" is not allowed'),
+    'overlay': (lambda c: c['model_args'].update(pretrained_cfg_overlay={'file': '/etc/passwd'}),
+                '"model_args.pretrained_cfg_overlay" is not allowed'),
+    'tag': (lambda c: c['pretrained_cfg'].update(tag='../../x'), '"pretrained_cfg.tag" \'../../x\' is not a pretrained tag'),
+    'plain architecture': (lambda c: c.update(architecture='vit_tiny_patch16_224'),
+                           "\"architecture\" 'vit_tiny_patch16_224' is not a registered CapaBoost-lora model"),
+    'huge head': (lambda c: (c.update(num_classes=10 ** 12), c['model_args'].update(num_classes=10 ** 12)),
+                  '"num_classes" 1000000000000 is outside [1, 1,000,000]'),
+    'huge rank': (lambda c: c['model_args'].update(rank=10 ** 9), 'rank=1000000000 is invalid'),
+}
+
+
+@pytest.mark.parametrize('case', [k for k in HOSTILE if k not in ('plain architecture', 'overlay')])
+def test_timm_api_refuses_a_hostile_repo_config(tmp_path, case):
+    edit, fragment = HOSTILE[case]
+    folder = _repo_variant(tmp_path, 'repo', edit)
+    for pretrained in (False, True):
+        with pytest.raises(AdapterError, match=None) as e:
+            timm.create_model(f'local-dir:{folder}', pretrained=pretrained)
+        assert fragment in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    server = HubServer()
+    with server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+        env.update(HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET='1', HF_HOME=str(tmp_path / 'hf'),
+                   HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_OFFLINE='0')
+        yield server, env
+
+
+def test_rank_cli_refuses_hostile_hub_repos_and_names_a_missing_one(hub, tmp_path):
+    server, env = hub
+    for case in ('plain architecture', 'overlay', 'local adapter path'):  # the others: timm's API test above
+        edit, fragment = HOSTILE[case]
+        folder = _repo_variant(tmp_path, case.replace(' ', '_'), edit)
+        repo = f'tester/{case.replace(" ", "-")}'
+        server.store.create(repo)
+        files = server.store.repos[repo]['commits'][server.store.repos[repo]['branches']['main']]
+        files.update({p.name: p.read_bytes() for p in folder.iterdir()})
+        code, _, err = cli('rank', f'hf-hub:{repo}', env=env)
+        one_line_error(code, err, fragment)
+    code, _, err = cli('rank', 'hf-hub:tester/nope', env=env)
+    one_line_error(code, err, 'adapter repo tester/nope does not exist on the Hub')
