@@ -12,14 +12,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-import yaml
 from PIL import Image
 
 import capaboost_vision as cv
@@ -31,18 +29,11 @@ from capaboost_vision.engine import run_directory, train
 from capaboost_vision.hub import AdapterError
 from capaboost_vision.run_config import RunError, resolve_config
 from capaboost_vision.vtab import Task
-from hub_server import HubServer
-from test_robustness import ENTRY, cli, files_under, one_line_error
+from test_hub import hub  # noqa: F401  (a loopback Hub)
+from test_robustness import ENTRY, cli, data, files_under, one_line_error  # noqa: F401  (data: a fixture)
 from test_vtab import TINY, make_task
 
 RUN = ['--task', 'toy', '--method', 'lora', '--epochs', '1', *TINY]
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    make_task(root)
-    return root
 
 
 def tree(path: Path):
@@ -374,18 +365,9 @@ def test_timm_api_refuses_a_hostile_repo_config(tmp_path, case):
         assert fragment in str(e.value) and '\n' not in str(e.value)
 
 
-@pytest.fixture
-def hub(tmp_path):
-    server = HubServer()
-    with server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
-        env.update(HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET='1', HF_HOME=str(tmp_path / 'hf'),
-                   HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_OFFLINE='0')
-        yield server, env
-
-
 def test_rank_cli_refuses_hostile_hub_repos_and_names_a_missing_one(hub, tmp_path):
     server, env = hub
+    env = dict(env, HF_HUB_OFFLINE='0')  # cli() starts from this process's environment, which is offline
     for case in ('plain architecture', 'overlay', 'local adapter path'):  # the others: timm's API test above
         edit, fragment = HOSTILE[case]
         folder = _repo_variant(tmp_path, case.replace(' ', '_'), edit)
