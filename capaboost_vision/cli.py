@@ -15,11 +15,11 @@ from pathlib import Path
 from queue import Empty, Queue
 from typing import Any, Dict, List, Optional
 
+from ._version import __version__
 from .config import CapaBoostConfig, field_default
 from .run_config import CAPABOOST_FORMS, FIELDS, RunConfig, RunError, Stopped, method_names, resolve_config
 from .vtab import resolve_tasks
 
-__version__ = '0.2.0'
 _SWEEP_ONLY = ('tasks', 'methods', 'seeds', 'gpus', 'runs_per_gpu')
 
 

@@ -5,6 +5,7 @@ type-checked against its field, and an error names the file (or flag) it came fr
 CLI parses and validates arguments before loading torch and timm.
 """
 import difflib
+import importlib.resources
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -14,7 +15,18 @@ import yaml
 
 from .config import METHODS, CapaBoostConfig, SettingError, check_setting, field_default, setting
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / 'configs'
+
+
+def _config_dir() -> Path:
+    """The method and task YAMLs: ``capaboost_vision/configs`` inside an installed wheel (read through
+    importlib.resources), the repository's top-level ``configs/`` in a source checkout."""
+    packaged = importlib.resources.files('capaboost_vision') / 'configs'
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / 'configs'
+
+
+CONFIG_DIR = _config_dir()
 CAPABOOST_FORMS = METHODS  # the CapaBoost forms; 'peft' = an HF PEFT method; 'linear' and 'full' are references
 FORMS = CAPABOOST_FORMS + ('peft', 'linear', 'full')
 PROTOCOLS = ('final', 'val')

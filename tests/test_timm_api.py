@@ -4,6 +4,7 @@ import copy
 import pytest
 import timm
 import torch
+from timm.layers import Format
 
 import capaboost_vision as cv
 from conftest import tiny_swin, tiny_vit
@@ -39,6 +40,7 @@ def test_features_only_has_the_base_models_shapes(family, form, out_indices):
     model = timm.create_model(f'{family}_tiny_capaboost_{form}', features_only=True, **kw, **FORMS[form], **extra)
     assert [f.shape for f in model(x())] == [f.shape for f in base(x())]
     assert model.feature_info.channels() == base.feature_info.channels()
+    assert Format(model.output_fmt) == Format(base.output_fmt)  # what necks and timm's feature tests permute by
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(cv.tuner.is_capaboost_key(n) for n in trainable)  # the backbone stays frozen
 

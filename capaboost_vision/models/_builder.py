@@ -5,6 +5,7 @@ from typing import Any, Callable, Dict
 
 import torch.nn as nn
 from timm.models import PretrainedCfg, get_pretrained_cfg
+from timm.layers import Format
 from timm.models._features import FeatureGetterNet
 from timm.models._builder import pretrained_cfg_for_features
 
@@ -87,12 +88,16 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretra
 
 class NHWCFeatureGetter(FeatureGetterNet):
     """timm's FeatureGetterNet with NHWC outputs, as the base Swin's ``features_only`` model gives them (Swin's
-    ``forward_intermediates`` returns NCHW only). A getter keeps the whole model, prompts included, as ``.model``."""
+    ``forward_intermediates`` returns NCHW only), and ``output_fmt`` saying so, as the base's ``FeatureListNet``
+    does (timm's feature tests and necks read it). A getter keeps the whole model, prompts included, as ``.model``."""
+
+    def __init__(self, model: nn.Module, out_indices: Any) -> None:
+        super().__init__(model, out_indices=out_indices)
+        self.output_fmt = Format.NHWC
 
     def forward(self, x):
-        features = super().forward(x)
-        if isinstance(features, dict):
-            return {k: v.permute(0, 2, 3, 1) for k, v in features.items()}
+        features = self.model.forward_intermediates(x, indices=self.out_indices, norm=self.norm, output_fmt='NCHW',
+                                                    intermediates_only=True)
         return [f.permute(0, 2, 3, 1) for f in features]  # (B, C, H, W) -> (B, H, W, C)
 
 
