@@ -3,6 +3,8 @@ import difflib
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
+from .run_config import TASK_INFO_FILE, load_yaml  # a custom task folder describes itself: {num_classes: N, group: G}
+
 
 GROUPS = ('natural', 'specialized', 'structured')
 
@@ -43,7 +45,6 @@ ALIASES: Dict[str, List[str]] = {
     'smallnorb_ele': ['smallnorb_elevation', 'smallnorb_label_elevation'],
 }
 _CANONICAL = {alias: name for name, aliases in ALIASES.items() for alias in aliases}
-from .run_config import TASK_INFO_FILE, load_yaml  # a custom task folder describes itself: {num_classes: N, group: G}
 
 
 def canonical_name(name: str) -> Optional[str]:
