@@ -38,9 +38,10 @@ class Sample(NamedTuple):
 _LABEL = re.compile(r'-?[0-9]+')  # ASCII digits only: str.isdigit() also takes '²' (int() fails) and '١' (read as 1)
 
 
-def parse_line(line: str, where: str, num_classes: int) -> Sample:
-    """One list line ``relative/image/path label``; DataError naming ``where`` (file:line) when it does not parse,
-    its label is outside [0, num_classes), or its path leaves the task folder (absolute, or with a '..' part)."""
+def parse_line(line: str, list_file: Path, lineno: int, num_classes: int) -> Sample:
+    """Line ``lineno`` of ``list_file``, ``relative/image/path label``; DataError naming file:line when it does not
+    parse, its label is outside [0, num_classes), or its path leaves the task folder (absolute, or a '..' part)."""
+    where = f'{list_file}:{lineno}'
     parts = line.rsplit(maxsplit=1)
     if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
         raise DataError(f'{where}: line does not parse (expected "relative/image/path label", the label in ASCII '
@@ -52,7 +53,7 @@ def parse_line(line: str, where: str, num_classes: int) -> Sample:
                         f'without absolute paths or ".." parts')
     if not 0 <= label < num_classes:
         raise DataError(f'{where}: label {label} is outside [0, {num_classes - 1}]')
-    return Sample(path, label, 0)
+    return Sample(path, label, lineno)
 
 
 def read_list(list_file: Path, num_classes: int) -> List[Sample]:
@@ -64,7 +65,7 @@ def read_list(list_file: Path, num_classes: int) -> List[Sample]:
         text = list_file.read_text(encoding='utf-8')
     except UnicodeDecodeError as e:
         raise DataError(f'list file {list_file} is not UTF-8 text (byte {e.start}); save it as UTF-8') from None
-    return [parse_line(line, f'{list_file}:{lineno}', num_classes)._replace(line=lineno)
+    return [parse_line(line, list_file, lineno, num_classes)
             for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
@@ -160,7 +161,7 @@ def check_task(root: Path, task: Task, expected_lines: bool = True, max_listed: 
                 continue
             result.lines += 1
             try:
-                sample = parse_line(line, f'{list_file}:{lineno}', task.num_classes)
+                sample = parse_line(line, list_file, lineno, task.num_classes)
             except DataError as e:
                 problem(str(e))
                 continue
