@@ -5,5 +5,5 @@ from .tuner import apply_capaboost, merge, parameter_report, is_capaboost_key
 from .hub import export_peft, load_adapter, push_adapter_to_hub, save_adapter
 from . import models  # noqa: F401  (registers the models)
 
-__all__ = ['__version__', 'CapaBoostConfig', 'apply_capaboost', 'merge', 'parameter_report', 'is_capaboost_key', 'save_adapter',
-           'load_adapter', 'push_adapter_to_hub', 'export_peft']
+__all__ = ['__version__', 'CapaBoostConfig', 'apply_capaboost', 'merge', 'parameter_report', 'is_capaboost_key',
+           'save_adapter', 'load_adapter', 'push_adapter_to_hub', 'export_peft']

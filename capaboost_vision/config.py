@@ -15,6 +15,7 @@ LORA_TARGETS = ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')
 ADAPTER_PLACEMENTS = ('parallel', 'sequential')
 MASK_SCALINGS = ('none', 'expected')
 LORA_INITS = ('peft', 'official')
+MAX_CLASSES = 1_000_000  # a class count above this is a typo or a hostile file, not a head to allocate
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:

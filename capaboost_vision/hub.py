@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from timm.models._hub import save_config_for_hf
 
 from ._io import atomic_path, write_text_atomic
-from .config import CONFIG_KEYS, CapaBoostConfig
+from .config import CONFIG_KEYS, MAX_CLASSES, CapaBoostConfig, in_range
 from .tuner import head_module, head_name, is_capaboost_key
 from .lora import CapaBoostLoRALinear
 from .masks import pack_mask, unpack_mask
@@ -224,8 +224,9 @@ def _fetch(source: str, filename: str) -> Path:
         raise AdapterError(f'adapter repo {repo_id} has no revision {revision!r}') from None
     except LocalEntryNotFoundError:
         raise AdapterError(f'cannot fetch {filename} of {repo_id}: no network and not in the Hugging Face cache '
-                           f'(not in the local cache at {constants.HF_HUB_CACHE}). Connect once (without HF_HUB_OFFLINE=1) to fill the cache, or load from a local folder '
-                           '(save_adapter / snapshot_download)') from None
+                           f'(not in the local cache at {constants.HF_HUB_CACHE}). Connect once (without '
+                           f'HF_HUB_OFFLINE=1) to fill the cache, or load from a local folder (save_adapter / '
+                           f'snapshot_download)') from None
     except EntryNotFoundError:  # LocalEntryNotFoundError subclasses it, so it is caught first, above
         raise AdapterError(f'adapter repo {repo_id} has no file {filename}') from None
 
@@ -245,9 +246,6 @@ def _schema_error(config_file: Path, what: str) -> AdapterError:
     return AdapterError(f'{config_file} is not a CapaBoost adapter config: {what}')
 
 
-MAX_CLASSES = 1_000_000
-
-
 def _sizes(low: int) -> Callable[[Any], bool]:
     """An integer, or a list of integers, in [low, 65536] (image, patch and window sizes, widths, depths, heads)."""
     def ok(value: Any) -> bool:
@@ -256,25 +254,20 @@ def _sizes(low: int) -> Callable[[Any], bool]:
     return ok
 
 
-def _probability(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value < 1
-
-
 # The timm ViT/Swin constructor arguments a saved config.json may carry in model_args, each with what it allows.
 # Anything else (adapter=, pretrained_cfg_overlay=, a file or URL) is refused: a repo is someone else's data.
 BASE_MODEL_ARGS: Dict[str, Callable[[Any], bool]] = {
     **dict.fromkeys(('img_size', 'patch_size', 'window_size', 'embed_dim', 'depth', 'depths', 'num_heads',
                      'in_chans'), _sizes(1)),
     'reg_tokens': _sizes(0),
-    'num_classes': lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CLASSES,
+    'num_classes': lambda v: isinstance(v, int) and in_range(v, f'[0, {MAX_CLASSES}]'),
     **dict.fromkeys(('drop_rate', 'pos_drop_rate', 'proj_drop_rate', 'attn_drop_rate', 'drop_path_rate',
-                     'patch_drop_rate'), _probability),
+                     'patch_drop_rate'), lambda v: in_range(v, '[0, 1)')),
     **dict.fromkeys(('class_token', 'no_embed_class', 'dynamic_img_size', 'dynamic_img_pad', 'qkv_bias',
                      'pre_norm'), lambda v: isinstance(v, bool)),
     'global_pool': lambda v: v in ('', 'token', 'avg', 'avgmax', 'max', 'map'),
-    'mlp_ratio': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 64,
-    'init_values': lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                           and math.isfinite(v)),
+    'mlp_ratio': lambda v: in_range(v, '(0, 64]'),
+    'init_values': lambda v: v is None or in_range(v, '(-inf, inf)'),
 }
 
 

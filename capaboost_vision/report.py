@@ -11,24 +11,19 @@ random bases). Both come from ``tuner.stored_parameters``, the same function for
 """
 import csv
 import json
-import math
 import statistics
 import sys
 from collections import defaultdict
-from numbers import Real
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._io import atomic_path, write_text_atomic
+from .config import in_range
 from .vtab import GROUPS, TASKS
 
 
 SECTIONS = {'final': 'Test accuracy (train800val200 -> test)', 'val': 'Validation accuracy (train800 -> val200)'}
 REQUIRED_KEYS = ('task', 'group', 'method', 'family', 'seed', 'top1', 'trainable_params_excl_head')
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_results(path: Path) -> Dict[str, Any]:
@@ -46,15 +41,15 @@ def read_results(path: Path) -> Dict[str, Any]:
             raise ValueError(f'{path}: {key} {result[key]!r} is not a string')
     if isinstance(result['seed'], bool) or not isinstance(result['seed'], int):
         raise ValueError(f'{path}: seed {result["seed"]!r} is not an integer')
-    if not _is_number(result['top1']) or not 0 <= result['top1'] <= 100:
+    if not in_range(result['top1'], '[0, 100]'):
         raise ValueError(f'{path}: top1 {result["top1"]!r} is not a finite accuracy in [0, 100]')
-    if not _is_number(result['trainable_params_excl_head']) or result['trainable_params_excl_head'] < 0:
+    if not in_range(result['trainable_params_excl_head'], '[0, inf)'):
         raise ValueError(f'{path}: trainable_params_excl_head {result["trainable_params_excl_head"]!r} is not a '
                          f'parameter count')
     if result.get('protocol', 'final') not in SECTIONS:
         raise ValueError(f'{path}: protocol {result["protocol"]!r} is not one of {", ".join(SECTIONS)}')
     for key in ('lr', 'fixed_params'):
-        if result.get(key) is not None and not _is_number(result[key]):
+        if result.get(key) is not None and not in_range(result[key], '(-inf, inf)'):
             raise ValueError(f'{path}: {key} {result[key]!r} is not a finite number')
     return result
 

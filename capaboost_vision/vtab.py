@@ -3,6 +3,7 @@ import difflib
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
+from .config import MAX_CLASSES
 from .run_config import TASK_INFO_FILE, load_yaml  # a custom task folder describes itself: {num_classes: N, group: G}
 
 
@@ -59,9 +60,6 @@ def task_dir(root: Path, name: str) -> Path:
         if (Path(root) / candidate).is_dir():
             return Path(root) / candidate
     return Path(root) / name
-
-
-MAX_CLASSES = 1_000_000  # a task.yaml's num_classes above this is a typo, not a head to allocate
 
 
 def resolve_task(name: str, root: Optional[Path] = None) -> Task:
