@@ -11,12 +11,12 @@ import sys
 
 def main() -> int:
     if 'capaboost_vision' in sys.modules:
-        from capaboost_vision import cli
+        from capaboost_vision.vtab import cli
         return cli.main()
     spec = importlib.util.find_spec('capaboost_vision')
     sys.modules['capaboost_vision'] = importlib.util.module_from_spec(spec)  # a bare package: __init__ not run
     try:
-        from capaboost_vision import cli
+        from capaboost_vision.vtab import cli
     finally:
         del sys.modules['capaboost_vision']  # the next import runs the real __init__ (reusing the loaded modules)
     return cli.main()

@@ -14,20 +14,21 @@ W_up_cat = [W_up⊙M^up_1 | ...] (dim x d*b); b_up is added once. The adapter re
 ``placement='sequential'`` is part of the MLP branch by definition: mlp(x) + s * adapter(mlp(x)), inside it.
 
 The adapter is attached as ``mlp.capaboost_adapter``, so every base parameter name (``blocks.0.mlp.fc1.weight``...)
-stays as it was, and each block runs its own adapter: CapaBoost swaps the block's class for the subclass below that
-matches it (``ADAPTER_BLOCKS``), whose forward is timm's with the adapter added. Nothing is carried between modules
+stays as it was, and each block runs its own adapter: CapaBoost swaps the block's class for the subclass its family's
+``Backbone.adapter_blocks`` names (defined in the family's model file), whose forward is timm's with the adapter
+added. Nothing is carried between modules
 or calls, so the blocks script (TorchScript), trace (fx), compile and export as timm's do.
 """
 import math
-from typing import Optional
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformerBlock
-from timm.models.vision_transformer import Block, ResPostBlock
 
+from .backbones import Backbone
 from .config import CapaBoostConfig
+from .forms import Form, register_form
 from .masks import adapter_dtype, apply_masks, make_masks
 
 
@@ -70,47 +71,24 @@ class CapaBoostAdapter(nn.Module):
         return f'dim={dim}, bottleneck={b}, num_masks={self.num_masks}, scale={self.scale}, placement={self.placement}'
 
 
-class AdapterBlock(Block):
-    """timm's ViT ``Block`` with its MLP's CapaBoost adapter: sequential inside the MLP branch, parallel beside it
-    (outside LayerScale and drop-path)."""
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-        h = self.norm2(x)
-        if self.mlp.capaboost_adapter.placement == 'parallel':
-            return x + self.drop_path2(self.ls2(self.mlp(h))) + self.mlp.capaboost_adapter(h)
-        y = self.mlp(h)
-        return x + self.drop_path2(self.ls2(y + self.mlp.capaboost_adapter(y)))
-
-
-class AdapterResPostBlock(ResPostBlock):
-    """timm's ``ResPostBlock`` (norm after attention and MLP) with its MLP's CapaBoost adapter."""
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        x = x + self.drop_path1(self.norm1(self.attn(x, attn_mask=attn_mask, is_causal=is_causal)))
-        if self.mlp.capaboost_adapter.placement == 'parallel':
-            return x + self.drop_path2(self.norm2(self.mlp(x))) + self.mlp.capaboost_adapter(x)
-        y = self.mlp(x)
-        return x + self.drop_path2(self.norm2(y + self.mlp.capaboost_adapter(y)))
+def install_adapter(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
+                    config: CapaBoostConfig) -> None:
+    """Give every block's MLP a CapaBoostAdapter (all built first) and the block the class that runs it."""
+    planned = []
+    for block_name, block in blocks:
+        ref = block.mlp.fc1.weight
+        planned.append(CapaBoostAdapter(block.mlp.fc1.in_features, config, f'{block_name}.mlp.capaboost_adapter',
+                                        device=ref.device, dtype=ref.dtype))
+    for (_, block), adapter in zip(blocks, planned):
+        block.mlp.capaboost_adapter = adapter
+        block.__class__ = backbone.adapter_blocks[type(block)]  # timm's forward with the adapter in it
 
 
-class AdapterSwinBlock(SwinTransformerBlock):
-    """timm's ``SwinTransformerBlock`` with its MLP's CapaBoost adapter."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        x = x + self.drop_path1(self._attn(self.norm1(x)))
-        x = x.reshape(B, -1, C)  # (B, H, W, C) -> (B, H*W, C)
-        h = self.norm2(x)
-        if self.mlp.capaboost_adapter.placement == 'parallel':
-            x = x + self.drop_path2(self.mlp(h)) + self.mlp.capaboost_adapter(h)
-        else:
-            y = self.mlp(h)
-            x = x + self.drop_path2(y + self.mlp.capaboost_adapter(y))
-        return x.reshape(B, H, W, C)
+def adapter_max_rank(model: nn.Module) -> int:
+    """The largest width the summed bottleneck reaches: d*b."""
+    return max((m.mask_down.shape[0] * m.down_weight.shape[0] for m in model.modules()
+                if isinstance(m, CapaBoostAdapter)), default=0)
 
 
-# the class CapaBoost swaps in for each supported timm block (exact types: a subclass may have its own forward)
-ADAPTER_BLOCKS = {Block: AdapterBlock, ResPostBlock: AdapterResPostBlock, SwinTransformerBlock: AdapterSwinBlock}
+register_form(Form('adapter', install_adapter, adapter_max_rank,
+                   ('adapter_bottleneck', 'adapter_scale', 'adapter_placement'), 'CapaBoost-adapter'))

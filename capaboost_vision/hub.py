@@ -25,6 +25,7 @@ from timm.models._hub import save_config_for_hf
 
 from ._io import atomic_path, write_text_atomic
 from .config import CONFIG_KEYS, MAX_CLASSES, CapaBoostConfig, in_range
+from .forms import COMMON_MATCHING_KEYS, FORMS
 from .tuner import head_module, head_name, is_capaboost_key
 from .lora import CapaBoostLoRALinear
 from .masks import pack_mask, unpack_mask
@@ -32,9 +33,6 @@ from .masks import pack_mask, unpack_mask
 FORMAT_VERSION = 1
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'adapter.safetensors'
-# settings that must agree between an adapter file and the model it is loaded into (masks travel in the file)
-_MATCHING_KEYS = ('method', 'num_masks', 'mask_scaling', 'rank', 'lora_alpha', 'target_modules', 'adapter_bottleneck',
-                  'adapter_scale', 'adapter_placement', 'prompt_length', 'prompt_rank')
 
 
 class AdapterError(ValueError):
@@ -382,7 +380,8 @@ def check_adapter(model: nn.Module, adapter: AdapterFile, check_base: bool = Tru
         raise AdapterError(f'adapter has num_classes={adapter.meta["num_classes"]}, the model has {model.num_classes}; '
                            f'build the model with num_classes={adapter.meta["num_classes"]}')
     saved, mine = adapter.config.to_dict(), config.to_dict()
-    diffs = [f'{k}: model has {mine[k]!r}, adapter has {saved.get(k)!r}' for k in _MATCHING_KEYS
+    matching = COMMON_MATCHING_KEYS + FORMS[config.method].matching_keys  # masks travel in the file
+    diffs = [f'{k}: model has {mine[k]!r}, adapter has {saved.get(k)!r}' for k in matching
              if saved.get(k) != mine[k]]
     if diffs:
         raise AdapterError('adapter settings do not match the model: ' + '; '.join(diffs))

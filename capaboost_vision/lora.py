@@ -13,13 +13,15 @@ Being an ``nn.Linear`` subclass (as in microsoft/loralib), the base ``weight``/`
 (unmasked, initialised to ||W0||) trained with A and B. Still one linear map, so it still merges.
 """
 import math
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backbones import Backbone
 from .config import CapaBoostConfig
+from .forms import Form, register_form
 from .masks import adapter_dtype, apply_masks, make_masks
 
 
@@ -105,3 +107,26 @@ class CapaBoostLoRALinear(nn.Linear):
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, rank={self.rank}, num_masks={self.num_masks}, dora={self.use_dora}, '
                 f'scaling={self.scaling:g}, max_rank={min(self.num_masks * self.rank, self.in_features, self.out_features)}')
+
+
+def install_lora(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
+                 config: CapaBoostConfig) -> None:
+    """Replace every target linear of every block by a CapaBoostLoRALinear sharing its weight (all built first)."""
+    planned = []
+    for block_name, block in blocks:
+        for target in config.target_modules:
+            parent_name, attr = target.rsplit('.', 1)
+            parent = block.get_submodule(parent_name)
+            planned.append((parent, attr, CapaBoostLoRALinear(getattr(parent, attr), config, f'{block_name}.{target}')))
+    for parent, attr, layer in planned:
+        setattr(parent, attr, layer)
+
+
+def lora_max_rank(model: nn.Module) -> int:
+    """The largest rank a layer's update reaches: min(d*r, in, out)."""
+    return max((min(m.num_masks * m.rank, m.in_features, m.out_features) for m in model.modules()
+                if isinstance(m, CapaBoostLoRALinear)), default=0)
+
+
+register_form(Form('lora', install_lora, lora_max_rank, ('rank', 'lora_alpha', 'target_modules'),
+                   'CapaBoost-LoRA (attn.qkv by default)'))

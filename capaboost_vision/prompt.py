@@ -16,23 +16,23 @@ feature extraction).
 - Swin: each window attention gets its block's n prompts as extra keys/values (projected by the block's own
   frozen qkv), with zero relative-position bias and no shift mask for them.
 
-CapaBoost swaps each ViT block's class for the subclass below that matches it (``PROMPTED_VIT_BLOCKS``: timm's
-forward between the insertion and the removal) and each Swin window attention's for ``PromptedWindowAttention``,
+CapaBoost swaps each ViT block's class for a subclass whose forward is timm's between the insertion and the removal,
+and each Swin window attention's for ``PromptedWindowAttention`` (each family's model file in ``models/`` defines
+them, with its ``Backbone.install_prompt``),
 so every base parameter name stays as it was. Each prompted module reaches its bank through its own subtree (a tied
 submodule, as tied weights are: TorchScript, fx and export need the path); the bank's one name stays
 ``capaboost_prompt.banks.<width group>``, listed first so ``named_parameters`` uses it, and state dicts hold it only
 there.
 """
 import math
-from typing import List, Optional
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.models.swin_transformer import WindowAttention
-from timm.models.vision_transformer import Block, ResPostBlock
 
+from .backbones import Backbone
 from .config import CapaBoostConfig
+from .forms import Form, register_form
 from .masks import adapter_dtype, apply_masks, make_masks
 
 
@@ -132,78 +132,10 @@ def _tied_bank_is_not_missing(module: nn.Module, incompatible_keys) -> None:
     missing[:] = [k for k in missing if 'capaboost_prompt_bank' not in k.split('.')]
 
 
-def _name_banks_first(model: nn.Module) -> None:
+def name_banks_first(model: nn.Module) -> None:
     """Move ``capaboost_prompt`` to the front of the model's children: a tied module is named after its first path."""
     for name in [n for n in model._modules if n != 'capaboost_prompt']:
         model._modules[name] = model._modules.pop(name)
-
-
-class PromptedVitTokens(BlockPrompts):
-    """The ViT prompt tokens of one block: inserted after the prefix tokens on entry, removed on exit."""
-
-    capaboost_num_prefix: int
-
-    def insert_prompts(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool) -> torch.Tensor:
-        # a real mask or causal attention would not fit the prompt tokens (fx's placeholders for them are neither)
-        if isinstance(attn_mask, torch.Tensor) or (isinstance(is_causal, bool) and is_causal):
-            raise ValueError('capaboost prompt models do not support attn_mask/is_causal: the prompts change the '
-                             'token count')
-        p = self.capaboost_num_prefix  # (B, prefix + patches, dim) -> (B, prefix + n + patches, dim)
-        prompts = self.capaboost_prompts().to(x.dtype).expand(x.shape[0], -1, -1)  # (B, n, dim)
-        return torch.cat([x[:, :p], prompts, x[:, p:]], dim=1)
-
-    def remove_prompts(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.capaboost_num_prefix  # (B, prefix + n + patches, dim) -> (B, prefix + patches, dim)
-        return torch.cat([x[:, :p], x[:, p + self.capaboost_prompt_bank.length:]], dim=1)
-
-
-class PromptedBlock(PromptedVitTokens, Block):
-    """timm's ViT ``Block`` with its VPT-deep prompts."""
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        x = self.insert_prompts(x, attn_mask, is_causal)
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return self.remove_prompts(x)
-
-
-class PromptedResPostBlock(PromptedVitTokens, ResPostBlock):
-    """timm's ``ResPostBlock`` with its VPT-deep prompts."""
-
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False) -> torch.Tensor:
-        x = self.insert_prompts(x, attn_mask, is_causal)
-        x = x + self.drop_path1(self.norm1(self.attn(x)))
-        x = x + self.drop_path2(self.norm2(self.mlp(x)))
-        return self.remove_prompts(x)
-
-
-# the class CapaBoost swaps in for each supported ViT block (exact types: a subclass may have its own forward)
-PROMPTED_VIT_BLOCKS = {Block: PromptedBlock, ResPostBlock: PromptedResPostBlock}
-
-
-class PromptedWindowAttention(BlockPrompts, WindowAttention):
-    """timm's WindowAttention with the block's prompts as extra keys/values (zero bias, never masked)."""
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        prompt = self.capaboost_prompts().to(x.dtype)  # (n, C)
-        B_, N, C = x.shape
-        n = prompt.shape[0]
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, H, N, hd)
-        _, pk, pv = self.qkv(prompt).reshape(n, 3, self.num_heads, -1).permute(1, 2, 0, 3).unbind(0)  # (H, n, hd)
-        k = torch.cat([pk.expand(B_, -1, -1, -1), k], dim=2)  # (B_, H, n+N, hd)
-        v = torch.cat([pv.expand(B_, -1, -1, -1), v], dim=2)
-        bias = self._get_rel_pos_bias()  # (1, H, N, N)
-        if mask is not None:  # (nW, N, N) shift mask, windows innermost in B_ as in timm
-            num_win = mask.shape[0]
-            bias = (bias.unsqueeze(1) + mask.view(1, num_win, 1, N, N)).expand(B_ // num_win, -1, -1, -1, -1)
-            bias = bias.reshape(B_, self.num_heads, N, N)
-        bias = F.pad(bias, (n, 0)).to(q.dtype)  # (.., N, n+N): zero bias on the prompt keys
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.attn_drop.p if self.training else 0.0)
-        x = self.proj(x.transpose(1, 2).reshape(B_, N, -1))
-        return self.proj_drop(x)
 
 
 def vpt_init_bound(patch_size, dim: int) -> float:
@@ -211,37 +143,16 @@ def vpt_init_bound(patch_size, dim: int) -> float:
     return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
 
 
-def build_vit_prompt(model: nn.Module, config: CapaBoostConfig) -> DeepPrompt:
-    p = model.blocks[0].attn.qkv.weight
-    bound = vpt_init_bound(model.patch_embed.patch_size, model.embed_dim)
-    return DeepPrompt([PromptBank(len(model.blocks), model.embed_dim, config, 'capaboost_prompt.banks.0', bound,
-                                  device=p.device, dtype=p.dtype)])
+def install_prompt(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
+                   config: CapaBoostConfig) -> None:
+    """Deep prompts in every block, the family's way (``Backbone.install_prompt``)."""
+    backbone.install_prompt(model, config)
 
 
-def install_vit_prompt(model: nn.Module, deep_prompt: DeepPrompt) -> None:
-    model.capaboost_prompt = deep_prompt
-    for i, block in enumerate(model.blocks):
-        block.__class__ = PROMPTED_VIT_BLOCKS[type(block)]
-        block.capaboost_num_prefix = model.num_prefix_tokens
-        attach_bank(block, deep_prompt.banks[0], i)
-    _name_banks_first(model)
+def prompt_max_rank(model: nn.Module) -> int:
+    """The largest rank of a bank's prompt matrix: min(d*r, rows, dim) (plain prompts: min(rows, dim))."""
+    return max((m.max_rank() for m in model.modules() if isinstance(m, PromptBank)), default=0)
 
 
-def build_swin_prompt(model: nn.Module, config: CapaBoostConfig) -> DeepPrompt:
-    banks = []
-    for s, stage in enumerate(model.layers):
-        qkv = stage.blocks[0].attn.qkv
-        dim = qkv.in_features
-        bound = vpt_init_bound(model.patch_embed.patch_size, dim)
-        banks.append(PromptBank(len(stage.blocks), dim, config, f'capaboost_prompt.banks.{s}', bound,
-                                device=qkv.weight.device, dtype=qkv.weight.dtype))
-    return DeepPrompt(banks)
-
-
-def install_swin_prompt(model: nn.Module, deep_prompt: DeepPrompt) -> None:
-    model.capaboost_prompt = deep_prompt
-    for s, stage in enumerate(model.layers):
-        for j, block in enumerate(stage.blocks):
-            block.attn.__class__ = PromptedWindowAttention
-            attach_bank(block.attn, deep_prompt.banks[s], j)
-    _name_banks_first(model)
+register_form(Form('prompt', install_prompt, prompt_max_rank, ('prompt_length', 'prompt_rank'),
+                   'CapaBoost-prompt (factorised VPT-deep)'))

@@ -24,10 +24,10 @@ import torch
 from torch.utils.data import DistributedSampler
 
 import capaboost_vision  # noqa: F401  (registers the models)
-from capaboost_vision.data import VTABDataset
-from capaboost_vision.data_cache import CachedLoader, DecodeLoader, prepare_split
-from capaboost_vision.offline_data import build_shapes_task
-from capaboost_vision.vtab import Task
+from capaboost_vision.vtab.data import VTABDataset
+from capaboost_vision.vtab.data_cache import CachedLoader, DecodeLoader, prepare_split
+from offline_data import build_shapes_task
+from capaboost_vision.vtab.tasks import Task
 
 
 def parse_args():

@@ -26,9 +26,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import capaboost_vision as cv
-from capaboost_vision.engine import CAPABOOST_FORMS, base_model_name, family_of
-from capaboost_vision.peft_baselines import apply_peft
-from capaboost_vision.tuner import stored_parameters
+from capaboost_vision.vtab.engine import CAPABOOST_FORMS, base_model_name, family_of
+from capaboost_vision.vtab.peft_baselines import apply_peft
+from capaboost_vision.vtab.methods import stored_parameters
 
 ROWS = {  # name -> (form, kwargs); lora/adapter/prompt: CapaBoost kwargs of our registered models; peft: the
     # peft block of an HF PEFT method (PEFT's code), sized near LoRA r=8's 147,456 on ViT-S/14 qkv where it can be

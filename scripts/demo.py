@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from capaboost_vision import cli
-from capaboost_vision.offline_backbone import fetch_offline_backbone
-from capaboost_vision.offline_data import build_task
+from capaboost_vision.vtab import cli
+from offline_backbone import fetch_offline_backbone
+from offline_data import build_task
 
 OUT = Path('runs/demo')
 SEEDS = (0, 1)

@@ -105,7 +105,7 @@ def main() -> None:
                                 '--output', str(out / 'bench_data.json')], json_file=str(out / 'bench_data.json'))
 
         # 4. one full-length VTAB-1k-sized run: 1,000 train images, 224 px, 100 epochs, ViT-B/16 (random init)
-        from capaboost_vision.offline_data import build_shapes_task
+        from offline_data import build_shapes_task
         build_shapes_task(Path(tmp) / 'data', num_test=50 if dry else 1000)
         run = ['--model', 'vit_tiny', '--img-size', '32', '--epochs', '2', '--warmup-epochs', '0', '-b', '100',
                '--device', 'cpu'] if dry else ['--model', 'vit_base', '--img-size', '224', '--epochs', '100',

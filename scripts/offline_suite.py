@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from capaboost_vision import cli
-from capaboost_vision.offline_backbone import fetch_offline_backbone
-from capaboost_vision.offline_data import SOURCES, build_task
-from capaboost_vision.search import SearchJob, final_argv, records_markdown, search
+from capaboost_vision.vtab import cli
+from offline_backbone import fetch_offline_backbone
+from offline_data import SOURCES, build_task
+from capaboost_vision.vtab.search import SearchJob, final_argv, records_markdown, search
 
 LORA_GRID = [1e-3, 3e-3, 1e-2]
 PROMPT_GRID = [1e-2, 3e-2, 1e-1]

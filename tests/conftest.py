@@ -7,6 +7,8 @@ import torch
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 sys.path.insert(0, os.path.dirname(__file__))
+# the offline fixtures (real data and a real backbone from registry wheels) live beside the scripts, not in the library
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
 
 import capaboost_vision  # noqa: E402,F401  (registers the models)
 

@@ -5,7 +5,8 @@ import torch
 
 from capaboost_vision import CapaBoostConfig, apply_capaboost
 from capaboost_vision.adapter import CapaBoostAdapter
-from capaboost_vision.prompt import PromptBank, PromptedWindowAttention
+from capaboost_vision.models.swin_transformer_capaboost import PromptedWindowAttention
+from capaboost_vision.prompt import PromptBank
 from conftest import tiny_swin, tiny_vit
 from reference import naive_adapter, naive_prompts, naive_vpt_deep_vit, window_attention_with_prompts
 

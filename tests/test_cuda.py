@@ -16,9 +16,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import capaboost_vision as cv  # noqa: E402
 from capaboost_vision import cli  # noqa: E402
-from capaboost_vision.data import VTABDataset  # noqa: E402
-from capaboost_vision.data_cache import CachedLoader, DecodeLoader, prepare_split  # noqa: E402
-from capaboost_vision.vtab import Task  # noqa: E402
+from capaboost_vision.vtab.data import VTABDataset  # noqa: E402
+from capaboost_vision.vtab.data_cache import CachedLoader, DecodeLoader, prepare_split  # noqa: E402
+from capaboost_vision.vtab.tasks import Task  # noqa: E402
 
 DEVICE = os.environ.get('CAPABOOST_TEST_DEVICE') or ('cuda' if torch.cuda.is_available() else None)
 try:
@@ -88,18 +88,18 @@ def test_checkpoint_resume_is_bit_exact(tmp_path):
     _task(data)
     common = ['train', '--task', 'toy', '--data-path', str(data), '--output', str(tmp_path / 'b' / 'runs'), *TINY,
               *map(str, args)]
-    from capaboost_vision import engine
-    original = engine.train_one_epoch
+    from capaboost_vision.vtab import engine
+    original = engine.train_epoch
 
     def stop_after_two(run, epoch):
         if epoch == 2:
             raise KeyboardInterrupt
         return original(run, epoch)
-    engine.train_one_epoch = stop_after_two
+    engine.train_epoch = stop_after_two
     try:
         assert cli.main(common) == 130
     finally:
-        engine.train_one_epoch = original
+        engine.train_epoch = original
     assert cli.main([*common, '--resume']) == 0
     resumed = json.loads(next((tmp_path / 'b' / 'runs').rglob('results.json')).read_text())
     assert resumed['top1'] == full['top1']
@@ -119,8 +119,8 @@ def test_cached_path_on_device_equals_decode_path(tmp_path):
 
 
 def test_prepare_uses_fused_adamw_on_cuda(tmp_path):
-    from capaboost_vision.engine import Distributed, prepare
-    from capaboost_vision.run_config import resolve_config
+    from capaboost_vision.vtab.engine import Distributed, prepare
+    from capaboost_vision.vtab.run_config import resolve_config
     _task(tmp_path / 'data')
     cfg = resolve_config(dict(task='toy', method='capaboost_lora', data_path=str(tmp_path / 'data'),
                               output=str(tmp_path / 'runs'), model='vit_tiny', pretrained=False, img_size=32,

@@ -9,10 +9,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from timm.data import create_transform
 
-from capaboost_vision import cli
-from capaboost_vision.data import VTABDataset, load_resized, to_float_normalized
-from capaboost_vision.data_cache import CachedLoader, DecodeLoader, prepare_split
-from capaboost_vision.vtab import Task
+from capaboost_vision.vtab import cli
+from capaboost_vision.vtab.data import VTABDataset, load_resized, to_float_normalized
+from capaboost_vision.vtab.data_cache import CachedLoader, DecodeLoader, prepare_split
+from capaboost_vision.vtab.tasks import Task
 from test_vtab import TINY, make_task
 
 TOY = Task('toy', 3, 'custom')

@@ -21,14 +21,15 @@ import torch
 from PIL import Image
 
 import capaboost_vision as cv
-from capaboost_vision import cli as cli_module
+from capaboost_vision.vtab import cli as cli_module
 from capaboost_vision._io import DiskFullError
-from capaboost_vision.data import DataError, VTABDataset, read_list
-from capaboost_vision.data_cache import prepare_split
-from capaboost_vision.engine import run_directory, train
+from capaboost_vision.vtab.data import DataError, VTABDataset, read_list
+from capaboost_vision.vtab.data_cache import prepare_split
+from capaboost_vision.vtab.engine import train
+from capaboost_vision.vtab.run_folder import run_directory
 from capaboost_vision.hub import AdapterError
-from capaboost_vision.run_config import RunError, resolve_config
-from capaboost_vision.vtab import Task
+from capaboost_vision.vtab.run_config import RunError, resolve_config
+from capaboost_vision.vtab.tasks import Task
 from test_hub import hub  # noqa: F401  (a loopback Hub)
 from test_robustness import ENTRY, cli, data, files_under, one_line_error  # noqa: F401  (data: a fixture)
 from test_vtab import TINY, make_task

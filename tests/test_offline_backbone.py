@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
-from capaboost_vision.offline_backbone import BASE_ARCH, fetch_offline_backbone, find_onnx_file
+from offline_backbone import BASE_ARCH, fetch_offline_backbone, find_onnx_file
 
 
 @pytest.fixture(scope='module')

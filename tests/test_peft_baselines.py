@@ -10,11 +10,11 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from capaboost_vision import cli, engine
-from capaboost_vision.peft_baselines import apply_peft
-from capaboost_vision.report import write_report
-from capaboost_vision.run_config import CONFIG_DIR, RunError, resolve_config
-from capaboost_vision.tuner import stored_parameters
+from capaboost_vision.vtab import cli, engine
+from capaboost_vision.vtab.peft_baselines import apply_peft
+from capaboost_vision.vtab.report import write_report
+from capaboost_vision.vtab.run_config import CONFIG_DIR, RunError, resolve_config
+from capaboost_vision.vtab.methods import stored_parameters
 from conftest import tiny_vit
 from test_vtab import make_task
 
@@ -153,8 +153,8 @@ def test_changed_peft_argument_is_refused_by_name_and_sweep_passes_peft_args(set
     assert code == 2 and 'peft.r: 2 -> 4' in err
     args = cli.make_parser().parse_args(['sweep', '--tasks', 'toy', '--methods', 'peft_hira', '--data-path', 'x',
                                          '--peft-args', 'r=2', 'target_modules=[qkv,proj]'])
-    argv = cli._train_argv(args, 'toy', 'peft_hira', 0)
-    assert argv[argv.index('--peft-args'):][:3] == ['--peft-args', 'r=2', 'target_modules=[qkv,proj]']
+    cfg = cli.build_run_config(args, 'toy', 'peft_hira', 0)  # what the sweep's run config.yaml records
+    assert cfg.peft['r'] == 2 and cfg.peft['target_modules'] == ['qkv', 'proj']
 
 
 def test_report_shows_peft_and_capaboost_rows_with_one_parameter_count(setup, tmp_path):

@@ -1,6 +1,7 @@
 import torch
 
-from capaboost_vision import CapaBoostConfig, apply_capaboost, cli
+from capaboost_vision import CapaBoostConfig, apply_capaboost
+from capaboost_vision.vtab import cli
 from capaboost_vision.rank import effective_rank, rank_table
 from conftest import tiny_vit
 

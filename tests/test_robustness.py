@@ -18,10 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 import capaboost_vision as cv
-from capaboost_vision import engine
-from capaboost_vision.engine import train
+from capaboost_vision.vtab import engine
+from capaboost_vision.vtab.engine import train
 from capaboost_vision.hub import AdapterError
-from capaboost_vision.run_config import RunError, resolve_config
+from capaboost_vision.vtab.run_config import RunError, resolve_config
 from test_vtab import TINY, make_task
 
 ENTRY = [sys.executable, '-c', 'import sys, capaboost_vtab; sys.exit(capaboost_vtab.main())']
@@ -126,7 +126,7 @@ import os, sys, torch
 if os.environ['RANK'] == '1':  # only this rank's loss turns NaN
     forward = torch.nn.CrossEntropyLoss.forward
     torch.nn.CrossEntropyLoss.forward = lambda self, x, y: forward(self, x, y) * float('nan')
-from capaboost_vision import cli
+from capaboost_vision.vtab import cli
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -335,7 +335,7 @@ def test_broken_results_json_in_report_is_named(finished, tmp_path):
 # ---- 11-13. help, conventions, speed of the parser, progress ----
 
 def test_help_shows_every_flag_with_help_default_and_choices():
-    from capaboost_vision.cli import make_parser
+    from capaboost_vision.vtab.cli import make_parser
     parser = make_parser()
     sub = next(a for a in parser._actions if a.dest == 'command').choices
     for name, p in sub.items():
@@ -383,7 +383,7 @@ def test_lr_is_logged_per_epoch_and_report_plot_is_never_blank(finished):
     header, row = (run_dir / 'metrics.csv').read_text().splitlines()[:2]
     assert header.split(',')[1] == 'lr' and float(row.split(',')[1]) > 0
     from PIL import Image
-    from capaboost_vision.report import write_report
+    from capaboost_vision.vtab.report import write_report
     out = write_report(finished)  # custom tasks only: their own panel
     img = Image.open(out['png']).convert('L')
     assert len(set(img.getdata())) > 20  # drawn points, text and axes, not a blank canvas

@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN
 
-from capaboost_vision import cli, engine
-from capaboost_vision.report import summarize, to_markdown, write_report
-from capaboost_vision.run_config import resolve_config
-from capaboost_vision.search import SearchJob, search
+from capaboost_vision.vtab import cli, engine
+from capaboost_vision.vtab.report import summarize, to_markdown, write_report
+from capaboost_vision.vtab.run_config import resolve_config
+from capaboost_vision.vtab.search import SearchJob, search
 from test_vtab import make_task
 
 SMALL = ['--model', 'vit_tiny', '--no-pretrained', '--img-size', '32', '--batch-size', '20', '--workers', '0',
@@ -132,21 +132,20 @@ def test_search_extends_the_grid_at_an_edge_and_marks_limits(tmp_path):
     """With a stand-in trainer whose val accuracy peaks at lr 0.1, the grid [1e-3, 1e-2] grows upward."""
     runs = []
 
-    def run_all(argvs):
-        runs.extend(argvs)
+    def run_all(requests):
+        runs.extend(requests)
         return []
 
-    def results_of(argv):
-        lr = float(argv[argv.index('--lr') + 1])
-        return {'top1': 100 - abs(__import__('math').log10(lr) + 1) * 10}
-    job = SearchJob('toy', 'm', ['train', '--task', 'toy'], [1e-3, 1e-2])
-    limited = SearchJob('toy', 'n', ['train', '--task', 'toy'], [1e-5, 1e-4])
+    def results_of(request):
+        return {'top1': 100 - abs(__import__('math').log10(request['lr']) + 1) * 10}
+    job = SearchJob('toy', 'm', [1e-3, 1e-2])
+    limited = SearchJob('toy', 'n', [1e-5, 1e-4])
     records = search([job, limited], [0, 1], 0, 2, run_all, results_of, lambda j: tmp_path)
     assert records['m@toy']['grid'] == [1e-3, 1e-2, 0.1, 1.0] and records['m@toy']['chosen_lr'] == 0.1
     assert not records['m@toy']['at_limit']
     assert records['n@toy']['chosen_lr'] == 0.01 and records['n@toy']['at_limit']  # 2 steps up, still the edge
-    finals = [a for a in runs if a[a.index('--protocol') + 1] == 'final']
-    assert len(finals) == 4 and {a[a.index('--lr') + 1] for a in finals if 'm' in a} == {'0.1'}
+    finals = [r for r in runs if r['protocol'] == 'final']
+    assert len(finals) == 4 and {r['lr'] for r in finals if r['method'] == 'm'} == {0.1}
     assert json.loads((tmp_path / 'm.json').read_text())['chosen_lr'] == 0.1
 
 
@@ -182,8 +181,8 @@ def test_train_accepts_a_plain_timm_model_name(small_root, tmp_path, capsys):
 
 
 def test_a_custom_folder_named_like_a_vtab_task_stays_custom(tmp_path):
-    from capaboost_vision.report import collect
-    from capaboost_vision.vtab import resolve_task
+    from capaboost_vision.vtab.report import collect
+    from capaboost_vision.vtab.tasks import resolve_task
     folder = make_task(tmp_path, name='dsprites_loc', num_classes=3, counts=(10, 5), n_test=5)
     (folder / 'task.yaml').write_text('num_classes: 3\ngroup: structured-like\n')  # VTAB's has 16 classes
     task = resolve_task('dsprites_loc', tmp_path)

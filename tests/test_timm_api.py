@@ -192,7 +192,7 @@ def test_any_timm_vit_or_swin_name_and_a_clear_error_for_other_blocks():
     odd = timm.create_model('vit_small_patch16_18x2_224', img_size=32, depth=2)
     with pytest.raises(ValueError, match='not supported: ParallelThingsBlock'):
         cv.apply_capaboost(odd, cv.CapaBoostConfig())
-    assert cv.tuner.model_family(odd) == 'vit' and not hasattr(odd, 'capaboost_config')  # left untouched
+    assert cv.backbones.backbone_of(odd).name == 'vit' and not hasattr(odd, 'capaboost_config')  # left untouched
 
 
 def test_entry_points_document_themselves_and_their_weights():

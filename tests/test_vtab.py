@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from capaboost_vision import cli
-from capaboost_vision.engine import train
-from capaboost_vision.run_config import resolve_config
-from capaboost_vision.vtab import resolve_task
+from capaboost_vision.vtab import cli
+from capaboost_vision.vtab.engine import train
+from capaboost_vision.vtab.run_config import resolve_config
+from capaboost_vision.vtab.tasks import resolve_task
 
 TINY = ['--model', 'vit_tiny', '--no-pretrained', '--img-size', '32', '--batch-size', '100', '--workers', '0',
         '--warmup-epochs', '0']
@@ -139,7 +139,7 @@ def _result(task, group, method, seed, top1, params=0.3e6):
 
 
 def test_report_standard_averages_by_hand(tmp_path):
-    from capaboost_vision.report import summarize, write_report
+    from capaboost_vision.vtab.report import summarize, write_report
     from capaboost_vision.vtab import TASKS
     for seed in (0, 1):
         for i, task in enumerate(TASKS.values()):
@@ -232,7 +232,7 @@ def test_task_registry_and_aliases(tmp_path):
 
 
 def test_demo_data_builder_on_real_mnist(tmp_path):
-    from capaboost_vision.offline_data import build_task
+    from offline_data import build_task
     folder = build_task('mnist', tmp_path, test_size=1000)
     counts = {s: len((folder / f'{s}.txt').read_text().splitlines()) for s in
               ('train800', 'val200', 'train800val200', 'test')}

@@ -1,15 +1,16 @@
 """Shared helpers for the CapaBoost model entry points: the base model is built (and its pretrained weights
 loaded) by timm itself, then CapaBoost is applied and its settings recorded for ``push_to_hf_hub``."""
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Iterable
 
 import torch.nn as nn
-from timm.models import PretrainedCfg, get_pretrained_cfg
+from timm.models import PretrainedCfg, get_pretrained_cfg, register_model
 from timm.layers import Format
 from timm.models._features import FeatureGetterNet
 from timm.models._builder import pretrained_cfg_for_features
 
 from ..config import CONFIG_KEYS, CapaBoostConfig
+from ..forms import FORMS
 from ..hub import check_repo, load_adapter, registered_base_id
 from ..tuner import apply_capaboost
 
@@ -30,6 +31,22 @@ def base_cfg(name_tag: str, **overrides: Any) -> Dict[str, Any]:
                       f'weights start untrained (zero update) and are the only trainable part with the head',))
     cfg.update(overrides)
     return cfg
+
+
+def register_entry_points(module: str, families: Iterable[str],
+                          create: Callable[..., nn.Module]) -> Dict[str, Callable[..., nn.Module]]:
+    """Register ``<family>_capaboost_<form>(pretrained=False, **kwargs)`` in timm for every family and registered
+    form, as functions of ``module`` (timm reads the module's ``default_cfgs``); returns them by name."""
+    def entry_point(variant: str, form: str) -> Callable[..., nn.Module]:
+        def create_variant(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+            return create(variant, pretrained, **kwargs)
+        create_variant.__name__ = create_variant.__qualname__ = variant
+        create_variant.__module__ = module
+        create_variant.__doc__ = f'{FORMS[form].summary} on {variant.split("_capaboost_")[0]}; frozen backbone.'
+        return register_model(create_variant)
+
+    return {f'{family}_capaboost_{form}': entry_point(f'{family}_capaboost_{form}', form)
+            for family in families for form in FORMS}
 
 
 def loaded_weights_id(model: nn.Module, pretrained: bool) -> str:

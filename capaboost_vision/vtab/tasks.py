@@ -3,7 +3,7 @@ import difflib
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
-from .config import MAX_CLASSES
+from ..config import MAX_CLASSES
 from .run_config import TASK_INFO_FILE, load_yaml  # a custom task folder describes itself: {num_classes: N, group: G}
 
 

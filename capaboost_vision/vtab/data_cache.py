@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ._io import atomic_path, write_text_atomic
+from .._io import atomic_path, write_text_atomic
 from .data import RESIZE_METHOD, VTABDataset, load_resized, to_float_normalized
 
 CACHE_VERSION = 2

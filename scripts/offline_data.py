@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from ._io import write_text_atomic
+from capaboost_vision._io import write_text_atomic
 
 SPLIT_SIZES = {'train800': 800, 'val200': 200}
 

@@ -17,9 +17,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._io import atomic_path, write_text_atomic
-from .config import in_range
-from .vtab import GROUPS, TASKS
+from .._io import atomic_path, write_text_atomic
+from ..config import in_range
+from .tasks import GROUPS, TASKS
 
 
 SECTIONS = {'final': 'Test accuracy (train800val200 -> test)', 'val': 'Validation accuracy (train800 -> val200)'}

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, Resize
 
-from .vtab import Task, task_dir
+from .tasks import Task, task_dir
 
 SPLITS = ('train800', 'val200', 'train800val200', 'test')
 EXPECTED_LINES = {'train800': 800, 'val200': 200, 'train800val200': 1000}

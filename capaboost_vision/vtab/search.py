@@ -2,7 +2,8 @@
 rate sits at an edge, pick on val200 only, then train800val200 -> test with the chosen rate for every seed.
 
 Every run is an ordinary ``capaboost-vtab train`` run (so finished runs are reused, and a run made with other
-settings is refused): the validation runs are named ``<name>_lr<lr>`` under ``<output>/.../val/``, the final runs
+settings is refused), described here by its request — task, method, lr, protocol, seed, name — which the caller
+resolves into the run's config: the validation runs are named ``<name>_lr<lr>`` under ``<output>/.../val/``, the final runs
 ``<name>`` under ``.../final/``. The search record of each (task, method) — grid, validation accuracies, chosen
 rate, whether it still sits at a limit — is written to ``<output>/<family>/<task>/search/<name>.json`` and
 listed by ``capaboost-vtab report``.
@@ -11,20 +12,22 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-from ._io import write_text_atomic
+from .._io import write_text_atomic
 from .run_config import RunError
 
 RECORD_VERSION = 1
 
 
+Request = Dict[str, Any]  # {task, method, lr, protocol, seed, name}: one run of a search
+
+
 @dataclass
 class SearchJob:
-    """One (task, method) to search: ``argv`` is its ``train`` command line without --lr/--protocol/--seed/--name."""
+    """One (task, method) to search over ``grid``."""
     task: str
     name: str
-    argv: List[str]
     grid: List[float]
     val_top1: Dict[float, float] = field(default_factory=dict)
     extensions: Dict[str, int] = field(default_factory=lambda: {'down': 0, 'up': 0})
@@ -66,32 +69,34 @@ def val_name(name: str, lr: float) -> str:
     return f'{name}_lr{lr:g}'
 
 
-def final_argv(job: SearchJob, lr: float, seed: int) -> List[str]:
-    """The train800val200 -> test run of ``job`` at ``lr`` for ``seed`` (also what reads its results back)."""
-    return [*job.argv, '--lr', f'{lr:g}', '--protocol', 'final', '--seed', str(seed), '--name', job.name]
+def val_request(job: SearchJob, lr: float, search_seed: int) -> Request:
+    """The train800 -> val200 run of ``job`` at ``lr``."""
+    return dict(task=job.task, method=job.name, lr=lr, protocol='val', seed=search_seed, name=val_name(job.name, lr))
+
+
+def final_request(job: SearchJob, lr: float, seed: int) -> Request:
+    """The train800val200 -> test run of ``job`` at ``lr`` for ``seed``."""
+    return dict(task=job.task, method=job.name, lr=lr, protocol='final', seed=seed, name=job.name)
 
 
 def search(jobs: List[SearchJob], seeds: List[int], search_seed: int, max_extensions: int,
-           run_all: Callable[[List[List[str]]], List[str]], results_of: Callable[[List[str]], Dict],
+           run_all: Callable[[List[Request]], List[str]], results_of: Callable[[Request], Dict],
            record_dir_of: Callable[[SearchJob], Path]) -> Dict[str, Dict]:
-    """Run the search of every job, round by round (each round's runs in parallel through ``run_all``), then the
-    final runs; returns {name@task: record}. ``results_of(argv)`` reads a finished run's results.json."""
-    def val_argv(job: SearchJob, lr: float) -> List[str]:
-        return [*job.argv, '--lr', f'{lr:g}', '--protocol', 'val', '--seed', str(search_seed),
-                '--name', val_name(job.name, lr)]
-
+    """Run the search of every job, round by round (each round's runs in parallel through ``run_all``, which
+    returns the failed runs' commands), then the final runs; returns {name@task: record}. ``results_of(request)``
+    reads a finished run's results.json."""
     pending = {(job.task, job.name): list(job.grid) for job in jobs}
     while pending:  # one round: every missing (job, lr) validation run
         by_key = {(job.task, job.name): job for job in jobs}
-        argvs = [val_argv(by_key[key], lr) for key, lrs in pending.items() for lr in lrs]
-        failures = run_all(argvs)
+        failures = run_all([val_request(by_key[key], lr, search_seed)
+                            for key, lrs in pending.items() for lr in lrs])
         if failures:
             raise RunError(f'{len(failures)} validation run(s) failed, e.g. capaboost-vtab {failures[0]}')
         new_pending = {}
         for key, lrs in pending.items():
             job = by_key[key]
             for lr in lrs:
-                job.val_top1[lr] = results_of(val_argv(job, lr))['top1']
+                job.val_top1[lr] = results_of(val_request(job, lr, search_seed))['top1']
             lr = next_rate(job, max_extensions)
             if lr is not None:
                 job.extensions['down' if lr < min(job.grid) else 'up'] += 1
@@ -109,7 +114,7 @@ def search(jobs: List[SearchJob], seeds: List[int], search_seed: int, max_extens
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(record, indent=2))
         records[f'{job.name}@{job.task}'] = record
-    final = [final_argv(job, job.best(), seed) for job in jobs for seed in seeds]
+    final = [final_request(job, job.best(), seed) for job in jobs for seed in seeds]
     failures = run_all(final)
     if failures:
         raise RunError(f'{len(failures)} final run(s) failed, e.g. capaboost-vtab {failures[0]}')

@@ -9,11 +9,11 @@ import importlib.resources
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
-from .config import METHODS, CapaBoostConfig, SettingError, check_setting, field_default, setting
+from ..config import METHODS, CapaBoostConfig, SettingError, check_setting, field_default, setting
 
 
 
@@ -23,7 +23,7 @@ def _config_dir() -> Path:
     packaged = importlib.resources.files('capaboost_vision') / 'configs'
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / 'configs'
+    return Path(__file__).resolve().parents[2] / 'configs'
 
 
 CONFIG_DIR = _config_dir()
@@ -97,7 +97,8 @@ class RunConfig:
     eval_interval: int = setting(0, 'evaluate every N epochs (0: the last epoch only for --protocol final, '
                                      'every epoch for val)', identity=False, range='[0, inf)')
     form: str = setting('', 'the method\'s form', choices=FORMS, cli=False)
-    capaboost: Dict[str, Any] = setting({}, 'CapaBoost settings (see CapaBoostConfig)', cli=False)
+    capaboost: Optional[CapaBoostConfig] = setting(None, 'CapaBoost settings of a CapaBoost form (a mapping of '
+                                                         'CapaBoostConfig keys in YAML; typed once resolved)', cli=False)
     peft: Dict[str, Any] = setting({}, 'HF PEFT method of form peft: type (a PeftType name) plus the arguments of its '
                                        'config class, e.g. {type: LOHA, r: 4, alpha: 8, target_modules: [qkv]}',
                                    cli=False)
@@ -115,9 +116,6 @@ class RunConfig:
             raise RunError(f'method {self.method!r}: a peft block goes with form peft (and form peft needs one: '
                            f'{{type: <PeftType>, ...}}); this one has form {self.form!r} and '
                            f'{"a" if self.peft else "no"} peft block')
-        if self.form == 'peft' and self.capaboost:
-            raise RunError(f'method {self.method!r} has form peft: CapaBoost settings ({", ".join(self.capaboost)}) '
-                           f'do not apply; PEFT arguments go in the peft block or --peft-args')
         for name in ('task', 'name', 'method'):  # each becomes one folder of the run's path under --output
             value = getattr(self, name)
             if value in ('.', '..') or any(c in value for c in ('/', '\\', '\0')):
@@ -138,6 +136,24 @@ class RunConfig:
         if not (self.device in ('auto', 'cpu', 'cuda') or self.device.startswith('cuda:')):
             raise RunError(f'--device {self.device!r} is invalid: choose auto, cpu, cuda or cuda:N')
 
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain YAML/JSON values (the CapaBoost block as a mapping, tuples as lists): config.yaml, results.json and
+        checkpoints record this."""
+        out = asdict(self)
+        out['capaboost'] = self.capaboost.to_dict() if self.capaboost is not None else None
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> 'RunConfig':
+        """The inverse of ``to_dict`` (a run folder's config.yaml); TypeError/ValueError on a malformed one."""
+        data = dict(data)
+        block = data.get('capaboost')
+        if isinstance(block, dict) and data.get('form') in CAPABOOST_FORMS:
+            data['capaboost'] = CapaBoostConfig(**dict(block, method=data['form']))
+        elif not isinstance(block, CapaBoostConfig):
+            data['capaboost'] = None
+        return cls(**data)
+
 
 def _flag(name: str) -> str:
     return name.replace('_', '-')
@@ -148,7 +164,8 @@ CAPABOOST_FIELDS = {f.name: f for f in fields(CapaBoostConfig)}
 
 
 _TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,), dict: (dict,)}
-FIELD_TYPES = {name: _TYPES[type(field_default(f))] for name, f in FIELDS.items()}
+FIELD_TYPES = {name: _TYPES[type(field_default(f))] if name != 'capaboost' else (dict,)  # a mapping in YAML
+               for name, f in FIELDS.items()}
 
 
 IDENTITY_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata.get('identity', True))
@@ -172,7 +189,7 @@ def _flatten(config: Dict[str, Any]) -> Dict[str, Any]:
 
 def config_differences(recorded: Dict[str, Any], requested: 'RunConfig') -> List[str]:
     """'field: recorded -> requested' for every identity setting that differs (an int equals the same float)."""
-    old, new = _flatten(recorded), _flatten(asdict(requested))
+    old, new = _flatten(recorded), _flatten(requested.to_dict())
     return [f'{k}: {old.get(k, "<unset>")!r} -> {new.get(k, "<unset>")!r}' for k in sorted(set(old) | set(new))
             if old.get(k, '<unset>') != new.get(k, '<unset>')]
 
@@ -240,8 +257,12 @@ def task_folder(task: str) -> Optional[Path]:
     return path.resolve() if (path / TASK_INFO_FILE).is_file() else None
 
 
-def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None) -> RunConfig:
-    """Defaults <- method YAML <- task YAML <- --config YAML <- command-line flags (``overrides``)."""
+def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
+                   check_method: Optional[Callable[[RunConfig, str], None]] = None) -> RunConfig:
+    """Defaults <- method YAML <- task YAML <- --config YAML <- command-line flags (``overrides``).
+
+    ``check_method(cfg, where)`` (``methods.check_method``, passed in by the command line: it needs torch) checks
+    the method's block against the architecture, naming ``where`` (the YAML files that set it) in its error."""
     layers: List[Tuple[str, Dict[str, Any]]] = []
     config_layer = load_yaml(Path(config_file)) if config_file else {}
     method = overrides.get('method') or config_layer.get('method') or RunConfig.method
@@ -285,6 +306,7 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None)
         merged['task'], merged['data_path'] = folder.name, str(folder.parent)
     if not merged.get('data_path'):
         raise RunError('--data-path is required (or give --task as a folder holding a task.yaml)')
+    block = merged.pop('capaboost', {})
     cfg = RunConfig(**merged)
     if cfg.warmup_epochs > cfg.epochs:
         origin = source.get('warmup_epochs', 'the default')
@@ -295,9 +317,12 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None)
               f'using {clamped} (epochs // 10)', file=sys.stderr)
         cfg.warmup_epochs = clamped
     cfg.validate(source)
-    if cfg.form in CAPABOOST_FORMS:
-        check_capaboost_block(cfg.capaboost, cfg.form, capaboost_source)
-    if cfg.form == 'peft':  # built on the meta device: every error of the PEFT block now, naming its file
-        from .engine import check_peft_method
-        check_peft_method(cfg, ' + '.join(dict.fromkeys(peft_origins)))
+    if cfg.form == 'peft' and block:
+        raise RunError(f'method {cfg.method!r} has form peft: CapaBoost settings ({", ".join(block)}) do not apply; '
+                       f'PEFT arguments go in the peft block or --peft-args')
+    if cfg.form in CAPABOOST_FORMS:  # the masks differ per seed unless mask_seed fixes them
+        check_capaboost_block(block, cfg.form, capaboost_source)
+        cfg.capaboost = CapaBoostConfig(**{'seed': cfg.seed, **block, 'method': cfg.form})
+    if check_method is not None:
+        check_method(cfg, ' + '.join(dict.fromkeys(peft_origins)))
     return cfg

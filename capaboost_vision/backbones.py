@@ -1,0 +1,78 @@
+"""What CapaBoost needs to know about a timm model family, as one ``Backbone`` spec per family.
+
+A family's model file in ``models/`` (e.g. ``vision_transformer_capaboost.py``) defines its spec — where the
+transformer blocks are, the block subclasses that run an adapter, how prompts are installed — registers it here and
+generates its ``*_capaboost_<form>`` entry points. The forms (``lora``, ``adapter``, ``prompt``) and ``tuner`` only
+ever ask this registry, so supporting another timm family (EVA, ...) is one new model file.
+"""
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Tuple
+
+import torch.nn as nn
+
+from .config import CapaBoostConfig
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One timm model family as CapaBoost sees it.
+
+    ``adapter_blocks`` maps every supported block type (exact types: a subclass may have a forward of its own) to
+    the subclass whose forward is timm's with the MLP's ``capaboost_adapter`` in it; its keys are the blocks
+    CapaBoost supports in this family. ``install_prompt`` builds the deep prompts and installs them in every block.
+    """
+    name: str
+    model_class: type
+    blocks: Callable[[nn.Module], List[Tuple[str, nn.Module]]]
+    adapter_blocks: Mapping[type, type]
+    install_prompt: Callable[[nn.Module, CapaBoostConfig], None]
+    description: str
+
+
+BACKBONES: Dict[str, Backbone] = {}
+
+
+def register_backbone(spec: Backbone) -> Backbone:
+    """Make ``spec`` known to ``apply_capaboost`` (its model file calls this on import)."""
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+def backbone_of(model: nn.Module) -> Backbone:
+    """The spec of ``model``'s family; a ValueError naming the supported families otherwise."""
+    for spec in BACKBONES.values():
+        if isinstance(model, spec.model_class):
+            return spec
+    supported = ' and '.join(f'timm {s.model_class.__name__} ({s.description})' for s in BACKBONES.values())
+    raise ValueError(f'model of type {type(model).__name__} is not supported: CapaBoost applies to {supported} models')
+
+
+def transformer_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(qualified name, block) for every transformer block, in order; ValueError naming a block type CapaBoost does
+    not know (e.g. ParallelThingsBlock, whose attention and MLP are lists)."""
+    spec = backbone_of(model)
+    blocks = spec.blocks(model)
+    for name, block in blocks:
+        if type(block) not in spec.adapter_blocks:
+            raise ValueError(f'not supported: {type(block).__name__} ({name}) in {type(model).__name__}; CapaBoost '
+                             f'applies to {", ".join(c.__name__ for c in spec.adapter_blocks)} blocks')
+    return blocks
+
+
+def head_name(model: nn.Module) -> str:
+    """The classifier's qualified name, as timm records it (``pretrained_cfg['classifier']``: ``head`` for ViT,
+    ``head.fc`` for Swin), else found from ``get_classifier()``."""
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier')
+    name = name[0] if isinstance(name, (tuple, list)) else name  # distilled DeiT: ('head', 'head_dist')
+    try:
+        model.get_submodule(name)
+        return name
+    except (AttributeError, TypeError):
+        classifier = model.get_classifier()
+        classifier = classifier[0] if isinstance(classifier, tuple) else classifier
+        return next(n for n, m in model.named_modules() if m is classifier)
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classifier module (see ``head_name``)."""
+    return model.get_submodule(head_name(model))

@@ -1,0 +1,357 @@
+"""``capaboost-vtab``: check data, train one run, sweep a grid, report results, push adapters, inspect ranks.
+
+Also runs under torchrun: ``torchrun --nproc_per_node 4 -m capaboost_vision.cli train ...`` (or ``-m
+capaboost_vision.vtab.cli``).
+Flags are generated from the ``RunConfig`` and ``CapaBoostConfig`` fields (their help, defaults and choices),
+and arguments are parsed before torch and timm are imported, so ``--help`` and usage errors answer at once.
+Errors reach the user as one line; ``--debug`` (or CAPABOOST_DEBUG=1) shows the traceback.
+"""
+import argparse
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .._version import __version__
+from ..config import CapaBoostConfig, field_default
+from .run_config import FIELDS, RunConfig, RunError, Stopped, method_names, resolve_config
+from .tasks import resolve_tasks
+
+_SWEEP_ONLY = ('tasks', 'methods', 'seeds', 'gpus', 'runs_per_gpu')
+
+
+def _capaboost_fields():
+    for f in fields(CapaBoostConfig):
+        if f.metadata.get('cli', True):
+            yield f, f.metadata.get('flag', f.name)
+
+
+def _range_text(f) -> str:
+    """'; allowed: [0, 1)' for a numeric setting with a range, for its --help."""
+    return f'; allowed: {f.metadata["range"]}' if f.metadata.get('range') else ''
+
+
+def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
+    """One flag per RunConfig field in ``scopes``. Defaults stay None so the YAML layers apply; help shows the
+    effective default."""
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        if not meta.get('cli', True) or meta.get('scope', 'run') not in scopes:
+            continue
+        default = field_default(f)
+        names = ['--' + name.replace('_', '-')] + ([meta['short']] if 'short' in meta else [])
+        help_text = f'{meta["help"]} (default: {default if default != "" else "none"}{_range_text(f)})'
+        if isinstance(default, bool):
+            p.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            p.add_argument(*names, dest=name, type=type(default), choices=meta.get('choices'), default=None,
+                           required=meta.get('required', False), help=help_text)
+    p.add_argument('--config', help='YAML with any run settings (overrides method and task YAML) (default: none)')
+    p.add_argument('--peft-args', nargs='+', metavar='KEY=VALUE',
+                   help='HF PEFT arguments of a peft method, over its YAML peft block; values are YAML, e.g. r=4 '
+                        'target_modules=[qkv,proj] (default: none)')
+    g = p.add_argument_group('CapaBoost settings (override the method YAML)')
+    for f, flag in _capaboost_fields():
+        default = f.default
+        shown = ' '.join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f'{f.metadata["help"]} (default: {shown}{_range_text(f)})'
+        if isinstance(default, bool):
+            g.add_argument('--' + flag.replace('_', '-'), dest=flag, action=argparse.BooleanOptionalAction,
+                           default=None, help=help_text)
+            continue
+        element = type(default[0]) if isinstance(default, tuple) else type(default)
+        g.add_argument('--' + flag.replace('_', '-'), dest=flag, type=element, choices=f.metadata.get('choices'),
+                       nargs=f.metadata.get('nargs'), default=None, help=help_text)
+
+
+def _overrides(args: argparse.Namespace, task: str, method: Optional[str], seed: Optional[int]) -> Dict[str, Any]:
+    out = {name: getattr(args, name, None) for name in FIELDS if FIELDS[name].metadata.get('cli', True)}
+    out.update(task=task, method=method, seed=seed)
+    capaboost = {f.name: getattr(args, flag) for f, flag in _capaboost_fields() if getattr(args, flag) is not None}
+    if capaboost:
+        out['capaboost'] = capaboost
+    if args.peft_args:
+        out['peft'] = _peft_args(args.peft_args)
+    return out
+
+
+def _peft_args(items: List[str]) -> Dict[str, Any]:
+    """``--peft-args r=4 alpha=8`` -> {'r': 4, 'alpha': 8} (each value read as YAML)."""
+    import yaml
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise RunError(f'--peft-args {item!r}: expected KEY=VALUE, e.g. r=4')
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise RunError(f'--peft-args {item!r}: the value is not valid YAML') from None
+    return out
+
+
+def _check_method(cfg: RunConfig, where: str) -> None:
+    from .methods import check_method  # torch: only once every torch-free check has passed
+    check_method(cfg, where)
+
+
+def build_run_config(args: argparse.Namespace, task: str, method: Optional[str], seed: Optional[int],
+                     **changes: Any) -> RunConfig:
+    """The resolved config of one run of ``args`` (``changes``: settings a sweep or search sets per run)."""
+    return resolve_config({**_overrides(args, task, method, seed), **changes}, args.config, _check_method)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = build_run_config(args, args.task, args.method, args.seed)  # bad settings answer before torch loads
+    from .engine import train
+    train(cfg)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .data import check_task
+    from .tasks import TASKS, resolve_tasks
+    root = Path(args.data_path)
+    if not root.is_dir():
+        raise RunError(f'--data-path {root} does not exist or is not a folder')
+    bad = 0
+    for task in resolve_tasks(args.tasks, root):
+        for split in check_task(root, task, expected_lines=TASKS.get(task.name) == task):
+            status = 'ok' if not split.problem_count else f'{split.problem_count} problem(s)'
+            print(f'{task.name:22s} {split.split:15s} {split.lines:6d} lines  {status}')
+            for problem in split.problems:
+                print(f'    {problem}')
+            bad += split.problem_count
+    print('all tasks ok' if not bad else f'{bad} problem(s) found')
+    return 1 if bad else 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """task x method x seed; on GPUs, ``--runs-per-gpu`` runs at once on each; finished runs are skipped."""
+    tasks = resolve_tasks(args.tasks, Path(args.data_path or '.'))
+    configs = [build_run_config(args, task.name, method, seed, resume=True)  # every run validated before any
+               for task in tasks for method in args.methods for seed in args.seeds]  # starts (or torch loads)
+    from .launch import pending_runs, run_all
+    failures = run_all(pending_runs(configs), args.gpus, args.runs_per_gpu, main)
+    if failures:
+        print(f'{len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Per task and method: lr grid on train800 -> val200 (extended at an edge), then the chosen lr on
+    train800val200 -> test for every seed."""
+    from .search import SearchJob, records_markdown, search
+    if any(lr <= 0 for lr in args.lrs):
+        raise RunError(f'--lrs {" ".join(map(str, args.lrs))}: every rate must be > 0')
+    tasks = resolve_tasks(args.tasks, Path(args.data_path or '.'))
+    jobs = []
+    for task in tasks:
+        for method in args.methods:
+            build_run_config(args, task.name, method, args.seeds[0])  # validates every run before starting any
+            jobs.append(SearchJob(task.name, method, sorted(set(args.lrs))))
+    from .launch import pending_runs, results_of, run_all  # torch loads once every run is validated
+    from .run_folder import run_directory
+
+    def plan(request: Dict[str, Any]) -> RunConfig:
+        return build_run_config(args, request['task'], request['method'], request['seed'], lr=request['lr'],
+                                protocol=request['protocol'], name=request['name'], resume=True)
+
+    def record_dir(job: SearchJob) -> Path:
+        return run_directory(build_run_config(args, job.task, job.name, args.seeds[0])).parent.parent.parent / \
+            'search'
+
+    records = search(jobs, args.seeds, args.seeds[0], args.max_extensions,
+                     lambda requests: run_all(pending_runs([plan(r) for r in requests]), args.gpus,
+                                              args.runs_per_gpu, main),
+                     lambda request: results_of(plan(request)), record_dir)
+    family = record_dir(jobs[0]).parent.parent.name  # <output>/<family>/<task>/search
+    print(records_markdown([dict(r, family=family) for r in records.values()]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    for kind, path in write_report(Path(args.runs_dir), args.prefix).items():
+        print(f'{kind}: {path}')
+    return 0
+
+
+def load_run_adapter(run_dir: Path):
+    """The CapaBoost model of a finished run folder with its trained adapter on a random backbone: for tools that
+    read only the adapter (rank, the offline suite's rank column)."""
+    import json
+    import yaml
+    from ..hub import load_adapter
+    from .methods import kind_of
+    for name in ('config.yaml', 'results.json', 'config.json'):
+        if not (run_dir / name).is_file():
+            raise RunError(f'{run_dir / name} does not exist: expected a finished CapaBoost run folder')
+    try:
+        cfg = RunConfig.from_dict(yaml.safe_load((run_dir / 'config.yaml').read_text()))
+        results = json.loads((run_dir / 'results.json').read_text())
+    except (TypeError, ValueError, yaml.YAMLError) as e:
+        raise RunError(f'{run_dir} does not hold a readable run config/results ({type(e).__name__})') from None
+    kind = kind_of(cfg)
+    if not kind.has_capaboost_adapter:
+        raise RunError(f'{run_dir} is a {cfg.form!r} run: only CapaBoost runs have a CapaBoost adapter'
+                       + (' (an HF PEFT run folder loads with peft.PeftModel.from_pretrained)'
+                          if (run_dir / 'adapter_config.json').is_file() else ''))
+    cfg.pretrained, cfg.weights = False, ''
+    return load_adapter(kind.build(cfg, results['num_classes']), run_dir, check_base=False), results
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Push a finished run's adapter folder (config.json, adapter, model card with its results) as it is."""
+    from ..hub import push_folder_to_hub
+    run_dir = Path(args.run_dir)
+    if not (run_dir / 'results.json').is_file():
+        raise RunError(f'{run_dir} is not a finished run folder (no results.json)')
+    if (run_dir / 'adapter_config.json').is_file():
+        raise RunError(f'{run_dir} holds an HF PEFT baseline (adapter_config.json), not a CapaBoost adapter: push '
+                       f'it with PeftModel.push_to_hub or huggingface_hub.upload_folder')
+    print(push_folder_to_hub(run_dir, args.repo_id, private=args.private, revision=args.revision))
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    """Singular values and effective rank of ΔW per LoRA layer, printed and plotted."""
+    from ..rank import rank_table, singular_values
+    if args.source.startswith('hf-hub:'):
+        from ..hub import create_model_from_hub
+        model = create_model_from_hub(args.source, pretrained=False)
+    else:
+        model = load_run_adapter(Path(args.source))[0]
+    rows = rank_table(model, args.threshold)
+    if not rows:
+        raise RunError(f'{args.source} has no LoRA layers: rank applies to CapaBoost-LoRA adapters')
+    print(f'| layer | max rank d*r | effective rank (entropy) | rank (sigma > {args.threshold:g} max) |')
+    print('|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['layer']} | {r['max_rank']} | {r['entropy']:.2f} | {r['threshold']} |")
+    print(f'mean effective rank {sum(r["entropy"] for r in rows) / len(rows):.2f} over {len(rows)} layers')
+    if args.plot:
+        from .report import save_singular_value_plot
+        save_singular_value_plot(singular_values(model), Path(args.plot), title=args.source)
+        print(f'plot: {args.plot}')
+    return 0
+
+
+def _parser_with(parent: argparse.ArgumentParser):
+    """A subparser class that inherits ``parent``'s flags."""
+    class SubParser(argparse.ArgumentParser):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, parents=[parent], **kwargs)
+    return SubParser
+
+
+def make_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog='capaboost-vtab', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    debug = argparse.ArgumentParser(add_help=False)  # --debug before or after the command
+    debug.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                       help='show the full traceback of an error (default: off; or set CAPABOOST_DEBUG=1)')
+    parser._add_container_actions(debug)
+    sub = parser.add_subparsers(dest='command', required=True, parser_class=_parser_with(debug))
+
+    p = sub.add_parser('check', help='integrity of VTAB-1k task folders', formatter_class=fmt)
+    p.add_argument('--data-path', required=True, help='VTAB-1k root')
+    p.add_argument('--tasks', nargs='+', default=['all'], help='task names or "all"')
+    p.set_defaults(fn=cmd_check)
+
+    p = sub.add_parser('train', help='one run: task x model x method x seed')
+    _add_run_flags(p, ('train', 'run'))
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser('sweep', help='grid of tasks x methods x seeds (finished runs are skipped)', formatter_class=fmt)
+    p.add_argument('--tasks', nargs='+', required=True, help='task names or "all"')
+    p.add_argument('--methods', nargs='+', required=True, help=', '.join(method_names()))
+    p.add_argument('--seeds', nargs='+', type=int, default=[0], help='training seeds')
+    p.add_argument('--gpus', help='comma-separated GPU ids (default: the current device only)')
+    p.add_argument('--runs-per-gpu', type=int, default=1, help='runs at once on each GPU (small models do not '
+                                                               'fill a large GPU)')
+    _add_run_flags(p, ('run',))
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser('search', formatter_class=fmt,
+                       help='lr search per task and method on train800 -> val200, then final runs with the chosen lr')
+    p.add_argument('--tasks', nargs='+', required=True, help='task names or "all"')
+    p.add_argument('--methods', nargs='+', required=True, help=', '.join(method_names()))
+    p.add_argument('--lrs', nargs='+', type=float, default=[1e-3, 3e-3, 1e-2], help='the starting grid')
+    p.add_argument('--max-extensions', type=int, default=2,
+                   help='grid steps added at most in each direction when the best rate sits at an edge')
+    p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2],
+                   help='final-run seeds; the first one is also the search seed')
+    p.add_argument('--gpus', help='comma-separated GPU ids (default: the current device only)')
+    p.add_argument('--runs-per-gpu', type=int, default=1, help='runs at once on each GPU')
+    _add_run_flags(p, ('run',))
+    p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser('report', help='aggregate results.json files into the standard table and plot',
+                       formatter_class=fmt)
+    p.add_argument('runs_dir', help='an --output folder')
+    p.add_argument('--prefix', help='output path prefix (default: <runs_dir>/report)')
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser('push', help="push a finished run's adapter and model card to the Hugging Face Hub",
+                       formatter_class=fmt)
+    p.add_argument('run_dir', help='a run folder <output>/<model>/<task>/<method>/seed<N>')
+    p.add_argument('--repo-id', required=True, help='org/name')
+    p.add_argument('--private', action='store_true', help='create the repo private')
+    p.add_argument('--revision', help='branch to push to, created if missing (default: main)')
+    p.set_defaults(fn=cmd_push)
+
+    p = sub.add_parser('rank', help='singular values and effective rank of the learned LoRA updates',
+                       formatter_class=fmt)
+    p.add_argument('source', help='a finished run folder, or hf-hub:org/repo[@revision]')
+    p.add_argument('--threshold', type=float, default=1e-3, help='relative singular-value threshold')
+    p.add_argument('--plot', help='write a PNG of the singular values per layer to this path (default: none)')
+    p.set_defaults(fn=cmd_rank)
+    return parser
+
+
+def _one_line(error: Exception, network: bool) -> str:
+    """The error's first line; for a Hub or network failure, what it means and the way out (``explain_hub_error``,
+    imported only then: it loads torch)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    if network or isinstance(error, (HfHubHTTPError, LocalEntryNotFoundError, ConnectionError)):
+        from ..hub import explain_hub_error
+        return explain_hub_error(error)
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _user_errors() -> tuple:
+    """Exception types that are the user's input, shown as one line (imported only once a command runs)."""
+    from huggingface_hub.errors import HfHubHTTPError
+    return RunError, ValueError, OSError, HfHubHTTPError
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.command in ('sweep', 'search') and args.runs_per_gpu < 1:
+        print('error: --runs-per-gpu must be >= 1', file=sys.stderr)
+        return 2
+    debug = getattr(args, 'debug', False) or bool(os.environ.get('CAPABOOST_DEBUG'))
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:  # outside a run's training loop (a run stops with Stopped, below)
+        print('interrupted; the last finished epoch is checkpointed (use --resume)', file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, Stopped) and not debug:
+            print(f'error: {e}', file=sys.stderr)
+            return 128 + e.signum
+        network = type(e).__module__.split('.')[0].startswith('httpx')  # huggingface_hub's HTTP client's errors
+        if debug or not (isinstance(e, _user_errors()) or network):
+            raise
+        print(f'error: {_one_line(e, network)}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Launching runs. A run is its resolved config: ``plan`` writes it as the run folder's ``config.yaml``, and the run
+is ``capaboost-vtab train --config <run folder>/config.yaml`` wherever it executes. ``run_all`` runs them here: one
+after another in this process, or ``runs_per_gpu`` at once on each GPU as subprocesses. A launcher for another
+executor (a cluster scheduler) takes the same planned config files and starts the same command.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from queue import Empty, Queue
+from typing import Any, Callable, Dict, List, Optional
+
+import yaml
+
+from .run_config import RunConfig, RunError, check_same_run
+from .run_folder import finished_results, run_directory, write_config
+
+
+def train_command(config_file: Path) -> List[str]:
+    """The ``capaboost-vtab`` arguments that run a planned config."""
+    return ['train', '--config', str(config_file)]
+
+
+def plan(cfg: RunConfig) -> Path:
+    """Write ``cfg`` as its run folder's config.yaml (the file ``train --config`` runs); RunError, before anything
+    is written, when the folder holds a run made with other settings and ``cfg`` does not overwrite it."""
+    run_dir = run_directory(cfg)
+    existing = run_dir / 'config.yaml'
+    if existing.is_file() and not cfg.overwrite:
+        try:
+            recorded = yaml.safe_load(existing.read_text())
+        except yaml.YAMLError:
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise RunError(f'{existing} is not a readable run config: pass --overwrite to redo the run')
+        check_same_run(recorded, cfg, f'the run in {run_dir}')
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return write_config(run_dir, cfg)
+
+
+def pending_runs(configs: List[RunConfig]) -> List[Path]:
+    """Plan every run that is not finished yet (a finished one is reported and skipped), refusing two runs that
+    would share a folder; all are checked before any is planned."""
+    todo, seen = [], set()
+    for cfg in configs:
+        run_dir = run_directory(cfg)
+        if run_dir in seen:
+            raise RunError(f'two runs of this sweep would write {run_dir}')
+        seen.add(run_dir)
+        if not cfg.overwrite and finished_results(cfg, run_dir) is not None:
+            print(f'skip: {run_dir} already holds this finished run')
+            continue
+        todo.append(cfg)
+    return [plan(cfg) for cfg in todo]
+
+
+def results_of(cfg: RunConfig) -> Dict[str, Any]:
+    """The results.json of the finished run ``cfg`` describes."""
+    path = run_directory(cfg) / 'results.json'
+    if not path.is_file():
+        raise RunError(f'{path} is missing after its run')
+    return json.loads(path.read_text())
+
+
+def run_all(config_files: List[Path], gpus: Optional[str], runs_per_gpu: int,
+            in_process: Callable[[List[str]], int]) -> List[str]:
+    """Run planned configs, ``runs_per_gpu`` at once on each GPU of ``gpus`` (subprocesses), or one after another
+    through ``in_process`` (the CLI's ``main``) when there is no GPU list and one run at a time. Returns the failed
+    command lines."""
+    commands = [train_command(path) for path in config_files]
+    if not gpus and runs_per_gpu == 1:
+        failures = []
+        for argv in commands:
+            code = in_process(argv)
+            if code >= 128:  # stopped by a signal (the run said where its checkpoint is): the sweep stops too
+                raise SystemExit(code)
+            if code:
+                failures.append(' '.join(argv))
+        return failures
+    jobs: Queue = Queue()
+    for argv in commands:
+        jobs.put(argv)
+    failures: List[str] = []
+
+    def worker(gpu: Optional[str]) -> None:
+        env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': gpu} if gpu is not None else {}))
+        while True:
+            try:
+                argv = jobs.get_nowait()
+            except Empty:
+                return
+            print(f'[{"gpu " + gpu if gpu is not None else "cpu"}] capaboost-vtab {" ".join(argv)}', flush=True)
+            if subprocess.run([sys.executable, '-m', 'capaboost_vision.vtab.cli', *argv], env=env).returncode:
+                failures.append(' '.join(argv))
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in (gpus.split(',') if gpus else [None])
+               for _ in range(runs_per_gpu)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failures
