@@ -26,7 +26,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import capaboost_vision as cv
-from capaboost_vision.vtab.engine import CAPABOOST_FORMS, base_model_name, family_of
+from capaboost_vision.vtab.building import base_model_name, family_of
+from capaboost_vision.vtab.run_config import CAPABOOST_FORMS
 from capaboost_vision.vtab.peft_baselines import apply_peft
 from capaboost_vision.vtab.methods import stored_parameters
 

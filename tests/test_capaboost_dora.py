@@ -75,7 +75,8 @@ def test_export_peft_gives_stock_peft_dora_the_same_outputs(make, tmp_path):
 
 def test_dora_counts_its_magnitude_and_refuses_other_forms():
     model = apply_capaboost(tiny_vit(), CapaBoostConfig(rank=4, use_dora=True))
-    counts = cv.tuner.stored_parameters(model)
+    from capaboost_vision.vtab.methods import stored_parameters
+    counts = stored_parameters(model)
     assert counts.trainable_excl_head == 2 * (4 * (32 + 96) + 96)  # A, B and one magnitude entry per qkv output
     with pytest.raises(ValueError, match='use_dora.*LoRA form only'):
         CapaBoostConfig(method='adapter', use_dora=True)

@@ -178,7 +178,8 @@ def test_numbers_outside_their_range_are_refused_naming_the_flag(data, tmp_path,
 def test_bad_yaml_numbers_and_typos_name_the_file_before_any_run(data, tmp_path, text, fragment):
     (tmp_path / 'bad.yaml').write_text(text)
     for command in (['train', *RUN], ['sweep', '--tasks', 'toy', '--methods', 'lora', 'capaboost_lora',
-                                      '--epochs', '1', *TINY]):
+                                      '--epochs', '1', *TINY],
+                    ['search', '--tasks', 'toy', '--methods', 'lora', 'capaboost_lora', '--epochs', '1', *TINY]):
         code, _, err = cli(*command, '--data-path', data, '--output', tmp_path / 'runs', '--config',
                            tmp_path / 'bad.yaml')
         one_line_error(code, err, fragment)
@@ -257,7 +258,6 @@ def test_a_full_disk_later_keeps_the_last_checkpoint_and_resumes(data, tmp_path,
     cfg = resolve_config(dict(task='toy', method='lora', data_path=str(data), output=str(disk / 'runs'),
                               cache_dir=str(tmp_path / 'cache'), epochs=3, model='vit_tiny', pretrained=False,
                               img_size=32, batch_size=100, workers=0, warmup_epochs=0, capaboost=dict(rank=1)))
-    cfg.capaboost['seed'] = 0
     run_dir = run_directory(cfg)
     fillers = []
     with pytest.raises(DiskFullError, match=f'cannot write {run_dir / "checkpoint.pt"}: no space left .* the '

@@ -59,7 +59,6 @@ def _cfg(data, out, **kw):
                 model='vit_tiny', pretrained=False, img_size=32, batch_size=100, workers=0, warmup_epochs=0)
     args.update(kw)
     cfg = resolve_config(args)
-    cfg.capaboost['seed'] = 0
     return cfg
 
 

@@ -191,3 +191,28 @@ def test_a_custom_folder_named_like_a_vtab_task_stays_custom(tmp_path):
     run_dir.mkdir(parents=True)
     (run_dir / 'results.json').write_text(json.dumps(_result('dsprites_loc', 'm', 0, 50.0, group='structured-like')))
     assert collect(tmp_path / 'runs')[0]['task'] == 'dsprites_loc (custom)'
+
+
+def test_a_sweep_run_is_its_config_yaml(small_root, tmp_path, capsys):
+    """sweep writes each run's resolved config.yaml and starts `train --config` on it: the file alone reruns the
+    run (reused as finished), resolves to the same RunConfig, and records the full typed CapaBoost block."""
+    import yaml
+    from capaboost_vision.vtab.run_config import RunConfig
+    code, out, _ = run(capsys, 'sweep', '--tasks', 'toy', '--methods', 'lora', 'capaboost_lora', '--seeds', 0, 1,
+                       '--data-path', small_root, '--output', tmp_path, '--rank', 4, *SMALL)
+    assert code == 0
+    for method in ('lora', 'capaboost_lora'):
+        for seed in (0, 1):
+            config_file = tmp_path / f'vit_tiny/toy/final/{method}/seed{seed}/config.yaml'
+            recorded = yaml.safe_load(config_file.read_text())
+            assert recorded['capaboost']['rank'] == 4 and recorded['capaboost']['seed'] == seed  # mask seed = run's
+            planned = RunConfig.from_dict(recorded)
+            resolved = resolve_config({}, str(config_file))
+            assert resolved == planned and resolved.capaboost.num_masks == (1 if method == 'lora' else 2)
+            code, out, _ = run(capsys, 'train', '--config', config_file)
+            assert code == 0 and 'skip:' in out
+    # a changed setting in the config file is a different run: refused, naming it
+    config_file = tmp_path / 'vit_tiny/toy/final/lora/seed0/config.yaml'
+    config_file.write_text(config_file.read_text().replace('rank: 4', 'rank: 2'))
+    code, _, err = run(capsys, 'train', '--config', config_file)
+    assert code == 2 and 'capaboost.rank: 4 -> 2' in err

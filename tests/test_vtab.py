@@ -84,7 +84,6 @@ def test_resume_after_a_kill_equals_uninterrupted(data_root, tmp_path):
     cfg = resolve_config(dict(task='toy', method='capaboost_lora', data_path=str(data_root),
                               output=str(tmp_path / 'b'), epochs=3, lr=5e-3, model='vit_tiny', pretrained=False,
                               img_size=32, batch_size=100, workers=0, warmup_epochs=0))
-    cfg.capaboost['seed'] = 0
 
     def kill(epoch):
         if epoch == 2:
@@ -140,7 +139,7 @@ def _result(task, group, method, seed, top1, params=0.3e6):
 
 def test_report_standard_averages_by_hand(tmp_path):
     from capaboost_vision.vtab.report import summarize, write_report
-    from capaboost_vision.vtab import TASKS
+    from capaboost_vision.vtab.tasks import TASKS
     for seed in (0, 1):
         for i, task in enumerate(TASKS.values()):
             r = _result(task.name, task.group, 'capaboost_lora', seed, 50.0 + i + 2 * seed)
@@ -227,7 +226,7 @@ def test_task_registry_and_aliases(tmp_path):
     assert resolve_task('cifar100').name == 'cifar' and resolve_task('oxford_pet').num_classes == 37
     assert resolve_task('clevr_count_all').group == 'structured'
     (tmp_path / 'cifar100').mkdir()
-    from capaboost_vision.vtab import task_dir
+    from capaboost_vision.vtab.tasks import task_dir
     assert task_dir(tmp_path, 'cifar') == tmp_path / 'cifar100'
 
 

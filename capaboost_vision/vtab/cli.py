@@ -46,7 +46,7 @@ def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
             p.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             p.add_argument(*names, dest=name, type=type(default), choices=meta.get('choices'), default=None,
-                           required=meta.get('required', False), help=help_text)
+                           help=help_text)
     p.add_argument('--config', help='YAML with any run settings (overrides method and task YAML) (default: none)')
     p.add_argument('--peft-args', nargs='+', metavar='KEY=VALUE',
                    help='HF PEFT arguments of a peft method, over its YAML peft block; values are YAML, e.g. r=4 '

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from .._io import atomic_path, write_text_atomic
@@ -245,3 +246,12 @@ class DecodeLoader:
 def default_cache_dir(output: Union[str, Path], cache_dir: Optional[str]) -> Path:
     """``cache_dir`` if given, else ``<output>/.cache``: shared by every run written under one output folder."""
     return Path(cache_dir) if cache_dir else Path(output) / '.cache'
+
+
+def make_loader(data: Any, batch_size: int, order: Any, device: torch.device, mean: Sequence[float],
+                std: Sequence[float], workers: int) -> Any:
+    """Batches of ``data`` in ``order`` (a sampler or index range): from the decoded cache, or decoded as read."""
+    if isinstance(data, CachedSplit):
+        return CachedLoader(data, batch_size, order, device, mean, std)
+    return DecodeLoader(data, batch_size, order if isinstance(order, DistributedSampler) else list(order), device,
+                        mean, std, workers)

@@ -22,7 +22,7 @@ from torch.utils.data import DistributedSampler
 from .._io import missing_folders, remove_empty_folders
 from .building import family_of, input_normalization
 from .data import PROTOCOL_SPLITS, VTABDataset
-from .data_cache import CachedLoader, CachedSplit, DecodeLoader, default_cache_dir, prepare_split
+from .data_cache import default_cache_dir, make_loader, prepare_split
 from .loop import Distributed, NonFinite, StopSignals, evaluate, train_one_epoch
 from .methods import MethodKind, kind_of, stored_parameters, trainable_state
 from .run_config import RunConfig, RunError, Stopped
@@ -65,15 +65,6 @@ class Run:
     @property
     def ckpt_file(self) -> Path:
         return self.run_dir / CHECKPOINT_NAME
-
-
-def make_loader(data: Any, batch_size: int, order: Any, device: torch.device, mean: Sequence[float],
-                std: Sequence[float], workers: int) -> Any:
-    """Batches of ``data`` in ``order`` (a sampler or index range): from the decoded cache, or decoded as read."""
-    if isinstance(data, CachedSplit):
-        return CachedLoader(data, batch_size, order, device, mean, std)
-    return DecodeLoader(data, batch_size, order if isinstance(order, DistributedSampler) else list(order), device,
-                        mean, std, workers)
 
 
 def _stop_if_asked(run: 'Run', when: str) -> None:

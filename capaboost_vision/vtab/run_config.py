@@ -51,8 +51,8 @@ class Stopped(RunError):
 @dataclass
 class RunConfig:
     """Everything a run needs. Defaults are the VTAB-1k protocol of the vision PEFT literature."""
-    task: str = setting('', 'VTAB-1k task (e.g. cifar), or a custom task folder holding a task.yaml', scope='train',
-                         required=True)
+    task: str = setting('', 'VTAB-1k task (e.g. cifar), or a custom task folder holding a task.yaml (required, as '
+                            'a flag or in --config)', scope='train')
     method: str = setting('capaboost_lora', 'method config from configs/methods', scope='train')
     seed: int = setting(0, 'training seed; also the mask seed unless --mask-seed', scope='train', range='[0, inf)')
     name: str = setting('', 'run name for the folder and the report row (default: the method)', scope='train',
@@ -257,13 +257,11 @@ def task_folder(task: str) -> Optional[Path]:
     return path.resolve() if (path / TASK_INFO_FILE).is_file() else None
 
 
-def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
-                   check_method: Optional[Callable[[RunConfig, str], None]] = None) -> RunConfig:
-    """Defaults <- method YAML <- task YAML <- --config YAML <- command-line flags (``overrides``).
+Layers = List[Tuple[str, Dict[str, Any]]]  # (origin: a YAML file or 'command line', its settings), lowest first
 
-    ``check_method(cfg, where)`` (``methods.check_method``, passed in by the command line: it needs torch) checks
-    the method's block against the architecture, naming ``where`` (the YAML files that set it) in its error."""
-    layers: List[Tuple[str, Dict[str, Any]]] = []
+
+def config_layers(overrides: Dict[str, Any], config_file: Optional[str]) -> Tuple[str, Layers]:
+    """The method name and the layers of a run's settings: method YAML, task YAML, --config YAML, flags."""
     config_layer = load_yaml(Path(config_file)) if config_file else {}
     method = overrides.get('method') or config_layer.get('method') or RunConfig.method
     if not isinstance(method, str):
@@ -271,7 +269,7 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
     method_file = CONFIG_DIR / 'methods' / f'{method}.yaml'
     if not method_file.is_file():
         raise RunError(f'unknown method {method!r}: choose one of {", ".join(method_names())}')
-    layers.append((str(method_file), load_yaml(method_file)))
+    layers: Layers = [(str(method_file), load_yaml(method_file))]
     task = overrides.get('task') or config_layer.get('task') or ''
     task_file = CONFIG_DIR / 'tasks' / f'{task}.yaml'
     if isinstance(task, str) and task and task_file.is_file():
@@ -280,10 +278,22 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
     if config_file:
         layers.append((str(config_file), config_layer))
     layers.append(('command line', {k: v for k, v in overrides.items() if v is not None}))
-    merged: Dict[str, Any] = {'method': method}
-    source: Dict[str, str] = {}
-    peft_origins: List[str] = []  # every layer that set part of the peft block, for its error messages
-    capaboost_source: Dict[str, str] = {}  # CapaBoost setting -> the layer that set it
+    return method, layers
+
+
+@dataclass
+class Merged:
+    """The layers merged: each setting's value and origin; the capaboost and peft blocks merge key by key."""
+    values: Dict[str, Any]
+    source: Dict[str, str]  # setting -> the layer that set it
+    capaboost_source: Dict[str, str]  # CapaBoost setting -> the layer that set it
+    peft_origins: List[str]  # every layer that set part of the peft block, for its error messages
+
+
+def merge_layers(method: str, layers: Layers) -> Merged:
+    """Type-checked settings of ``layers``, later layers winning; RunError naming the layer of an unknown or
+    mistyped setting."""
+    merged = Merged({'method': method}, {}, {}, [])
     for origin, layer in layers:
         for key, value in layer.items():
             key = key.replace('-', '_')
@@ -293,36 +303,56 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
                 raise RunError(f'{origin}: unknown setting {key!r}: valid settings are {", ".join(sorted(FIELDS))}')
             value = check_type(key, value, origin)
             if key in ('capaboost', 'peft'):  # blocks merge key by key across layers
-                merged[key] = {**merged.get(key, {}), **value}
+                merged.values[key] = {**merged.values.get(key, {}), **value}
             else:
-                merged[key] = value
-            source[key] = origin
+                merged.values[key] = value
+            merged.source[key] = origin
             if key == 'peft':
-                peft_origins.append(origin)
+                merged.peft_origins.append(origin)
             if key == 'capaboost':
-                capaboost_source.update(dict.fromkeys(value, origin))
-    folder = task_folder(merged.get('task', ''))
+                merged.capaboost_source.update(dict.fromkeys(value, origin))
+    return merged
+
+
+def _clamp_warmup(cfg: RunConfig, source: Dict[str, str]) -> None:
+    """A method or task YAML's warm-up longer than the run: epochs // 10, with a note; from a flag: RunError."""
+    if cfg.warmup_epochs <= cfg.epochs:
+        return
+    origin = source.get('warmup_epochs', 'the default')
+    if origin == 'command line':
+        raise RunError(f'--warmup-epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}')
+    clamped = cfg.epochs // 10
+    print(f'note: warmup_epochs={cfg.warmup_epochs} (from {origin}) is longer than epochs={cfg.epochs}; '
+          f'using {clamped} (epochs // 10)', file=sys.stderr)
+    cfg.warmup_epochs = clamped
+
+
+def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
+                   check_method: Optional[Callable[[RunConfig, str], None]] = None) -> RunConfig:
+    """Defaults <- method YAML <- task YAML <- --config YAML <- command-line flags (``overrides``), validated, with
+    a typed CapaBoost block for a CapaBoost form (its mask seed the run's seed unless set).
+
+    ``check_method(cfg, where)`` (``methods.check_method``, passed in by the command line: it needs torch) checks
+    the method's block against the architecture, naming ``where`` (the YAML files that set it) in its error."""
+    merged = merge_layers(*config_layers(overrides, config_file))
+    values = merged.values
+    if not values.get('task'):
+        raise RunError('--task is required (or a --config file that sets task)')
+    folder = task_folder(values.get('task', ''))
     if folder is not None:  # a custom task folder: its parent is the data root, its name the task
-        merged['task'], merged['data_path'] = folder.name, str(folder.parent)
-    if not merged.get('data_path'):
+        values['task'], values['data_path'] = folder.name, str(folder.parent)
+    if not values.get('data_path'):
         raise RunError('--data-path is required (or give --task as a folder holding a task.yaml)')
-    block = merged.pop('capaboost', {})
-    cfg = RunConfig(**merged)
-    if cfg.warmup_epochs > cfg.epochs:
-        origin = source.get('warmup_epochs', 'the default')
-        if origin == 'command line':
-            raise RunError(f'--warmup-epochs {cfg.warmup_epochs} is longer than --epochs {cfg.epochs}')
-        clamped = cfg.epochs // 10
-        print(f'note: warmup_epochs={cfg.warmup_epochs} (from {origin}) is longer than epochs={cfg.epochs}; '
-              f'using {clamped} (epochs // 10)', file=sys.stderr)
-        cfg.warmup_epochs = clamped
-    cfg.validate(source)
+    block = values.pop('capaboost', {})
+    cfg = RunConfig(**values)
+    _clamp_warmup(cfg, merged.source)
+    cfg.validate(merged.source)
     if cfg.form == 'peft' and block:
         raise RunError(f'method {cfg.method!r} has form peft: CapaBoost settings ({", ".join(block)}) do not apply; '
                        f'PEFT arguments go in the peft block or --peft-args')
     if cfg.form in CAPABOOST_FORMS:  # the masks differ per seed unless mask_seed fixes them
-        check_capaboost_block(block, cfg.form, capaboost_source)
+        check_capaboost_block(block, cfg.form, merged.capaboost_source)
         cfg.capaboost = CapaBoostConfig(**{'seed': cfg.seed, **block, 'method': cfg.form})
     if check_method is not None:
-        check_method(cfg, ' + '.join(dict.fromkeys(peft_origins)))
+        check_method(cfg, ' + '.join(dict.fromkeys(merged.peft_origins)))
     return cfg
