@@ -18,8 +18,6 @@ from ..config import CapaBoostConfig, field_default
 from .run_config import FIELDS, RunConfig, RunError, Stopped, method_names, resolve_config
 from .tasks import resolve_tasks
 
-_SWEEP_ONLY = ('tasks', 'methods', 'seeds', 'gpus', 'runs_per_gpu')
-
 
 def _capaboost_fields():
     for f in fields(CapaBoostConfig):

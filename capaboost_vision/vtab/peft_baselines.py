@@ -14,7 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
-import torch
 import torch.nn as nn
 
 

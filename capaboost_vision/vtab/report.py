@@ -292,8 +292,8 @@ def pairs_markdown(pairs: Dict[str, Dict[str, Any]]) -> str:
     """A table of ``paired_difference`` results by pair name ('A - B')."""
     lines = ['| pair | mean difference | 95% CI | n | first ahead |', '|---|---|---|---|---|']
     for name, p in pairs.items():
-        lines.append(f'| {name} | {p["mean"]:+.2f} | [{p["mean"] - p["half"]:+.2f}, {p["mean"] + p["half"]:+.2f}] | '
-                     f'{p["n"]} | {p["wins"]}/{p["n"]} |')
+        ci = '– (one pair)' if math.isnan(p['half']) else f'[{p["mean"] - p["half"]:+.2f}, {p["mean"] + p["half"]:+.2f}]'
+        lines.append(f'| {name} | {p["mean"]:+.2f} | {ci} | {p["n"]} | {p["wins"]}/{p["n"]} |')
     return '\n'.join(lines) + '\n'
 
 
