@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from capaboost_vision._io import write_text_atomic
-from capaboost_vision.vtab import cli, report
+from capaboost_vision.vtab import cli, compare, report
 from capaboost_vision.vtab.launch import results_of
 from capaboost_vision.vtab.search import Request, SearchJob, final_request, records_markdown, search
 from offline_backbone import fetch_offline_backbone
@@ -170,13 +170,12 @@ def compute_minutes(args) -> float:
 
 
 def write_outputs(args, results: Dict[Tuple[str, str, int], Dict[str, Any]], records: Dict, elapsed: float) -> None:
-    """The report's table of the final runs (``report.summarize``), the CapaBoost-X vs X paired differences
-    (``report.paired_difference``), the lr comparison and the search records, as .md, .csv and .png."""
+    """The report's table of the final runs (``report.summarize``), the CapaBoost-X vs X comparisons
+    (``compare.compare``, as ``report --compare``), the lr comparison and the search records, as .md, .csv, .png."""
     tasks, seeds = args.tasks, args.seeds
     rows = report.summarize(list(results.values()))
-    top1 = {name: {(t, s): results[t, name, s]['top1'] for t in tasks for s in seeds} for name in args.methods}
-    pairs = {f'{boosted} - {plain}': report.paired_difference(top1[boosted], top1[plain]) for boosted, plain in PAIRS
-             if boosted in args.methods and plain in args.methods}
+    pairs = [c for boosted, plain in PAIRS if boosted in args.methods and plain in args.methods
+             for c in compare.compare(list(results.values()), [boosted, plain])]
     command = 'python scripts/offline_suite.py ' + ' '.join(sys.argv[1:])
     import torch
     lines = [f'Command: `{command.strip()}`  ',
@@ -193,8 +192,8 @@ def write_outputs(args, results: Dict[Tuple[str, str, int], Dict[str, Any]], rec
              'non-trainable tensors the method needs beside the backbone: CapaBoost/LoRA mask buffers, VeRA and '
              'RandLoRA random bases). Training cost: `scripts/bench_speed.py` measures it interleaved.']
     if pairs:
-        lines += ['', 'Paired differences (first row minus second, test top-1 points, over tasks x seeds, 95% '
-                      't-interval; the stored sizes are in the table above):', '', report.pairs_markdown(pairs)]
+        lines += ['', 'Paired differences (candidate minus baseline, test top-1 points; tasks are the units: '
+                      '`report --compare`):', '', compare.comparisons_markdown(pairs)]
     lr_rows = []  # the same comparison at the plain method's own chosen lr (val200, seed 0); PEFT rows have no twin
     for boosted, plain in PAIRS if records else []:
         if boosted not in args.methods or plain not in args.methods or plain in PEFT_ROWS:

@@ -171,8 +171,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-    for kind, path in write_report(Path(args.runs_dir), args.prefix).items():
+    from .report import collect, write_report
+    from .search import read_records
+    runs_dir = Path(args.runs_dir)
+    if args.compare:  # checked before anything is written
+        from .compare import compare
+        compare(collect(runs_dir), args.compare)
+    paths = write_report(runs_dir, args.prefix)
+    if args.compare:
+        from .compare import write_comparison
+        prefix = Path(args.prefix or runs_dir / 'report')
+        paths.update(write_comparison(collect(runs_dir), read_records(runs_dir), args.compare, prefix))
+    for kind, path in paths.items():
         print(f'{kind}: {path}')
     return 0
 
@@ -293,6 +303,10 @@ def make_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     p.add_argument('runs_dir', help='an --output folder')
     p.add_argument('--prefix', help='output path prefix (default: <runs_dir>/report)')
+    p.add_argument('--compare', nargs='+', metavar='ROW',
+                   help='candidate row (a method name of the report) then one or more baselines: paired test top-1 '
+                        'differences over tasks (t-interval, bootstrap, sign test, per VTAB group), cost and lr '
+                        'sensitivity, in <prefix>_compare.{md,csv} and <prefix>_compare_lr.png (default: none)')
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser('push', help="push a finished run's adapter and model card to the Hugging Face Hub",

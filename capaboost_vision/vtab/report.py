@@ -11,7 +11,6 @@ random bases). Both come from ``tuner.stored_parameters``, the same function for
 """
 import csv
 import json
-import math
 import statistics
 import sys
 from collections import defaultdict
@@ -264,37 +263,6 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
         fig.savefig(tmp, format='png', dpi=120)
     plt.close(fig)
     return True
-
-
-# two-sided 95% Student-t quantiles; beyond 30 degrees of freedom the normal 1.96 is within 2%
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 25: 2.060, 30: 2.042}
-
-
-def t975(df: int) -> float:
-    """The two-sided 95% t quantile for ``df`` degrees of freedom (the tabulated one at or below it)."""
-    return T975.get(df) or (T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96)
-
-
-def paired_difference(first: Dict[Tuple[str, int], float], second: Dict[Tuple[str, int], float]) -> Dict[str, Any]:
-    """Mean of ``first - second`` over the (task, seed) pairs both have, the half-width of its 95% t-interval (nan
-    for one pair), n, and how often ``first`` is ahead."""
-    diffs = [first[k] - second[k] for k in sorted(first) if k in second]
-    if not diffs:
-        raise ValueError('no (task, seed) pair is in both sets of results')
-    n = len(diffs)
-    half = t975(n - 1) * statistics.stdev(diffs) / math.sqrt(n) if n > 1 else float('nan')
-    return {'mean': statistics.fmean(diffs), 'half': half, 'n': n, 'wins': sum(d > 0 for d in diffs)}
-
-
-def pairs_markdown(pairs: Dict[str, Dict[str, Any]]) -> str:
-    """A table of ``paired_difference`` results by pair name ('A - B')."""
-    lines = ['| pair | mean difference | 95% CI | n | first ahead |', '|---|---|---|---|---|']
-    for name, p in pairs.items():
-        ci = '– (one pair)' if math.isnan(p['half']) else f'[{p["mean"] - p["half"]:+.2f}, {p["mean"] + p["half"]:+.2f}]'
-        lines.append(f'| {name} | {p["mean"]:+.2f} | {ci} | {p["n"]} | {p["wins"]}/{p["n"]} |')
-    return '\n'.join(lines) + '\n'
 
 
 def write_report(runs_dir: Path, prefix: Optional[Path] = None) -> Dict[str, Path]:

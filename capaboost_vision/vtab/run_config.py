@@ -172,7 +172,7 @@ IDENTITY_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata.get('id
 """The settings that decide a run's numbers: a finished or checkpointed run is reused only when they all match."""
 
 
-def _flatten(config: Dict[str, Any]) -> Dict[str, Any]:
+def identity_settings(config: Dict[str, Any]) -> Dict[str, Any]:
     """The identity settings of a config dict, with the capaboost and peft blocks spread out as <block>.<key>."""
     flat = {k: config.get(k, '<unset>') for k in IDENTITY_FIELDS if k not in ('capaboost', 'peft')}
     capaboost = dict(config.get('capaboost') or {})
@@ -189,7 +189,7 @@ def _flatten(config: Dict[str, Any]) -> Dict[str, Any]:
 
 def config_differences(recorded: Dict[str, Any], requested: 'RunConfig') -> List[str]:
     """'field: recorded -> requested' for every identity setting that differs (an int equals the same float)."""
-    old, new = _flatten(recorded), _flatten(requested.to_dict())
+    old, new = identity_settings(recorded), identity_settings(requested.to_dict())
     return [f'{k}: {old.get(k, "<unset>")!r} -> {new.get(k, "<unset>")!r}' for k in sorted(set(old) | set(new))
             if old.get(k, '<unset>') != new.get(k, '<unset>')]
 
