@@ -90,6 +90,22 @@ def refuse_non_finite(state: Dict[str, torch.Tensor], action: str, where: str = 
                            f'e.g. {bad[0]}): the training diverged')
 
 
+def _provenance_text(block: Optional[Dict[str, Any]]) -> str:
+    """The model card's account of what produced the result (results.json's ``provenance``)."""
+    if not isinstance(block, dict):
+        return ''
+    versions = ', '.join(f'{k} {v}' for k, v in (block.get('versions') or {}).items() if v)
+    hardware = block.get('hardware') or {}
+    where = hardware.get('gpu') or f'{hardware.get("cpu")} ({hardware.get("cpu_capability")}, ' \
+                                   f'{hardware.get("threads")} threads)'
+    data = ', '.join(f'{split} `{(digest or "?")[:16]}`' for split, digest in (block.get('data_sha256') or {}).items())
+    commit = f'; code at commit `{block["git_commit"]}`' if block.get('git_commit') else ''
+    return (f'\n## Provenance\n\nTrained with {versions}, on {where}, autocast {hardware.get("amp") or "off (fp32)"}'
+            f'{commit}. Data (SHA-256 of each split\'s list and image bytes): {data or "not recorded"}. The same '
+            f'command on the same machine kind gives bit-identical results; other hardware or thread counts give '
+            f'slightly different floats.\n')
+
+
 def _model_card(model: nn.Module, repo_id: str, results: Optional[Dict[str, Any]], size: int) -> ModelCard:
     config = _capaboost_config(model)
     arch = model.pretrained_cfg['architecture']
@@ -116,6 +132,7 @@ def _model_card(model: nn.Module, repo_id: str, results: Optional[Dict[str, Any]
             result_text += (f'\nInputs: squash-resized to {results.get("img_size")} px, normalised with '
                             f'`--norm {results["norm"]}` (mean {results.get("mean")}, std {results.get("std")}; '
                             f'recorded in config.json, so timm\'s `resolve_data_config` gives it).\n')
+        result_text += _provenance_text(results.get('provenance'))
     content = f"""---
 {data.to_yaml()}
 ---

@@ -155,16 +155,38 @@ def build_cache(dataset: VTABDataset, cache_dir: Path, show_progress: bool = Tru
     return path
 
 
+def _recorded_sources(path: Path) -> Optional[str]:
+    """The SHA-256 of a split's source files as its cache header or validation stamp records it (None if not)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    value = record.get('sources_sha256') if isinstance(record, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def validate_split(dataset: VTABDataset, cache_dir: Path, show_progress: bool = True) -> None:
-    """Decode every image of a split too large to cache, once per dataset (a stamp file remembers it)."""
+    """Decode every image of a split too large to cache, once per dataset (a stamp file remembers it, with the
+    SHA-256 of the source files' bytes)."""
     stamp = Path(cache_dir) / f'{cache_key(dataset)}.ok'
     with _locked(stamp.with_suffix('.lock')):
-        if stamp.is_file():
+        if stamp.is_file() and _recorded_sources(stamp):
             return
-        for _ in _decode_all(dataset, 'checking', show_progress):
+        sources = hashlib.sha256()
+        for _ in _decode_all(dataset, 'checking', show_progress, sources):
             pass
-        with atomic_path(stamp) as tmp:
-            Path(tmp).write_text('ok\n')
+        write_text_atomic(stamp, json.dumps({'version': CACHE_VERSION, 'sources_sha256': sources.hexdigest()}))
+
+
+def split_fingerprint(dataset: VTABDataset, cache_dir: Path) -> Optional[str]:
+    """SHA-256 of what a split reads: its list file's bytes and every listed image's bytes in list order (from the
+    cache header or validation stamp ``prepare_split`` left); None before the split was prepared."""
+    key = cache_key(dataset)
+    for record in (Path(cache_dir) / f'{key}.json', Path(cache_dir) / f'{key}.ok'):
+        sources = _recorded_sources(record)
+        if sources:
+            return hashlib.sha256(dataset.list_file.read_bytes() + bytes.fromhex(sources)).hexdigest()
+    return None
 
 
 @dataclass

@@ -22,9 +22,10 @@ from torch.utils.data import DistributedSampler
 from .._io import missing_folders, remove_empty_folders
 from .building import family_of, input_normalization
 from .data import PROTOCOL_SPLITS, VTABDataset
-from .data_cache import default_cache_dir, make_loader, prepare_split
+from .data_cache import default_cache_dir, make_loader, prepare_split, split_fingerprint
 from .loop import Distributed, NonFinite, StopSignals, evaluate, train_one_epoch
 from .methods import MethodKind, kind_of, stored_parameters, trainable_state
+from .provenance import provenance
 from .run_config import RunConfig, RunError, Stopped
 from .run_folder import (CHECKPOINT_NAME, folder_lock, read_checkpoint, replace_run_folder, reusable_results,
                          run_directory, write_checkpoint, write_config, write_results)
@@ -50,6 +51,8 @@ class Run:
     train_sampler: DistributedSampler
     eval_data: Any
     eval_split: str
+    data_sha256: Dict[str, Optional[str]]  # split -> SHA-256 of its list and image bytes
+    amp: Optional[str]  # the autocast dtype in use (None: float32)
     mean: Sequence[float]
     std: Sequence[float]
     optimizer: torch.optim.Optimizer
@@ -108,7 +111,9 @@ def _prepare_data(cfg: RunConfig, task: Task, env: Distributed):
             shutil.rmtree(created[0], ignore_errors=True)
             remove_empty_folders(created[1:])
         raise
-    return train_data, eval_data, eval_split
+    fingerprints = {split: split_fingerprint(dataset, cache_dir) for split, dataset in zip((train_split, eval_split),
+                                                                                           sets)}
+    return train_data, eval_data, eval_split, fingerprints
 
 
 def prepare(cfg: RunConfig, env: Distributed) -> Run:
@@ -121,7 +126,7 @@ def prepare(cfg: RunConfig, env: Distributed) -> Run:
     kind = kind_of(cfg)
     model = kind.build(cfg, task.num_classes).to(env.device)
     mean, std = input_normalization(cfg.norm, model)
-    train_data, eval_data, eval_split = _prepare_data(cfg, task, env)
+    train_data, eval_data, eval_split, fingerprints = _prepare_data(cfg, task, env)
 
     per_rank = cfg.batch_size // env.world
     sampler = DistributedSampler(range(len(train_data)), num_replicas=env.world, rank=env.rank, shuffle=True,
@@ -147,7 +152,8 @@ def prepare(cfg: RunConfig, env: Distributed) -> Run:
         net = torch.compile(net)
     return Run(cfg=cfg, env=env, task=task, run_dir=run_dir, model=model, net=net,
                params=[p for p in model.parameters() if p.requires_grad], train_loader=train_loader,
-               train_sampler=sampler, eval_data=eval_data, eval_split=eval_split, mean=mean, std=std,
+               train_sampler=sampler, eval_data=eval_data, eval_split=eval_split, data_sha256=fingerprints,
+               amp=cfg.amp if amp_dtype else None, mean=mean, std=std,
                optimizer=optimizer, scheduler=scheduler, autocast=autocast, scaler=scaler,
                criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), kind=kind)
 
@@ -248,6 +254,7 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
         'train_images_per_s': run.history[-1]['images_per_s'], 'data_cache': cfg.data_cache,
         'compile': cfg.compile, 'img_size': cfg.img_size,
         'run_seconds': time.time() - started, 'device': str(env.device), 'world_size': env.world,
+        'provenance': provenance(env.device, run.amp, run.kind.packages, run.data_sha256),
         'config': cfg.to_dict(),  # what finished_results compares a later request with
     }
     if env.main:

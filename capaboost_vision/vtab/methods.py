@@ -4,7 +4,7 @@ the run folder and the command line only ever ask ``kind_of(cfg)``, never test `
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import timm
 import torch
@@ -68,9 +68,11 @@ def trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
 
 
 class MethodKind:
-    """One kind of method. ``has_capaboost_adapter``: its run folder loads with ``load_adapter``."""
+    """One kind of method. ``has_capaboost_adapter``: its run folder loads with ``load_adapter``; ``packages``:
+    the packages beyond the core ones whose versions its results depend on (recorded in their provenance)."""
     name = ''
     has_capaboost_adapter = False
+    packages: Tuple[str, ...] = ()
 
     def build(self, cfg: RunConfig, num_classes: int) -> nn.Module:
         """The model to train (trainable parts unfrozen), before it moves to the device."""
@@ -128,7 +130,7 @@ class CapaBoostKind(MethodKind):
 
 class PeftKind(MethodKind):
     """An HF PEFT method on the plain timm model; saved in PEFT's own format (``PeftModel.from_pretrained``)."""
-    name = 'peft'
+    name, packages = 'peft', ('peft',)
 
     def build(self, cfg: RunConfig, num_classes: int) -> nn.Module:
         model = create(cfg, base_of(cfg), num_classes)

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .._io import atomic_path, write_text_atomic
 from ..config import in_range
+from .provenance import differing_fields
 from .tasks import GROUPS, TASKS
 
 
@@ -276,6 +277,11 @@ def write_report(runs_dir: Path, prefix: Optional[Path] = None) -> Dict[str, Pat
     if skipped:
         md += (f'\n## Skipped results\n\n{len(skipped)} malformed results.json file(s) are not in the tables '
                f'above:\n\n' + ''.join(f'- {line}\n' for line in skipped))
+    differing = differing_fields(results)
+    if differing:  # rows made with other versions or hardware: their floats are not bit-comparable
+        md += ('\n## Provenance\n\nThe results above were not all made with the same software and hardware '
+               '(versions or machine kind differ; each results.json records its own):\n\n'
+               + ''.join(f'- {key}: {", ".join(values)}\n' for key, values in differing.items()))
     records = read_records(Path(runs_dir))
     if records:
         md += ('\n## Learning-rate search (train800 -> val200; the chosen rate trains the final runs)\n\n'
