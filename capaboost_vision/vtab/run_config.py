@@ -98,7 +98,8 @@ class RunConfig:
                                      'every epoch for val)', identity=False, range='[0, inf)')
     form: str = setting('', 'the method\'s form', choices=FORMS, cli=False)
     capaboost: Optional[CapaBoostConfig] = setting(None, 'CapaBoost settings of a CapaBoost form (a mapping of '
-                                                         'CapaBoostConfig keys in YAML; typed once resolved)', cli=False)
+                                                         'CapaBoostConfig keys in YAML; typed once resolved)',
+                                                   cli=False)
     peft: Dict[str, Any] = setting({}, 'HF PEFT method of form peft: type (a PeftType name) plus the arguments of its '
                                        'config class, e.g. {type: LOHA, r: 4, alpha: 8, target_modules: [qkv]}',
                                    cli=False)

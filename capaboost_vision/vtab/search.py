@@ -3,10 +3,10 @@ rate sits at an edge, pick on val200 only, then train800val200 -> test with the 
 
 Every run is an ordinary ``capaboost-vtab train`` run (so finished runs are reused, and a run made with other
 settings is refused), described here by its request — task, method, lr, protocol, seed, name — which the caller
-resolves into the run's config: the validation runs are named ``<name>_lr<lr>`` under ``<output>/.../val/``, the final runs
-``<name>`` under ``.../final/``. The search record of each (task, method) — grid, validation accuracies, chosen
-rate, whether it still sits at a limit — is written to ``<output>/<family>/<task>/search/<name>.json`` and
-listed by ``capaboost-vtab report``.
+resolves into the run's config: the validation runs are named ``<name>_lr<lr>`` under ``<output>/.../val/``,
+the final runs ``<name>`` under ``.../final/``. The search record of each (task, method) — grid, validation
+accuracies, chosen rate, whether it still sits at a limit — is written to
+``<output>/<family>/<task>/search/<name>.json`` and listed by ``capaboost-vtab report``.
 """
 import json
 import math
