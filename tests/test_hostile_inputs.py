@@ -9,6 +9,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -288,8 +289,10 @@ def test_a_signal_stops_after_the_step_naming_the_checkpoint(data, tmp_path, sig
     _, err = proc.communicate(timeout=120)
     run_dir = out / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0'
     assert proc.returncode == code, err[-2000:]
-    one_line_error(2, err.strip(), f'stopped by {sig.name} at epoch', f'the last checkpoint is {run_dir}/checkpoint.pt',
+    one_line_error(2, err.strip(), f'stopped by {sig.name} ', f'the last checkpoint is {run_dir}/checkpoint.pt',
                    'rerun the same command with --resume')
+    # mid-epoch after a step, or, when the signal lands between the epoch's last step and its checkpoint, after it
+    assert re.search(rf'stopped by {sig.name} (at epoch \d+, step \d+ of \d+|after epoch \d+);', err), err
     epoch = torch.load(run_dir / 'checkpoint.pt', weights_only=True)['epoch']
     assert f'(epoch {epoch} of 200)' in err and epoch >= 2
     assert not [p for p in files_under(out) if p.name.endswith('.tmp')]
