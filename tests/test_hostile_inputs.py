@@ -291,7 +291,7 @@ def test_a_signal_stops_after_the_step_naming_the_checkpoint(data, tmp_path, sig
     assert proc.returncode == code, err[-2000:]
     one_line_error(2, err.strip(), f'stopped by {sig.name} ', f'the last checkpoint is {run_dir}/checkpoint.pt',
                    'rerun the same command with --resume')
-    # mid-epoch after a step, or, when the signal lands between the epoch's last step and its checkpoint, after it
+    # mid-epoch after a step, or "after epoch N" when it lands after the epoch's last step (evaluation, checkpoint)
     assert re.search(rf'stopped by {sig.name} (at epoch \d+, step \d+ of \d+|after epoch \d+);', err), err
     epoch = torch.load(run_dir / 'checkpoint.pt', weights_only=True)['epoch']
     assert f'(epoch {epoch} of 200)' in err and epoch >= 2
