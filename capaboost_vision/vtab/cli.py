@@ -174,14 +174,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import collect, write_report
     from .search import read_records
     runs_dir = Path(args.runs_dir)
-    if args.compare:  # checked before anything is written
+    comparisons = None
+    if args.compare:  # computed, and refused on bad pairs, before anything is written
         from .compare import compare
-        compare(collect(runs_dir), args.compare)
+        comparisons = compare(collect(runs_dir), args.compare)
     paths = write_report(runs_dir, args.prefix)
-    if args.compare:
+    if comparisons:
         from .compare import write_comparison
         prefix = Path(args.prefix or runs_dir / 'report')
-        paths.update(write_comparison(collect(runs_dir), read_records(runs_dir), args.compare, prefix))
+        paths.update(write_comparison(comparisons, read_records(runs_dir), prefix))
     for kind, path in paths.items():
         print(f'{kind}: {path}')
     return 0

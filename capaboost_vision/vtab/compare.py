@@ -297,10 +297,10 @@ def lr_plot(curves: Dict[str, Dict[str, Dict]], path: Path) -> bool:
     return True
 
 
-def write_comparison(results: List[Dict[str, Any]], records: List[Dict[str, Any]], names: Sequence[str],
-                     prefix: Path, check_settings: bool = True) -> Dict[str, Path]:
-    """``<prefix>_compare.{md,csv,png}``: the comparisons, then the lr sensitivity (validation numbers, apart)."""
-    comparisons = compare(results, names, check_settings)
+def write_comparison(comparisons: List[Comparison], records: List[Dict[str, Any]], prefix: Path) -> Dict[str, Path]:
+    """``<prefix>_compare.{md,csv,png}``: the comparisons (``compare``'s), then the lr sensitivity of their methods
+    (validation numbers, apart)."""
+    names = [comparisons[0].candidate, *(c.baseline for c in comparisons)]
     md = (f'## {names[0]} vs {", ".join(names[1:])}: test top-1 differences (train800val200 -> test)\n\n'
           + comparisons_markdown(comparisons))
     curves = lr_sensitivity(records, names)
