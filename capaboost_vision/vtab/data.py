@@ -6,6 +6,7 @@ PIL image) then ``to_float_normalized`` (ToTensor's /255 and Normalize's (x - me
 (``VTABDataset`` through a DataLoader) and the decode-once cache (``data_cache``) both use exactly these, so
 their batches are bit-identical.
 """
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -90,39 +91,79 @@ def to_float_normalized(x: torch.Tensor, mean: Sequence[float], std: Sequence[fl
     return x.sub_(m).div_(s)
 
 
-class VTABDataset(Dataset):
-    """One split of one task, decoded on every access: (uint8 (3, H, W) tensor, label).
+class ImageSplit(Dataset):
+    """One split: ``samples`` (image path relative to ``dir``, label), decoded on every access: (uint8 (3, H, W)
+    tensor, label). Normalisation happens on the device, after batching, as for the cached path.
 
-    Normalisation happens on the device, after batching, as for the cached path.
-    """
+    ``list_file`` names the split's list and ``list_bytes`` is its text (``path label`` lines): a VTAB-1k list file,
+    or the list a task source generated (``listed=False``: recorded in the run folder, not read from disk). Both,
+    with every image's size and modification time, key the decode-once cache."""
 
-    def __init__(self, root: Path, task: Task, split: str, img_size: int) -> None:
-        if split not in SPLITS:
-            raise ValueError(f'split={split!r} is invalid: choose one of {", ".join(SPLITS)}')
-        self.dir = task_dir(Path(root), task.name)
-        if not self.dir.is_dir():
-            raise DataError(f'task folder {self.dir} does not exist (data path {root})')
-        self.list_file = self.dir / f'{split}.txt'
-        self.samples = read_list(self.list_file, task.num_classes)
-        if not self.samples:  # checked when a run builds its splits, before anything is decoded or trained
-            raise DataError(f'{self.list_file} lists no samples')
-        self.img_size = img_size
+    def __init__(self, folder: Path, list_file: Path, list_bytes: bytes, samples: List[Sample], img_size: int,
+                 listed: bool = True) -> None:
+        if not samples:  # checked when a run builds its splits, before anything is decoded or trained
+            raise DataError(f'{list_file} lists no samples')
+        self.dir, self.list_file, self.list_bytes, self.samples = Path(folder), list_file, list_bytes, samples
+        self.img_size, self.listed = img_size, listed
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def cache_name(self) -> str:
+        """The readable start of its cache file names."""
+        return f'{self.dir.name}-{self.list_file.stem}'
+
+    def list_identity(self) -> List[str]:
+        """What names the list in the cache key: the image folder, the list's name and its text."""
+        return [str(self.dir.resolve()), self.list_file.name, self.list_bytes.hex()]
+
+    def file_stamps(self) -> List[str]:
+        """Every listed file's size and modification time (for the cache key): an image replaced in place under the
+        same name changes the key, so its split is decoded again instead of served stale."""
+        stamps = []
+        for sample in self.samples:
+            try:
+                stat = (self.dir / sample.path).stat()
+                stamps.append(f'{sample.path}\0{stat.st_size}\0{stat.st_mtime_ns}')
+            except OSError:  # missing: decoding reports it (file:line), in list order with the other problems
+                stamps.append(f'{sample.path}\0missing')
+        return stamps
+
+    def read_bytes(self, sample: Sample) -> bytes:
+        """The encoded image file of ``sample``; OSError when it is missing."""
+        return (self.dir / sample.path).read_bytes()
+
+    def where(self, sample: Sample) -> str:
+        """'list:line: image path' (a list file) or 'image path' (a generated list), for messages."""
+        image = f'image {self.dir / sample.path}'
+        return f'{self.list_file}:{sample.line}: {image}' if self.listed else image
+
     def image_error(self, sample: Sample, error: Exception) -> DataError:
-        path = self.dir / sample.path
         what = 'is missing' if isinstance(error, FileNotFoundError) else f'cannot be decoded ({type(error).__name__})'
-        return DataError(f'{self.list_file}:{sample.line}: image {path} {what}')
+        return DataError(f'{self.where(sample)} {what}')
 
     def __getitem__(self, index: int):
         sample = self.samples[index]
         try:
-            pixels = load_resized(self.dir / sample.path, self.img_size)
+            pixels = load_resized(io.BytesIO(self.read_bytes(sample)), self.img_size)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise self.image_error(sample, e) from None
         return torch.from_numpy(pixels), sample.label
+
+
+class VTABDataset(ImageSplit):
+    """One split of a VTAB-1k list task: ``<root>/<task>/<split>.txt``."""
+
+    def __init__(self, root: Path, task: Task, split: str, img_size: int) -> None:
+        if split not in SPLITS:
+            raise ValueError(f'split={split!r} is invalid: choose one of {", ".join(SPLITS)}')
+        folder = task_dir(Path(root), task.name)
+        if not folder.is_dir():
+            raise DataError(f'task folder {folder} does not exist (data path {root})')
+        list_file = folder / f'{split}.txt'
+        samples = read_list(list_file, task.num_classes)
+        super().__init__(folder, list_file, list_file.read_bytes(), samples, img_size)
 
 
 @dataclass

@@ -33,25 +33,18 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from .._io import atomic_path, write_text_atomic
-from .data import RESIZE_METHOD, VTABDataset, load_resized, to_float_normalized
+from .data import RESIZE_METHOD, ImageSplit, load_resized, to_float_normalized
 
 CACHE_VERSION = 2
 
 
-def cache_key(dataset: VTABDataset) -> str:
-    """(task folder, split, list contents, every listed file's size and modification time, size, resize method) as
-    a short hash; the file name carries it. An image replaced in place under the same name changes the key, so its
-    split is decoded again instead of served stale."""
-    parts = [str(CACHE_VERSION), str(dataset.dir.resolve()), dataset.list_file.name,
-             dataset.list_file.read_bytes().hex(), str(dataset.img_size), RESIZE_METHOD]
-    for sample in dataset.samples:
-        try:
-            stat = (dataset.dir / sample.path).stat()
-            parts.append(f'{sample.path}\0{stat.st_size}\0{stat.st_mtime_ns}')
-        except OSError:  # missing: decoding reports it (file:line), in list order with the other problems
-            parts.append(f'{sample.path}\0missing')
+def cache_key(dataset: ImageSplit) -> str:
+    """(the split's list: its folder, name and text; size; resize method; every listed file's size and modification
+    time) as a short hash; the file name carries it."""
+    parts = [str(CACHE_VERSION), *dataset.list_identity(), str(dataset.img_size), RESIZE_METHOD,
+             *dataset.file_stamps()]
     digest = hashlib.sha256('\0'.join(parts).encode()).hexdigest()[:16]
-    return f'{dataset.dir.name}-{dataset.list_file.stem}-{dataset.img_size}px-{RESIZE_METHOD}-{digest}'
+    return f'{dataset.cache_name}-{dataset.img_size}px-{RESIZE_METHOD}-{digest}'
 
 
 @contextlib.contextmanager
@@ -63,7 +56,7 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def _decode_all(dataset: VTABDataset, desc: str, show_progress: bool,
+def _decode_all(dataset: ImageSplit, desc: str, show_progress: bool,
                 sources: Optional[Any] = None) -> Iterator[Tuple[int, np.ndarray]]:
     """(index, uint8 (3, H, W) pixels) of every image in list order, with a progress bar; DataError (file:line)
     on the first missing or undecodable image. ``sources`` (a hash) is fed every file's bytes, in list order."""
@@ -71,7 +64,7 @@ def _decode_all(dataset: VTABDataset, desc: str, show_progress: bool,
                   disable=None if show_progress else True):
         sample = dataset.samples[i]
         try:
-            data = (dataset.dir / sample.path).read_bytes()
+            data = dataset.read_bytes(sample)
             pixels = load_resized(io.BytesIO(data), dataset.img_size)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise dataset.image_error(sample, e) from None
@@ -110,7 +103,7 @@ def _cache_problem(path: Path, key: str, shape: Tuple[int, ...]) -> Optional[str
     return None
 
 
-def split_bytes(dataset: VTABDataset) -> int:
+def split_bytes(dataset: ImageSplit) -> int:
     return len(dataset) * 3 * dataset.img_size ** 2
 
 
@@ -125,7 +118,7 @@ def _reserve_space(path: str) -> None:
                 raise
 
 
-def build_cache(dataset: VTABDataset, cache_dir: Path, show_progress: bool = True) -> Path:
+def build_cache(dataset: ImageSplit, cache_dir: Path, show_progress: bool = True) -> Path:
     """The split's uint8 (N, 3, H, W) ``.npy`` file and its ``.json`` header (key, shape, dtype, SHA-256 of the
     pixels and of the source files), built atomically under a lock when missing. A file that does not match its
     header (truncated, another dtype, damaged pixels, no header) is rebuilt, with a note naming it."""
@@ -148,7 +141,7 @@ def build_cache(dataset: VTABDataset, cache_dir: Path, show_progress: bool = Tru
                 pixels_hash.update(pixels.tobytes())  # rows in order: the hash of the C-ordered array
             out.flush()
             del out
-        header = {'version': CACHE_VERSION, 'key': key, 'list_file': str(dataset.list_file.resolve()),
+        header = {'version': CACHE_VERSION, 'key': key, 'list_file': str(dataset.list_file),
                   'shape': list(shape), 'dtype': 'uint8', 'sha256': pixels_hash.hexdigest(),
                   'sources_sha256': sources_hash.hexdigest()}
         write_text_atomic(_header_file(path), json.dumps(header, indent=1))
@@ -165,7 +158,7 @@ def _recorded_sources(path: Path) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
-def validate_split(dataset: VTABDataset, cache_dir: Path, show_progress: bool = True) -> None:
+def validate_split(dataset: ImageSplit, cache_dir: Path, show_progress: bool = True) -> None:
     """Decode every image of a split too large to cache, once per dataset (a stamp file remembers it, with the
     SHA-256 of the source files' bytes)."""
     stamp = Path(cache_dir) / f'{cache_key(dataset)}.ok'
@@ -178,14 +171,14 @@ def validate_split(dataset: VTABDataset, cache_dir: Path, show_progress: bool = 
         write_text_atomic(stamp, json.dumps({'version': CACHE_VERSION, 'sources_sha256': sources.hexdigest()}))
 
 
-def split_fingerprint(dataset: VTABDataset, cache_dir: Path) -> Optional[str]:
+def split_fingerprint(dataset: ImageSplit, cache_dir: Path) -> Optional[str]:
     """SHA-256 of what a split reads: its list file's bytes and every listed image's bytes in list order (from the
     cache header or validation stamp ``prepare_split`` left); None before the split was prepared."""
     key = cache_key(dataset)
     for record in (Path(cache_dir) / f'{key}.json', Path(cache_dir) / f'{key}.ok'):
         sources = _recorded_sources(record)
         if sources:
-            return hashlib.sha256(dataset.list_file.read_bytes() + bytes.fromhex(sources)).hexdigest()
+            return hashlib.sha256(dataset.list_bytes + bytes.fromhex(sources)).hexdigest()
     return None
 
 
@@ -198,6 +191,12 @@ class CachedSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        """One image, uint8 (3, H, W) on the CPU, and its label (for per-image augmentation)."""
+        image = self.images[index]
+        image = torch.from_numpy(np.array(image)) if isinstance(image, np.ndarray) else image.cpu()
+        return image, int(self.labels[index])
+
     def batch(self, index: torch.Tensor, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """uint8 images and labels at ``index`` (1-D), on ``device``."""
         if isinstance(self.images, np.ndarray):  # memmap: read just these rows
@@ -207,12 +206,12 @@ class CachedSplit:
         return x.to(device, non_blocking=True), self.labels[index].to(device, non_blocking=True)
 
 
-def prepare_split(dataset: VTABDataset, cache_dir: Path, budget_bytes: int, device: Optional[torch.device],
-                  show_progress: bool = True) -> Union[CachedSplit, VTABDataset]:
+def prepare_split(dataset: ImageSplit, cache_dir: Path, budget_bytes: int, device: Optional[torch.device],
+                  show_progress: bool = True) -> Union[CachedSplit, ImageSplit]:
     """Validate a split before training and return how to read it.
 
     Within ``budget_bytes``: a ``CachedSplit`` decoded once, held on ``device`` (the train split) or, with
-    ``device=None``, memory-mapped from the cache file (eval splits). Beyond it: the ``VTABDataset`` itself,
+    ``device=None``, memory-mapped from the cache file (eval splits). Beyond it: the ``ImageSplit`` itself,
     for the decode path, after one validation pass.
     """
     labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.int64)
@@ -230,30 +229,32 @@ class CachedLoader:
     same batches, bit for bit, as a DataLoader over the decode path with the same sampler and batch size."""
 
     def __init__(self, split: CachedSplit, batch_size: int, order: Sequence[int], device: torch.device,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float], drop_last: bool = False) -> None:
         self.split, self.batch_size, self.order, self.device = split, batch_size, order, device
-        self.mean, self.std = mean, std
+        self.mean, self.std, self.drop_last = mean, std, drop_last
 
     def __len__(self) -> int:
-        return math.ceil(len(self.order) / self.batch_size)
+        return (len(self.order) // self.batch_size) if self.drop_last else math.ceil(len(self.order) / self.batch_size)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         order = torch.as_tensor(list(self.order), dtype=torch.int64)
+        if self.drop_last:
+            order = order[:len(self) * self.batch_size]
         for start in range(0, len(order), self.batch_size):
             x, y = self.split.batch(order[start:start + self.batch_size], self.device)
             yield to_float_normalized(x, self.mean, self.std), y
 
 
 class DecodeLoader:
-    """The decode path: a DataLoader over ``VTABDataset`` (uint8), normalised on the device like ``CachedLoader``."""
+    """The decode path: a DataLoader over ``ImageSplit`` (uint8), normalised on the device like ``CachedLoader``."""
 
-    def __init__(self, dataset: VTABDataset, batch_size: int, sampler, device: torch.device,
-                 mean: Sequence[float], std: Sequence[float], workers: int) -> None:
+    def __init__(self, dataset: Any, batch_size: int, sampler, device: torch.device,
+                 mean: Sequence[float], std: Sequence[float], workers: int, drop_last: bool = False) -> None:
         # its own generator: the DataLoader draws worker seeds from it, never from the global RNG that drop-path
         # uses, so the decode and cached paths train identically
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                                   num_workers=workers, pin_memory=device.type == 'cuda',
-                                                  generator=torch.Generator().manual_seed(0))
+                                                  generator=torch.Generator().manual_seed(0), drop_last=drop_last)
         self.device, self.mean, self.std = device, mean, std
 
     def __len__(self) -> int:
@@ -271,9 +272,10 @@ def default_cache_dir(output: Union[str, Path], cache_dir: Optional[str]) -> Pat
 
 
 def make_loader(data: Any, batch_size: int, order: Any, device: torch.device, mean: Sequence[float],
-                std: Sequence[float], workers: int) -> Any:
-    """Batches of ``data`` in ``order`` (a sampler or index range): from the decoded cache, or decoded as read."""
+                std: Sequence[float], workers: int, drop_last: bool = False) -> Any:
+    """Batches of ``data`` in ``order`` (a sampler or index range): from the decoded cache, or read through a
+    DataLoader (the decode path, or an augmented split); ``drop_last`` drops a last incomplete batch (mixup)."""
     if isinstance(data, CachedSplit):
-        return CachedLoader(data, batch_size, order, device, mean, std)
+        return CachedLoader(data, batch_size, order, device, mean, std, drop_last)
     return DecodeLoader(data, batch_size, order if isinstance(order, DistributedSampler) else list(order), device,
-                        mean, std, workers)
+                        mean, std, workers, drop_last)

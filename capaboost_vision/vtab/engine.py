@@ -15,21 +15,23 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DistributedSampler
 
 from .._io import missing_folders, remove_empty_folders
 from .building import family_of, input_normalization
-from .data import PROTOCOL_SPLITS, VTABDataset
+from .augment import AugmentedSplit, augments, batch_mixer, image_transform
 from .data_cache import default_cache_dir, make_loader, prepare_split, split_fingerprint
 from .loop import Distributed, NonFinite, StopSignals, evaluate, train_one_epoch
 from .methods import MethodKind, kind_of, stored_parameters, trainable_state
 from .provenance import provenance
 from .run_config import RunConfig, RunError, Stopped
 from .run_folder import (CHECKPOINT_NAME, folder_lock, read_checkpoint, replace_run_folder, reusable_results,
-                         run_directory, write_checkpoint, write_config, write_results)
-from .tasks import Task, resolve_task
+                         run_directory, write_checkpoint, write_config, write_results, write_split_lists)
+from .sources import SplitSettings, TaskSource, open_source
+from .tasks import Task
 
 
 class Diverged(RunError):
@@ -42,7 +44,7 @@ class Run:
     """A prepared run: everything the epoch loop needs."""
     cfg: RunConfig
     env: Distributed
-    task: Task
+    source: TaskSource
     run_dir: Path
     model: nn.Module
     net: nn.Module  # what trains: the model, DDP-wrapped and/or compiled
@@ -61,6 +63,7 @@ class Run:
     scaler: Optional[torch.amp.GradScaler]
     criterion: nn.Module
     kind: MethodKind
+    mix: Optional[Callable[[torch.Tensor, torch.Tensor], Any]] = None  # mixup/cutmix of a batch
     stop: Optional[StopSignals] = None
     start_epoch: int = 0
     history: List[Dict[str, Any]] = field(default_factory=list)
@@ -68,6 +71,10 @@ class Run:
     @property
     def ckpt_file(self) -> Path:
         return self.run_dir / CHECKPOINT_NAME
+
+    @property
+    def task(self) -> Task:
+        return self.source.task
 
 
 def _stop_if_asked(run: 'Run', when: str) -> None:
@@ -95,43 +102,68 @@ def _diverged(run: Run, epoch: int, what: str) -> Diverged:
                     f'(now {run.cfg.lr:g}) and --overwrite, or --clip-grad')
 
 
-def _prepare_data(cfg: RunConfig, task: Task, env: Distributed):
-    """Validate and load both splits of the protocol before anything is trained or written to the run folder."""
-    train_split, eval_split = PROTOCOL_SPLITS[cfg.protocol]
-    cache_dir = default_cache_dir(cfg.output, cfg.cache_dir)
-    budget = int(cfg.cache_budget_gb * 1e9) if cfg.data_cache else -1
-    # both lists are parsed (and must be non-empty) before anything is decoded
-    sets = [VTABDataset(Path(cfg.data_path), task, split, cfg.img_size) for split in (train_split, eval_split)]
+@contextlib.contextmanager
+def _cleanup_cache_on_failure(cache_dir: Path):
+    """A run that never started leaves nothing behind, not even a half-used cache folder."""
     created = missing_folders(cache_dir)
     try:
-        train_data = prepare_split(sets[0], cache_dir, budget, env.device, show_progress=env.main)
-        eval_data = prepare_split(sets[1], cache_dir, budget, None, show_progress=env.main)
+        yield
     except BaseException:
-        if created:  # a run that never started leaves nothing behind, not even a half-used cache folder
+        if created:
             shutil.rmtree(created[0], ignore_errors=True)
             remove_empty_folders(created[1:])
         raise
+
+
+def _prepare_data(cfg: RunConfig, source: TaskSource, env: Distributed, mean: Sequence[float]):
+    """Validate and load both splits of the protocol before anything is trained or written to the run folder; with
+    augmentation the train split is read (from the cache) through the per-image transform."""
+    train_split, eval_split = source.protocol_splits(cfg.protocol)
+    cache_dir = default_cache_dir(cfg.output, cfg.cache_dir)
+    budget = int(cfg.cache_budget_gb * 1e9) if cfg.data_cache else -1
+    transform = image_transform(cfg, mean) if augments(cfg) else None
+    # both lists are parsed (and must be non-empty) before anything is decoded
+    sets = [source.dataset(split, cfg.img_size) for split in (train_split, eval_split)]
+    with _cleanup_cache_on_failure(cache_dir):
+        train_data = prepare_split(sets[0], cache_dir, budget, None if transform else env.device,
+                                   show_progress=env.main)
+        eval_data = prepare_split(sets[1], cache_dir, budget, None, show_progress=env.main)
+    if transform is not None:
+        train_data = AugmentedSplit(train_data, transform)
     fingerprints = {split: split_fingerprint(dataset, cache_dir) for split, dataset in zip((train_split, eval_split),
                                                                                            sets)}
     return train_data, eval_data, eval_split, fingerprints
 
 
+def open_run_source(cfg: RunConfig) -> TaskSource:
+    """The run's task source (an HF dataset's arrow files go under the data cache folder)."""
+    cache_dir = default_cache_dir(cfg.output, cfg.cache_dir)
+    with _cleanup_cache_on_failure(cache_dir):
+        return open_source(cfg.task, cfg.data_path, SplitSettings.of(cfg), cache_dir / 'hfds')
+
+
 def prepare(cfg: RunConfig, env: Distributed) -> Run:
     """Model, validated data, optimizer and schedule. Raises RunError before writing anything on bad input."""
-    task = resolve_task(cfg.task, Path(cfg.data_path))
+    source = open_run_source(cfg)
+    source.protocol_splits(cfg.protocol)  # a final run on a source without test fails before anything is built
     run_dir = run_directory(cfg)
     if cfg.batch_size % env.world:
         raise RunError(f'--batch-size {cfg.batch_size} must be divisible by the {env.world} processes')
     torch.manual_seed(cfg.seed)  # head / CapaBoost init
     kind = kind_of(cfg)
-    model = kind.build(cfg, task.num_classes).to(env.device)
+    model = kind.build(cfg, source.task.num_classes).to(env.device)
     mean, std = input_normalization(cfg.norm, model)
-    train_data, eval_data, eval_split, fingerprints = _prepare_data(cfg, task, env)
+    train_data, eval_data, eval_split, fingerprints = _prepare_data(cfg, source, env, mean)
 
     per_rank = cfg.batch_size // env.world
+    mix = batch_mixer(cfg, source.task.num_classes)
     sampler = DistributedSampler(range(len(train_data)), num_replicas=env.world, rank=env.rank, shuffle=True,
                                  seed=cfg.seed)
-    train_loader = make_loader(train_data, per_rank, sampler, env.device, mean, std, cfg.workers)
+    train_loader = make_loader(train_data, per_rank, sampler, env.device, mean, std, cfg.workers,
+                               drop_last=mix is not None)
+    if not len(train_loader):
+        raise RunError(f'--mixup/--cutmix mix full batches only: the train split ({len(train_data)} images) has '
+                       f'fewer than --batch-size {cfg.batch_size}')
     on_gpu = env.device.type == 'cuda'
     optimizer = create_optimizer_v2(model, 'adamw', lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     **(dict(fused=True) if on_gpu else {}))
@@ -150,12 +182,13 @@ def prepare(cfg: RunConfig, env: Distributed) -> Run:
         if env.world > 1 else model
     if cfg.compile:
         net = torch.compile(net)
-    return Run(cfg=cfg, env=env, task=task, run_dir=run_dir, model=model, net=net,
+    return Run(cfg=cfg, env=env, source=source, run_dir=run_dir, model=model, net=net,
                params=[p for p in model.parameters() if p.requires_grad], train_loader=train_loader,
                train_sampler=sampler, eval_data=eval_data, eval_split=eval_split, data_sha256=fingerprints,
                amp=cfg.amp if amp_dtype else None, mean=mean, std=std,
                optimizer=optimizer, scheduler=scheduler, autocast=autocast, scaler=scaler,
-               criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), kind=kind)
+               criterion=SoftTargetCrossEntropy() if mix else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+               kind=kind, mix=mix)
 
 
 def resume(run: Run) -> None:
@@ -184,7 +217,7 @@ def train_epoch(run: Run, epoch: int) -> Dict[str, Any]:
     try:
         return train_one_epoch(epoch, run.net, run.train_loader, run.optimizer, run.scheduler, run.criterion,
                                run.env, params=run.params, epochs=cfg.epochs, seed=cfg.seed, clip_grad=cfg.clip_grad,
-                               autocast=run.autocast, scaler=run.scaler,
+                               autocast=run.autocast, scaler=run.scaler, mix=run.mix,
                                after_step=lambda step, steps: _stop_if_asked(
                                    run, f'at epoch {epoch + 1}, step {step} of {steps}'))
     except NonFinite as e:
@@ -226,6 +259,7 @@ def run_epochs(run: Run, on_epoch_end: Optional[Callable[[int], None]]) -> None:
         if env.main:
             if epoch == run.start_epoch:
                 write_config(run.run_dir, cfg)
+                write_split_lists(run.run_dir, run.source.recorded_lists())
             write_checkpoint(run.run_dir, trainable_state(run.model), run.optimizer, run.scheduler, run.history, cfg)
             log_epoch(run, row, writer)
         if on_epoch_end:
@@ -241,6 +275,8 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
     counts = stored_parameters(model)
     results = {
         'task': run.task.name, 'group': run.task.group, 'num_classes': run.task.num_classes,
+        'label_names': list(run.source.label_names), 'source': run.source.describe_layout(),
+        'split_sizes': {split: len(run.source.samples(split)) for split in run.source.lists},
         'method': cfg.name or cfg.method, 'method_config': cfg.method, 'form': cfg.form, 'lr': cfg.lr,
         'model': cfg.model, 'family': family_of(cfg.model), 'seed': cfg.seed,
         'protocol': cfg.protocol, 'eval_split': run.eval_split, 'norm': cfg.norm,

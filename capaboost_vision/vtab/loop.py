@@ -3,6 +3,7 @@ explicitly (network, loader, optimizer, schedule, loss, process group), and know
 kinds; ``Distributed`` is the process group (torchrun or one process), ``StopSignals`` the SIGTERM/SIGINT handling.
 """
 import os
+import random
 import signal
 import threading
 import time
@@ -92,20 +93,24 @@ def all_finite(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
 def train_one_epoch(epoch: int, net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     criterion: nn.Module, env: Distributed, *, params: List[nn.Parameter], epochs: int, seed: int,
                     clip_grad: float, autocast: Callable[[], Any], scaler: Optional[torch.amp.GradScaler],
-                    after_step: Callable[[int, int], None]) -> Dict[str, Any]:
+                    after_step: Callable[[int, int], None],
+                    mix: Optional[Callable[[torch.Tensor, torch.Tensor], Any]] = None) -> Dict[str, Any]:
     """One pass over ``loader`` (its sampler already set to ``epoch``); returns the epoch's history row (without
     evaluation). ``after_step(step, steps)`` runs after every optimizer step (the engine's stop check); NonFinite
-    when the gradients or weights are no longer finite."""
-    torch.manual_seed(stable_seed(seed, 'epoch', epoch))  # drop-path/dropout: same after a resume
+    when the gradients or weights are no longer finite. ``mix`` (mixup/cutmix) turns each batch's labels into soft
+    targets for ``criterion``; train accuracy is then measured against the unmixed labels."""
+    torch.manual_seed(stable_seed(seed, 'epoch', epoch))  # drop-path/dropout/augmentation: same after a resume
+    random.seed(stable_seed(seed, 'augment', epoch))  # timm's PIL augmentations draw from Python's RNG
     num_updates = epoch * len(loader)
     net.train()
     loss_sum = correct = seen = 0.0
     tic = time.time()
     bar = tqdm(loader, desc=f'epoch {epoch + 1}/{epochs}', leave=False, disable=None if env.main else True)
     for step, (x, y) in enumerate(bar):
+        x, target = mix(x, y) if mix is not None else (x, y)
         with autocast():
             logits = net(x)
-            loss = criterion(logits.float(), y)
+            loss = criterion(logits.float(), target)
         optimizer.zero_grad(set_to_none=True)
         if scaler:
             scaler.scale(loss).backward()

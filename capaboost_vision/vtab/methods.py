@@ -124,7 +124,8 @@ class CapaBoostKind(MethodKind):
                 'peft': None}
 
     def save(self, model: nn.Module, run_dir: Path, results: Dict[str, Any], cfg: RunConfig) -> Path:
-        save_adapter(model, run_dir, results=results, repo_id=f'{run_dir.parent.parent.name}-{cfg.method}')
+        save_adapter(model, run_dir, results=results, label_names=results.get('label_names'),
+                     repo_id=f'{run_dir.parent.parent.name}-{cfg.method}')
         return run_dir / WEIGHTS_NAME
 
 

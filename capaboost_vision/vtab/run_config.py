@@ -17,6 +17,11 @@ from ..config import METHODS, CapaBoostConfig, SettingError, check_setting, fiel
 
 
 
+def hf_task_name(spec: str) -> str:
+    """The run-folder name of the task ``hfds/<spec>``: 'hfds--org--name'."""
+    return 'hfds--' + spec.strip('/').replace('/', '--')
+
+
 def _config_dir() -> Path:
     """The method and task YAMLs: ``capaboost_vision/configs`` inside an installed wheel (read through
     importlib.resources), the repository's top-level ``configs/`` in a source checkout."""
@@ -33,6 +38,7 @@ PROTOCOLS = ('final', 'val')
 AMP_MODES = ('bf16', 'fp16', 'none')
 NORMS = ('imagenet', 'model', 'none')
 TASK_INFO_FILE = 'task.yaml'
+HF_PREFIX = 'hfds/'
 
 
 class RunError(Exception):
@@ -51,8 +57,9 @@ class Stopped(RunError):
 @dataclass
 class RunConfig:
     """Everything a run needs. Defaults are the VTAB-1k protocol of the vision PEFT literature."""
-    task: str = setting('', 'VTAB-1k task (e.g. cifar), or a custom task folder holding a task.yaml (required, as '
-                            'a flag or in --config)', scope='train')
+    task: str = setting('', 'VTAB-1k task (e.g. cifar); a task folder (VTAB-1k lists or a task.yaml, an ImageFolder '
+                            'root with train/ and optional val/, test/, or one folder of class folders); or '
+                            'hfds/<local folder or Hub id> (required, as a flag or in --config)', scope='train')
     method: str = setting('capaboost_lora', 'method config from configs/methods', scope='train')
     seed: int = setting(0, 'training seed; also the mask seed unless --mask-seed', scope='train', range='[0, inf)')
     name: str = setting('', 'run name for the folder and the report row (default: the method)', scope='train',
@@ -60,8 +67,8 @@ class RunConfig:
     resume: bool = setting(False, 'continue the run folder\'s checkpoint (refused when its settings differ)',
                            scope='train', identity=False)
     model: str = setting('vit_base', 'CapaBoost model family or name, e.g. vit_base or vit_base_capaboost_lora')
-    data_path: str = setting('', 'VTAB-1k root: <root>/<task>/{train800,...}.txt (optional when --task is a folder)',
-                             identity=False)
+    data_path: str = setting('', 'root of the task folders: <root>/<task> (optional when --task is a folder or an HF '
+                                 'dataset)', identity=False)
     output: str = setting('runs', 'root of the run folders <output>/<family>/<task>/<protocol>/<name>/seed<N>',
                           identity=False)
     epochs: int = setting(100, 'training epochs', range='[1, 100000]')
@@ -77,7 +84,26 @@ class RunConfig:
     pretrained: bool = setting(True, 'load pretrained base weights (--no-pretrained: random init, for tests)')
     overwrite: bool = setting(False, 'redo a finished or unfinished run from scratch (the old folder is removed '
                                       'first, atomically)', identity=False)
-    protocol: str = setting('final', 'final: train800val200 -> test; val: train800 -> val200', choices=PROTOCOLS)
+    protocol: str = setting('final', 'final: train800val200 -> test; val: train800 -> val200 (other sources: '
+                                     'train+val -> test; train -> val)', choices=PROTOCOLS)
+    split_seed: int = setting(0, 'seed of the stratified splits carved from a source without val/ (or test/)',
+                              range='[0, inf)')
+    val_fraction: float = setting(0.2, 'fraction of each class carved from train as val when a source has none '
+                                       '(VTAB-1k: 200 of 1000)', range='(0, 1)')
+    test_fraction: float = setting(0.2, 'fraction of each class carved as test from one folder of class folders',
+                                   range='(0, 1)')
+    split_map: str = setting('', 'HF dataset splits as train=NAME,val=NAME,test=NAME (default: train, the first of '
+                                 'validation/val/valid, test; a missing val is carved from train)')
+    image_column: str = setting('image', 'image column of an HF dataset')
+    label_column: str = setting('label', 'label column of an HF dataset (a ClassLabel gives the class names)')
+    crop_scale: float = setting(0.0, "train-time random-resized crop keeping at least this area fraction (timm's "
+                                     "--scale lower bound, e.g. 0.08; 0 = off, the VTAB protocol)", range='[0, 1]')
+    hflip: float = setting(0.0, 'train-time horizontal flip probability (0 = off)', range='[0, 1]')
+    auto_augment: str = setting('', "train-time timm augmentation policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), "
+                                    "augmix-m5-w4-d2 or v0 (AutoAugment) (default: off)")
+    mixup: float = setting(0.0, 'mixup alpha (timm.data.Mixup; 0 = off); with --cutmix, batches of a mixed epoch '
+                                'drop their last incomplete batch', range='[0, inf)')
+    cutmix: float = setting(0.0, 'cutmix alpha (timm.data.Mixup; 0 = off)', range='[0, inf)')
     drop_path: float = setting(0.1, 'stochastic depth rate', range='[0, 1)')
     label_smoothing: float = setting(0.0, 'label smoothing of the cross-entropy', range='[0, 1)')
     norm: str = setting('imagenet', "input normalisation: imagenet = ImageNet mean/std (NOAH, FacT, RepAdapter, GLoRA, "
@@ -119,6 +145,8 @@ class RunConfig:
                            f'{"a" if self.peft else "no"} peft block')
         for name in ('task', 'name', 'method'):  # each becomes one folder of the run's path under --output
             value = getattr(self, name)
+            if name == 'task' and value.startswith(HF_PREFIX):
+                value = hf_task_name(value[len(HF_PREFIX):])
             if value in ('.', '..') or any(c in value for c in ('/', '\\', '\0')):
                 hint = '; a task folder is given as --task PATH/TO/FOLDER holding a task.yaml' if name == 'task' else ''
                 raise RunError(f'{where(name)} {value!r} is invalid: a plain name is required (no path separators '
@@ -175,7 +203,8 @@ IDENTITY_FIELDS = tuple(name for name, f in FIELDS.items() if f.metadata.get('id
 
 def identity_settings(config: Dict[str, Any]) -> Dict[str, Any]:
     """The identity settings of a config dict, with the capaboost and peft blocks spread out as <block>.<key>."""
-    flat = {k: config.get(k, '<unset>') for k in IDENTITY_FIELDS if k not in ('capaboost', 'peft')}
+    # a run recorded before a setting existed ran with its default (e.g. no augmentation)
+    flat = {k: config.get(k, field_default(FIELDS[k])) for k in IDENTITY_FIELDS if k not in ('capaboost', 'peft')}
     capaboost = dict(config.get('capaboost') or {})
     if config.get('form') in CAPABOOST_FORMS:  # every CapaBoost setting, defaults filled in
         try:
@@ -252,10 +281,24 @@ def check_capaboost_block(block: Dict[str, Any], form: str, origins: Dict[str, s
         raise RunError(f'{where(e.name)}: {e}') from None
 
 
-def task_folder(task: str) -> Optional[Path]:
-    """The folder when ``--task`` names a custom task folder (a path holding task.yaml), else None."""
+def task_folder(task: str, data_path: str) -> Optional[Path]:
+    """The folder when ``--task`` is a path to a task folder (one holding a task.yaml anywhere; any folder when it is
+    given with a path separator or without --data-path), else None."""
     path = Path(task).expanduser()
-    return path.resolve() if (path / TASK_INFO_FILE).is_file() else None
+    if (path / TASK_INFO_FILE).is_file():
+        return path.resolve()
+    path_like = '/' in task or '\\' in task or not data_path
+    return path.resolve() if path_like and path.is_dir() and not task.startswith(HF_PREFIX) else None
+
+
+def hf_folder(task: str, data_path: str) -> Optional[Path]:
+    """The local folder of ``hfds/<path>`` when it is not under --data-path but relative to the working directory
+    (or absolute), else None (a folder under --data-path, or a Hub id)."""
+    spec = task[len(HF_PREFIX):]
+    if data_path and (Path(data_path) / spec).is_dir():
+        return None
+    path = Path(spec).expanduser()
+    return path.resolve() if path.is_dir() else None
 
 
 Layers = List[Tuple[str, Dict[str, Any]]]  # (origin: a YAML file or 'command line', its settings), lowest first
@@ -339,11 +382,13 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
     values = merged.values
     if not values.get('task'):
         raise RunError('--task is required (or a --config file that sets task)')
-    folder = task_folder(values.get('task', ''))
-    if folder is not None:  # a custom task folder: its parent is the data root, its name the task
-        values['task'], values['data_path'] = folder.name, str(folder.parent)
-    if not values.get('data_path'):
-        raise RunError('--data-path is required (or give --task as a folder holding a task.yaml)')
+    task, data_path = values['task'], values.get('data_path', '')
+    folder = hf_folder(task, data_path) if task.startswith(HF_PREFIX) else task_folder(task, data_path)
+    if folder is not None:  # a task folder: its parent is the data root, its name the task
+        values['task'] = (HF_PREFIX if task.startswith(HF_PREFIX) else '') + folder.name
+        values['data_path'] = str(folder.parent)
+    if not values.get('data_path') and not values['task'].startswith(HF_PREFIX):
+        raise RunError('--data-path is required (or give --task as a task folder)')
     block = values.pop('capaboost', {})
     cfg = RunConfig(**values)
     _clamp_warmup(cfg, merged.source)

@@ -20,7 +20,7 @@ import yaml
 from .._io import atomic_path, missing_folders, remove_empty_folders, write_text_atomic
 from .building import family_of
 from .run_config import RunConfig, RunError, check_same_run
-from .tasks import resolve_task
+from .tasks import task_folder_name
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 
@@ -28,7 +28,7 @@ CHECKPOINT_NAME = 'checkpoint.pt'
 def run_directory(cfg: RunConfig) -> Path:
     """<output>/<family>/<task>/<protocol>/<name or method>/seed<N>: always under ``--output``; the protocol is in
     the path, so a val run and a final run of the same method never share a folder."""
-    run_dir = Path(cfg.output) / family_of(cfg.model) / resolve_task(cfg.task, Path(cfg.data_path)).name / \
+    run_dir = Path(cfg.output) / family_of(cfg.model) / task_folder_name(cfg.task, Path(cfg.data_path)) / \
         cfg.protocol / (cfg.name or cfg.method) / f'seed{cfg.seed}'
     if not run_dir.resolve().is_relative_to(Path(cfg.output).resolve()):  # names are checked; links may still lead out
         raise RunError(f'the run folder {run_dir} resolves to {run_dir.resolve()}, outside --output {cfg.output}')
@@ -112,6 +112,14 @@ def write_config(run_dir: Path, cfg: RunConfig) -> Path:
     path = run_dir / 'config.yaml'
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path
+
+
+def write_split_lists(run_dir: Path, lists: Dict[str, bytes]) -> None:
+    """``run_dir/splits/<split>.txt`` (``path label`` lines) of a generated split: which images it trained and
+    evaluated on, so a search's val runs and its final runs can be checked to share one split."""
+    for split, text in lists.items():
+        with atomic_path(run_dir / 'splits' / f'{split}.txt') as tmp:
+            Path(tmp).write_bytes(text)
 
 
 def write_metrics(path: Path, history: List[Dict[str, Any]]) -> None:

@@ -4,7 +4,8 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 from ..config import MAX_CLASSES
-from .run_config import TASK_INFO_FILE, load_yaml  # a custom task folder describes itself: {num_classes: N, group: G}
+from .run_config import HF_PREFIX, TASK_INFO_FILE, hf_task_name, load_yaml  # a custom task folder describes itself:
+# {num_classes: N, group: G}
 
 
 GROUPS = ('natural', 'specialized', 'structured')
@@ -94,3 +95,23 @@ def resolve_tasks(names: List[str], root: Optional[Path] = None) -> List[Task]:
     if names == ['all'] or names == 'all':
         return list(TASKS.values())
     return [resolve_task(n, root) for n in names]
+
+
+def task_folder_name(name: str, root: Optional[Path]) -> str:
+    """The run-folder name of a task, without reading its data: a VTAB-1k task's canonical name, a task folder's
+    name, 'hfds--org--name' for an HF dataset; ValueError (with a suggestion) for an unknown name."""
+    if name.startswith(HF_PREFIX):
+        return hf_task_name(name[len(HF_PREFIX):])
+    folder = task_dir(root, name) if root is not None else Path(name)
+    if (folder / TASK_INFO_FILE).is_file() or (folder.is_dir() and canonical_name(name) is None):
+        return name
+    return resolve_task(name, root).name
+
+
+def expand_tasks(names: List[str], root: Optional[Path]) -> List[str]:
+    """'all' -> the 19 VTAB-1k tasks; every other name checked (``task_folder_name``) and kept as given."""
+    if names == ['all'] or names == 'all':
+        return list(TASKS)
+    for name in names:
+        task_folder_name(name, root)
+    return list(names)
