@@ -12,7 +12,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -106,6 +106,37 @@ def _provenance_text(block: Optional[Dict[str, Any]]) -> str:
             f'slightly different floats.\n')
 
 
+VTAB_GROUPS = ('natural', 'specialized', 'structured')
+
+
+def dataset_name(task: str, group: Optional[str]) -> str:
+    """How a card names the data a result is on: 'VTAB-1k cifar' for the 19 tasks' groups, else the task name."""
+    return f'VTAB-1k {task}' if group in VTAB_GROUPS else task
+
+
+def _dataset_type(results: Dict[str, Any]) -> str:
+    return 'vtab-1k' if results.get('group') in VTAB_GROUPS else 'custom'
+
+
+@dataclass
+class CardResult:
+    """A result a model card states: dataset name, split and top-1 (%)."""
+    dataset: str
+    split: Optional[str]
+    top1: float
+
+
+def card_results(source: Union[str, Path]) -> List[CardResult]:
+    """The results the model card (README.md) of an adapter folder or ``hf-hub:`` repo states in its metadata; []
+    when it has no card or states none."""
+    try:
+        card = ModelCard.load(_fetch(str(source), 'README.md'))
+    except (AdapterError, ValueError, OSError):
+        return []
+    return [CardResult(r.dataset_name, r.dataset_split, float(r.metric_value))
+            for r in card.data.eval_results or [] if r.metric_type == 'accuracy']
+
+
 def _model_card(model: nn.Module, repo_id: str, results: Optional[Dict[str, Any]], size: int) -> ModelCard:
     config = _capaboost_config(model)
     arch = model.pretrained_cfg['architecture']
@@ -116,22 +147,30 @@ def _model_card(model: nn.Module, repo_id: str, results: Optional[Dict[str, Any]
     eval_results = None
     if results and results.get('top1') is not None:
         from huggingface_hub import EvalResult
-        eval_results = [EvalResult(task_type='image-classification', dataset_type='vtab-1k',
-                                   dataset_name=f'VTAB-1k {results["task"]}', metric_type='accuracy',
-                                   metric_value=float(results['top1']), dataset_split=results.get('eval_split'))]
+        eval_results = [EvalResult(task_type='image-classification', dataset_type=_dataset_type(results),
+                                   dataset_name=dataset_name(results['task'], results.get('group')),
+                                   metric_type='accuracy', metric_value=float(results['top1']),
+                                   dataset_split=results.get('eval_split'))]
     data = ModelCardData(library_name='timm', base_model=base or None, tags=tags, license='apache-2.0',
                          model_name=repo_id.split('/')[-1], eval_results=eval_results)
     settings = '\n'.join(f'| `{k}` | `{v}` |' for k, v in config.to_dict().items())
     capaboost_params = sum(v.numel() for k, v in model.named_parameters() if is_capaboost_key(k))
     result_text = ''
     if results:
-        result_text = (f'\n## Evaluation\n\nVTAB-1k `{results["task"]}` ({results.get("protocol", "final")} '
+        result_text = (f'\n## Evaluation\n\n{dataset_name(results["task"], results.get("group"))} '
+                       f'({results.get("protocol", "final")} '
                        f'protocol, {results.get("eval_split", "test")} split, last epoch, seed {results.get("seed")}): '
                        f'**{results["top1"]:.2f}%** top-1 after {results.get("epochs")} epochs.\n')
         if results.get('norm'):
             result_text += (f'\nInputs: squash-resized to {results.get("img_size")} px, normalised with '
                             f'`--norm {results["norm"]}` (mean {results.get("mean")}, std {results.get("std")}; '
                             f'recorded in config.json, so timm\'s `resolve_data_config` gives it).\n')
+        names = results.get('label_names') or []
+        if names:
+            shown = ', '.join(f'`{n}`' for n in names[:20]) + (f' and {len(names) - 20} more' if len(names) > 20 else '')
+            result_text += f'\nClasses ({len(names)}, in output order; `label_names` in config.json): {shown}.\n'
+        if results.get('source'):
+            result_text += f'\nData: {results["source"]}, split sizes {results.get("split_sizes")}.\n'
         result_text += _provenance_text(results.get('provenance'))
     content = f"""---
 {data.to_yaml()}
@@ -183,6 +222,9 @@ def save_adapter(model: nn.Module, folder: Union[str, Path], results: Optional[U
     }
     if results and results.get('mean') and results.get('std'):  # the normalisation the adapter was trained with
         model_config['pretrained_cfg'].update(mean=tuple(results['mean']), std=tuple(results['std']))
+    if results and results.get('img_size'):  # and its squash-resize, so timm's resolve_data_config gives it
+        model_config['pretrained_cfg'].update(input_size=(3, results['img_size'], results['img_size']),
+                                              interpolation='bicubic', crop_pct=1.0, crop_mode='squash')
     if label_names:
         model_config['label_names'] = list(label_names)
     model_args = getattr(model, '_model_args', {})

@@ -4,6 +4,7 @@ import sys
 import pytest
 import timm
 import torch
+from safetensors.torch import save
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 sys.path.insert(0, os.path.dirname(__file__))
@@ -11,6 +12,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
 
 import capaboost_vision  # noqa: E402,F401  (registers the models)
+from hub_server import HubServer  # noqa: E402
+
+BASE_REPO = 'timm/vit_tiny_patch16_224.augreg_in21k'
 
 
 def tiny_vit(**kwargs):
@@ -29,3 +33,18 @@ def tiny_swin(**kwargs):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def hub(tmp_path):
+    """A loopback Hub holding a (random) base checkpoint where timm looks for the tiny ViT's weights."""
+    server = HubServer()
+    base = timm.create_model('vit_tiny_patch16_224', num_classes=0)
+    server.store.create(BASE_REPO)
+    repo = server.store.repos[BASE_REPO]
+    repo['commits'][repo['branches']['main']]['model.safetensors'] = save(base.state_dict())
+    with server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
+        env.update(HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET='1', HF_HOME=str(tmp_path / 'hf'),
+                   HF_TOKEN='hf_test_token_not_printed', HF_HUB_DISABLE_TELEMETRY='1')
+        yield server, env

@@ -9,13 +9,12 @@ import textwrap
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save_file
 
 import capaboost_vision as cv
 from capaboost_vision.hub import AdapterError
-from hub_server import HubServer
+from conftest import BASE_REPO
 
-BASE_REPO = 'timm/vit_tiny_patch16_224.augreg_in21k'
 SMALL = dict(img_size=32, num_classes=3)
 
 
@@ -186,21 +185,6 @@ def _run(code, env, check=True):
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
-
-
-@pytest.fixture
-def hub(tmp_path):
-    """A loopback Hub holding a (random) base checkpoint where timm looks for the tiny ViT's weights."""
-    server = HubServer()
-    base = timm.create_model('vit_tiny_patch16_224', num_classes=0)
-    server.store.create(BASE_REPO)
-    repo = server.store.repos[BASE_REPO]
-    repo['commits'][repo['branches']['main']]['model.safetensors'] = save(base.state_dict())
-    with server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith('HF_')}
-        env.update(HF_ENDPOINT=server.url, HF_HUB_DISABLE_XET='1', HF_HOME=str(tmp_path / 'hf'),
-                   HF_TOKEN='hf_test_token_not_printed', HF_HUB_DISABLE_TELEMETRY='1')
-        yield server, env
 
 
 def test_push_then_load_in_a_fresh_process(hub, tmp_path):

@@ -9,6 +9,7 @@ Errors reach the user as one line; ``--debug`` (or CAPABOOST_DEBUG=1) shows the 
 import argparse
 import os
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -16,7 +17,7 @@ from typing import Any, Dict, List, Optional
 from .._version import __version__
 from ..config import CapaBoostConfig, field_default
 from .run_config import FIELDS, RunConfig, RunError, Stopped, method_names, resolve_config
-from .tasks import resolve_tasks
+from .tasks import expand_tasks
 
 
 def _capaboost_fields():
@@ -30,13 +31,23 @@ def _range_text(f) -> str:
     return f'; allowed: {f.metadata["range"]}' if f.metadata.get('range') else ''
 
 
+DATA_FLAGS = ('data_path', 'split_seed', 'val_fraction', 'test_fraction', 'split_map', 'image_column', 'label_column')
+"""The settings that pick a task's images and splits: what ``check``, ``eval`` take besides ``train``."""
+
+
 def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
     """One flag per RunConfig field in ``scopes``. Defaults stay None so the YAML layers apply; help shows the
     effective default."""
-    for name, f in FIELDS.items():
+    _add_flags(p, [name for name, f in FIELDS.items()
+                   if f.metadata.get('cli', True) and f.metadata.get('scope', 'run') in scopes])
+    _add_method_flags(p)
+
+
+def _add_flags(p: argparse.ArgumentParser, names: List[str]) -> None:
+    """A flag for each named RunConfig field (default None: unset)."""
+    for name in names:
+        f = FIELDS[name]
         meta = f.metadata
-        if not meta.get('cli', True) or meta.get('scope', 'run') not in scopes:
-            continue
         default = field_default(f)
         names = ['--' + name.replace('_', '-')] + ([meta['short']] if 'short' in meta else [])
         help_text = f'{meta["help"]} (default: {default if default != "" else "none"}{_range_text(f)})'
@@ -45,6 +56,10 @@ def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
         else:
             p.add_argument(*names, dest=name, type=type(default), choices=meta.get('choices'), default=None,
                            help=help_text)
+
+
+def _add_method_flags(p: argparse.ArgumentParser) -> None:
+    """--config, --peft-args and the CapaBoost settings."""
     p.add_argument('--config', help='YAML with any run settings (overrides method and task YAML) (default: none)')
     p.add_argument('--peft-args', nargs='+', metavar='KEY=VALUE',
                    help='HF PEFT arguments of a peft method, over its YAML peft block; values are YAML, e.g. r=4 '
@@ -107,28 +122,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_settings(args: argparse.Namespace, cfg: Optional[RunConfig] = None):
+    """The split settings of the data flags, else of ``cfg`` (a run's), else the defaults."""
+    from .sources import SplitSettings
+    base = SplitSettings.of(cfg) if cfg is not None else SplitSettings()
+    given = {name: getattr(args, name) for name in SplitSettings.__dataclass_fields__ if getattr(args, name) is not None}
+    return SplitSettings(**{**base.__dict__, **given})
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    from .data import check_task
-    from .tasks import TASKS, resolve_tasks
-    root = Path(args.data_path)
-    if not root.is_dir():
+    from .sources import check_source, open_source
+    from .tasks import expand_tasks
+    root = Path(args.data_path) if args.data_path else None
+    if root is not None and not root.is_dir():
         raise RunError(f'--data-path {root} does not exist or is not a folder')
+    if args.tasks == ['all'] and root is None:
+        raise RunError('--data-path is required to check all VTAB-1k tasks (or name the task folders with --tasks)')
     bad = 0
-    for task in resolve_tasks(args.tasks, root):
-        for split in check_task(root, task, expected_lines=TASKS.get(task.name) == task):
-            status = 'ok' if not split.problem_count else f'{split.problem_count} problem(s)'
-            print(f'{task.name:22s} {split.split:15s} {split.lines:6d} lines  {status}')
-            for problem in split.problems:
-                print(f'    {problem}')
-            bad += split.problem_count
+    with tempfile.TemporaryDirectory(prefix='capaboost-check-') as tmp:  # an HF dataset's arrow files
+        for name in expand_tasks(args.tasks, root):
+            source = open_source(name, args.data_path or '', _split_settings(args), Path(tmp))
+            print(f'{source.task.name}: {source.describe_layout()}, {source.task.num_classes} classes')
+            for split in check_source(source):
+                status = 'ok' if not split.problem_count else f'{split.problem_count} problem(s)'
+                print(f'{source.task.name:22s} {split.split:15s} {split.lines:6d} images  {status}')
+                counts = ', '.join(f'{source.label_names[c]}: {n}' for c, n in sorted(split.class_counts.items()))
+                print(f'    per class: {counts}' if counts else '    per class: none')
+                for problem in split.problems:
+                    print(f'    {problem}')
+                bad += split.problem_count
     print('all tasks ok' if not bad else f'{bad} problem(s) found')
     return 1 if bad else 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """task x method x seed; on GPUs, ``--runs-per-gpu`` runs at once on each; finished runs are skipped."""
-    tasks = resolve_tasks(args.tasks, Path(args.data_path or '.'))
-    configs = [build_run_config(args, task.name, method, seed, resume=True)  # every run validated before any
+    tasks = expand_tasks(args.tasks, Path(args.data_path) if args.data_path else None)
+    configs = [build_run_config(args, task, method, seed, resume=True)  # every run validated before any
                for task in tasks for method in args.methods for seed in args.seeds]  # starts (or torch loads)
     from .launch import pending_runs, run_all
     failures = run_all(pending_runs(configs), args.gpus, args.runs_per_gpu, main)
@@ -144,12 +174,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import SearchJob, records_markdown, search
     if any(lr <= 0 for lr in args.lrs):
         raise RunError(f'--lrs {" ".join(map(str, args.lrs))}: every rate must be > 0')
-    tasks = resolve_tasks(args.tasks, Path(args.data_path or '.'))
+    tasks = expand_tasks(args.tasks, Path(args.data_path) if args.data_path else None)
     jobs = []
     for task in tasks:
         for method in args.methods:
-            build_run_config(args, task.name, method, args.seeds[0])  # validates every run before starting any
-            jobs.append(SearchJob(task.name, method, sorted(set(args.lrs))))
+            build_run_config(args, task, method, args.seeds[0])  # validates every run before starting any
+            jobs.append(SearchJob(task, method, sorted(set(args.lrs))))
     from .launch import pending_runs, results_of, run_all  # torch loads once every run is validated
     from .run_folder import run_directory
 
@@ -185,6 +215,77 @@ def cmd_report(args: argparse.Namespace) -> int:
         paths.update(write_comparison(comparisons, read_records(runs_dir), prefix))
     for kind, path in paths.items():
         print(f'{kind}: {path}')
+    return 0
+
+
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--weights', help='base weights file (.safetensors, or .pth read with weights_only=True) '
+                                     '(default: a run folder\'s own, else the hub id the adapter records)')
+    p.add_argument('--batch-size', type=int, default=field_default(FIELDS['eval_batch_size']),
+                   help='images per forward pass (default: %(default)s, the runs\' evaluation batch size)')
+    p.add_argument('--device', default='auto', help='auto, cpu, cuda or cuda:N (default: auto)')
+    p.add_argument('--workers', type=int, default=0, help='data loader workers (default: 0)')
+
+
+def _device(name: str):
+    """The torch device of --device (one process: the GPU when there is one for auto)."""
+    from .loop import Distributed
+    if name not in ('auto', 'cpu', 'cuda') and not name.startswith('cuda:'):
+        raise RunError(f'--device {name!r} is invalid: choose auto, cpu, cuda or cuda:N')
+    return Distributed(name).device
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Top-1/top-5 of an adapter on a task split, with the difference from what its card or results.json states."""
+    from .inference import check_fits, load_trained, logits_over, topk_accuracy
+    from .sources import open_source
+    if args.batch_size < 1:
+        raise RunError(f'--batch-size {args.batch_size} is invalid: at least 1')
+    trained = load_trained(args.adapter, args.weights)
+    cfg = trained.run_config
+    task = args.task or (cfg.task if cfg is not None else None)
+    if not task:
+        raise RunError(f'--task is required: {args.adapter} is not a run folder (whose task would be the default)')
+    data_path = args.data_path if args.data_path is not None else (cfg.data_path if cfg and not args.task else '')
+    device = _device(args.device)
+    with tempfile.TemporaryDirectory(prefix='capaboost-eval-') as tmp:
+        cache_dir = Path(args.cache_dir) if args.cache_dir else Path(tmp)
+        source = open_source(task, data_path, _split_settings(args, cfg), cache_dir / 'hfds')
+        check_fits(trained, source, args.adapter)
+        dataset = source.dataset(args.split, trained.img_size)
+        logits, labels = logits_over(trained.model, dataset, trained, device, args.batch_size, cache_dir,
+                                     args.workers)
+    top1, top5 = topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5)
+    print(f'{args.adapter} on {source.task.name} {args.split} ({len(labels)} images, {trained.img_size} px): '
+          f'top-1 {top1:.2f}%  top-5 {top5:.2f}%')
+    from ..hub import dataset_name
+    names = {source.task.name, dataset_name(source.task.name, source.task.group)}
+    for claim in trained.claims:
+        if claim.dataset in names and claim.split == args.split:
+            print(f'stated: {claim.top1:.2f}% top-1 ({claim.dataset}, {claim.split} split): difference '
+                  f'{round(top1 - claim.top1, 6) + 0.0:+.2f}')  # + 0.0: no '-0.00'
+    if not any(c.dataset in names and c.split == args.split for c in trained.claims):
+        print(f'stated: no result for {source.task.name} {args.split} in the adapter\'s card or results')
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-k class names and probabilities per image (printed; CSV with --output)."""
+    from .inference import files_split, image_files, load_trained, logits_over, write_predictions
+    if args.top_k < 1 or args.batch_size < 1:
+        raise RunError(f'--top-k {args.top_k} and --batch-size {args.batch_size} must be at least 1')
+    files = image_files(args.images)
+    trained = load_trained(args.adapter, args.weights, merged=True)
+    k = min(args.top_k, len(trained.label_names))
+    logits, _ = logits_over(trained.model, files_split(files, trained.img_size), trained, _device(args.device),
+                            args.batch_size, None, args.workers)
+    probs = logits.softmax(-1)
+    top = probs.topk(k, dim=1)
+    for f, values, indices in zip(files, top.values.tolist(), top.indices.tolist()):
+        print(f'{f}  ' + '  '.join(f'{trained.label_names[i]} {v:.3f}' for v, i in zip(values, indices)))
+    if args.output:
+        write_predictions(Path(args.output), files, probs, trained.label_names, k)
+        print(f'predictions: {args.output}')
     return 0
 
 
@@ -267,9 +368,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser._add_container_actions(debug)
     sub = parser.add_subparsers(dest='command', required=True, parser_class=_parser_with(debug))
 
-    p = sub.add_parser('check', help='integrity of VTAB-1k task folders', formatter_class=fmt)
-    p.add_argument('--data-path', required=True, help='VTAB-1k root')
-    p.add_argument('--tasks', nargs='+', default=['all'], help='task names or "all"')
+    p = sub.add_parser('check', help='integrity of tasks: VTAB-1k lists, image folders, HF datasets')
+    p.add_argument('--tasks', nargs='+', default=['all'], help='task names, task folders, hfds/... or "all" '
+                                                               '(default: all)')
+    _add_flags(p, list(DATA_FLAGS))
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser('train', help='one run: task x model x method x seed')
@@ -317,6 +419,24 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--private', action='store_true', help='create the repo private')
     p.add_argument('--revision', help='branch to push to, created if missing (default: main)')
     p.set_defaults(fn=cmd_push)
+
+    p = sub.add_parser('eval', help='top-1/top-5 of an adapter on a task split, beside the result its model card '
+                                    'or run states')
+    p.add_argument('adapter', help='a run folder (CapaBoost or HF PEFT), an adapter folder, or hf-hub:org/repo[@rev]')
+    p.add_argument('--task', help='task name, task folder or hfds/... (default: a run folder\'s own task)')
+    p.add_argument('--split', help='split to evaluate (default: test)', default='test')
+    _add_inference_flags(p)
+    _add_flags(p, list(DATA_FLAGS) + ['cache_dir'])
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser('predict', help='classify image files with an adapter (LoRA merged into the weights)',
+                       formatter_class=fmt)
+    p.add_argument('adapter', help='a run folder (CapaBoost or HF PEFT), an adapter folder, or hf-hub:org/repo[@rev]')
+    p.add_argument('images', nargs='+', help='image files, folders (searched recursively) or glob patterns')
+    p.add_argument('--top-k', type=int, default=5, help='classes per image')
+    p.add_argument('--output', help='write a CSV (path, label_i, prob_i) here (default: print only)')
+    _add_inference_flags(p)
+    p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser('rank', help='singular values and effective rank of the learned LoRA updates',
                        formatter_class=fmt)

@@ -10,7 +10,7 @@ import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import BinaryIO, List, NamedTuple, Sequence, Union
+from typing import BinaryIO, Dict, List, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -80,7 +80,7 @@ def load_resized(path: Union[Path, BinaryIO], img_size: int) -> np.ndarray:
     Raises OSError on a bad file."""
     with Image.open(path) as img:
         img = vtab_resize(img_size)(img.convert('RGB'))
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return np.array(img, dtype=np.uint8).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), writable
 
 
 def to_float_normalized(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -172,6 +172,12 @@ class SplitCheck:
     lines: int = 0
     problems: List[str] = field(default_factory=list)
     problem_count: int = 0
+    class_counts: Dict[int, int] = field(default_factory=dict)
+
+    def problem(self, message: str, max_listed: int = 5) -> None:
+        self.problem_count += 1
+        if len(self.problems) < max_listed:
+            self.problems.append(message)
 
 
 def check_task(root: Path, task: Task, expected_lines: bool = True, max_listed: int = 5) -> List[SplitCheck]:
@@ -184,9 +190,7 @@ def check_task(root: Path, task: Task, expected_lines: bool = True, max_listed: 
         results.append(result)
 
         def problem(msg: str) -> None:
-            result.problem_count += 1
-            if len(result.problems) < max_listed:
-                result.problems.append(msg)
+            result.problem(msg, max_listed)
 
         list_file = folder / f'{split}.txt'
         if not list_file.is_file():
@@ -206,6 +210,7 @@ def check_task(root: Path, task: Task, expected_lines: bool = True, max_listed: 
             except DataError as e:
                 problem(str(e))
                 continue
+            result.class_counts[sample.label] = result.class_counts.get(sample.label, 0) + 1
             image = folder / sample.path
             try:
                 with Image.open(image) as img:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -100,7 +101,8 @@ def train_one_epoch(epoch: int, net: nn.Module, loader: Any, optimizer: torch.op
     when the gradients or weights are no longer finite. ``mix`` (mixup/cutmix) turns each batch's labels into soft
     targets for ``criterion``; train accuracy is then measured against the unmixed labels."""
     torch.manual_seed(stable_seed(seed, 'epoch', epoch))  # drop-path/dropout/augmentation: same after a resume
-    random.seed(stable_seed(seed, 'augment', epoch))  # timm's PIL augmentations draw from Python's RNG
+    random.seed(stable_seed(seed, 'augment', epoch))  # timm's PIL augmentations draw from Python's RNG,
+    np.random.seed(stable_seed(seed, 'mix', epoch) % 2 ** 32)  # its Mixup from NumPy's
     num_updates = epoch * len(loader)
     net.train()
     loss_sum = correct = seen = 0.0

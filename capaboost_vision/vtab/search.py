@@ -31,6 +31,7 @@ class SearchJob:
     grid: List[float]
     val_top1: Dict[float, float] = field(default_factory=dict)
     extensions: Dict[str, int] = field(default_factory=lambda: {'down': 0, 'up': 0})
+    split: str = 'train800 -> val200'  # other task sources: train -> val
 
     def best(self) -> float:
         """The rate with the highest val200 accuracy (the smaller rate on a tie)."""
@@ -96,7 +97,9 @@ def search(jobs: List[SearchJob], seeds: List[int], search_seed: int, max_extens
         for key, lrs in pending.items():
             job = by_key[key]
             for lr in lrs:
-                job.val_top1[lr] = results_of(val_request(job, lr, search_seed))['top1']
+                results = results_of(val_request(job, lr, search_seed))
+                job.val_top1[lr] = results['top1']
+                job.split = 'train800 -> val200' if results.get('eval_split', 'val200') == 'val200' else 'train -> val'
             lr = next_rate(job, max_extensions)
             if lr is not None:
                 job.extensions['down' if lr < min(job.grid) else 'up'] += 1
@@ -109,7 +112,7 @@ def search(jobs: List[SearchJob], seeds: List[int], search_seed: int, max_extens
         record = {'version': RECORD_VERSION, 'task': job.task, 'method': job.name, 'grid': sorted(job.grid),
                   'val_top1': {f'{lr:g}': job.val_top1[lr] for lr in sorted(job.grid)}, 'chosen_lr': job.best(),
                   'at_limit': at_limit(job), 'extensions': job.extensions, 'search_seed': search_seed,
-                  'final_seeds': seeds, 'split': 'train800 -> val200'}
+                  'final_seeds': seeds, 'split': job.split}
         path = record_dir_of(job) / f'{job.name}.json'
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, json.dumps(record, indent=2))

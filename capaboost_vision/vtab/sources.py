@@ -16,12 +16,13 @@ The last three have splits train, val, test (val carved from train when absent: 
 there is no test split: val numbers are never reported as test numbers). Their split lists (``path label`` lines,
 the VTAB-1k format) are recorded in the run folder, so the search and the final runs demonstrably see one split.
 """
+import io
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .data import SPLITS, PROTOCOL_SPLITS, DataError, ImageSplit, Sample, VTABDataset
+from .data import PROTOCOL_SPLITS, SPLITS, DataError, ImageSplit, Sample, SplitCheck, VTABDataset, check_task
 from .run_config import HF_PREFIX, TASK_INFO_FILE, RunError, hf_task_name, load_yaml
 from .tasks import TASKS, Task, canonical_name, resolve_task, task_dir
 
@@ -213,6 +214,7 @@ def _load_hf(spec: str, root: Optional[Path], cache_dir: Optional[Path]) -> Tupl
         import datasets
     except ImportError:
         raise RunError(f'{HF_PREFIX}{spec} needs the datasets package: pip install "capaboost-vision[hf]"') from None
+    datasets.disable_progress_bars()
     local = next((p for p in ([root / spec] if root else []) + [Path(spec)] if p.is_dir()), None)
     try:
         if local is not None and ((local / 'dataset_dict.json').is_file() or (local / 'state.json').is_file()):
@@ -312,15 +314,43 @@ def open_source(task: str, data_path: str, settings: SplitSettings = SplitSettin
     root = Path(data_path) if data_path else None
     if task.startswith(HF_PREFIX):
         return _hf_source(task[len(HF_PREFIX):], root, settings, cache_dir)
-    folder = task_dir(root, task) if root is not None else Path(task)
-    if root is not None and not root.is_dir():
+    if root is None:  # --task is the folder itself
+        root, task = Path(task).parent, Path(task).name
+    folder = task_dir(root, task)
+    if not root.is_dir():
         raise RunError(f'--data-path {root} does not exist or is not a folder')
     if (folder / TASK_INFO_FILE).is_file() or (folder / VTAB_LIST).is_file() or \
             (canonical_name(task) in TASKS and not folder.is_dir()):
-        resolved = resolve_task(task, root if root is not None else folder.parent)
-        return TaskSource('vtab-lists', resolved, _class_names(folder / TASK_INFO_FILE, resolved.num_classes),
-                          root if root is not None else folder.parent)
+        resolved = resolve_task(task, root)
+        return TaskSource('vtab-lists', resolved, _class_names(folder / TASK_INFO_FILE, resolved.num_classes), root)
     if folder.is_dir():
         return _folder_source(folder, settings)
     resolve_task(task, root)  # the unknown-task error, with its suggestion
     raise RunError(f'--task {task}: not found')
+
+
+def check_source(source: TaskSource, max_listed: int = 5) -> List[SplitCheck]:
+    """Integrity of every split: counts per class and every image readable (PIL's verify), one problem line each;
+    VTAB-1k list tasks through ``data.check_task`` (with VTAB-1k's line counts for the 19 tasks). The labels of the
+    other sources were range-checked when the source opened."""
+    from PIL import Image
+    if source.kind == 'vtab-lists':
+        return check_task(source.root, source.task, expected_lines=TASKS.get(source.task.name) == source.task,
+                          max_listed=max_listed)
+    results = []
+    for split, samples in source.lists.items():
+        result = SplitCheck(split, lines=len(samples))
+        results.append(result)
+        dataset = source.dataset(split, 1) if samples else None
+        for sample in samples:
+            result.class_counts[sample.label] = result.class_counts.get(sample.label, 0) + 1
+            try:
+                with Image.open(io.BytesIO(dataset.read_bytes(sample))) as img:
+                    img.verify()
+            except FileNotFoundError:
+                result.problem(f'{dataset.where(sample)} is missing', max_listed)
+            except Exception as e:  # noqa: BLE001  PIL raises many types for corrupt files
+                result.problem(f'{dataset.where(sample)} is unreadable ({type(e).__name__})', max_listed)
+        if not samples:
+            result.problem(f'{source.describe_layout()}: split {split} holds no images', max_listed)
+    return results

