@@ -167,7 +167,8 @@ def _model_card(model: nn.Module, repo_id: str, results: Optional[Dict[str, Any]
                             f'recorded in config.json, so timm\'s `resolve_data_config` gives it).\n')
         names = results.get('label_names') or []
         if names:
-            shown = ', '.join(f'`{n}`' for n in names[:20]) + (f' and {len(names) - 20} more' if len(names) > 20 else '')
+            shown = ', '.join(f'`{n}`' for n in names[:20])
+            shown += f' and {len(names) - 20} more' if len(names) > 20 else ''
             result_text += f'\nClasses ({len(names)}, in output order; `label_names` in config.json): {shown}.\n'
         if results.get('source'):
             result_text += f'\nData: {results["source"]}, split sizes {results.get("split_sizes")}.\n'

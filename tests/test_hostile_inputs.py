@@ -31,7 +31,6 @@ from capaboost_vision.vtab.run_folder import run_directory
 from capaboost_vision.hub import AdapterError
 from capaboost_vision.vtab.run_config import RunError, resolve_config
 from capaboost_vision.vtab.tasks import Task
-from test_hub import hub  # noqa: F401  (a loopback Hub)
 from test_robustness import ENTRY, cli, data, files_under, one_line_error  # noqa: F401  (data: a fixture)
 from test_vtab import TINY, make_task
 

@@ -73,41 +73,50 @@ def _run(root: Path, task: str, out: Path, **kw):
     return train(cfg)
 
 
-def _lists_task(root: Path, run_dir: Path) -> Path:
-    """The VTAB-1k list task of a run's recorded splits (same images, same order)."""
+def _lists_task(root: Path, source: str, run_dir: Path) -> str:
+    """The VTAB-1k list task of a run's recorded splits (same images, same order): ``<source>_lists``."""
     lists = {s: (run_dir / 'splits' / f'{s}.txt').read_text() for s in ('train', 'val', 'test')}
-    task = root / 'digits_lists'
-    if not task.is_dir():
-        task.mkdir()
-        for sub in ('train', 'test'):
-            (task / sub).symlink_to(root / 'digits' / sub)
-        for name, text in {'train800': lists['train'], 'val200': lists['val'],
-                           'train800val200': lists['train'] + lists['val'], 'test': lists['test']}.items():
-            (task / f'{name}.txt').write_text(text)
-        (task / 'task.yaml').write_text('num_classes: 10\n')
-    return task
+    task = root / f'{source}_lists'
+    task.mkdir()
+    for sub in (root / source).iterdir():  # the list paths are relative to the source's folder
+        (task / sub.name).symlink_to(sub)
+    for name, text in {'train800': lists['train'], 'val200': lists['val'],
+                       'train800val200': lists['train'] + lists['val'], 'test': lists['test']}.items():
+        (task / f'{name}.txt').write_text(text)
+    (task / 'task.yaml').write_text('num_classes: 10\n')
+    return task.name
+
+
+def _adapter(out: Path, task: str):
+    return load_file(str(out / 'vit_tiny' / task.replace('hfds/', 'hfds--') / 'final/capaboost_lora/seed0' /
+                         'adapter.safetensors'))
 
 
 def test_every_source_gives_the_top1_of_the_equivalent_list_task(own, tmp_path):
-    folder = _run(own, 'digits', tmp_path)
+    equivalent = {'digits': ['hfds/hf_disk', 'hfds/hf_parquet'], 'flat': []}
+    for source, same_images in equivalent.items():
+        results = {source: _run(own, source, tmp_path)}
+        run_dir = tmp_path / 'vit_tiny' / source / 'final/capaboost_lora/seed0'
+        for task in [_lists_task(own, source, run_dir),
+                     *same_images]:
+            results[task] = _run(own, task, tmp_path)
+        assert len({r['top1'] for r in results.values()}) == 1, {k: r['top1'] for k, r in results.items()}
+        reference = _adapter(tmp_path, source)
+        for task in results:
+            state = _adapter(tmp_path, task)
+            assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state), task
+    folder = results_of(tmp_path, 'digits')
     run_dir = tmp_path / 'vit_tiny/digits/final/capaboost_lora/seed0'
-    _lists_task(own, run_dir)
-    adapters = {'digits': load_file(str(run_dir / 'adapter.safetensors'))}
-    results = {'digits': folder}
-    for task in ('digits_lists', 'hfds/hf_disk', 'hfds/hf_parquet'):
-        results[task] = _run(own, task, tmp_path)
-        name = task.replace('hfds/', 'hfds--')
-        adapters[task] = load_file(str(tmp_path / 'vit_tiny' / name / 'final/capaboost_lora/seed0/adapter.safetensors'))
-    assert len({r['top1'] for r in results.values()}) == 1, {k: r['top1'] for k, r in results.items()}
-    for task, state in adapters.items():
-        assert state.keys() == adapters['digits'].keys()
-        assert all(torch.equal(state[k], adapters['digits'][k]) for k in state), task
     # class names end to end: results.json, config.json (timm's label_names), the model card
-    assert folder['label_names'] == sorted(NAMES) == results['hfds/hf_disk']['label_names']
+    assert folder['label_names'] == sorted(NAMES) == results_of(tmp_path, 'hfds--hf_disk')['label_names']
     assert json.loads((run_dir / 'config.json').read_text())['label_names'] == sorted(NAMES)
     card = (run_dir / 'README.md').read_text()
     assert '`eight`' in card and 'ImageFolder' in card and 'VTAB-1k digits' not in card
     assert folder['split_sizes'] == {'train': 161, 'val': 39, 'test': 100}
+
+
+def results_of(out: Path, task: str, protocol: str = 'final') -> dict:
+    return json.loads((out / 'vit_tiny' / task / protocol / 'capaboost_lora/seed0/results.json').read_text())
 
 
 def test_carved_splits_are_stratified_seeded_and_recorded(own, tmp_path):
@@ -132,19 +141,22 @@ def test_carved_splits_are_stratified_seeded_and_recorded(own, tmp_path):
     assert other.lists['val'] != open_source('flat', str(own)).lists['val']
 
 
-def test_search_and_report_on_an_image_folder(own, tmp_path):
-    code, out, err = cli('search', '--tasks', str(own / 'digits'), '--methods', 'capaboost_lora', '--lrs', '1e-3',
-                         '3e-3', '--max-extensions', '0', '--seeds', '0', '--output', tmp_path, '--no-pretrained',
-                         *TINY_FLAGS, '--epochs', '1')
+def test_search_and_report_on_every_source(own, tmp_path):
+    code, out, err = cli('search', '--tasks', 'digits', 'flat', 'hfds/hf_disk', '--data-path', own, '--methods',
+                         'capaboost_lora', '--lrs', '1e-3', '3e-3', '--max-extensions', '0', '--seeds', '0',
+                         '--output', tmp_path, '--no-pretrained', *TINY_FLAGS, '--epochs', '1')
     assert code == 0, err[-2000:]
-    record = json.loads(next((tmp_path / 'vit_tiny/digits/search').glob('*.json')).read_text())
-    assert record['chosen_lr'] in (1e-3, 3e-3) and record['split'] == 'train -> val', record
-    final = json.loads((tmp_path / 'vit_tiny/digits/final/capaboost_lora/seed0/results.json').read_text())
-    assert final['lr'] == record['chosen_lr'] and final['eval_split'] == 'test'
+    records = {}
+    for task in ('digits', 'flat', 'hfds--hf_disk'):
+        records[task] = json.loads((tmp_path / 'vit_tiny' / task / 'search/capaboost_lora.json').read_text())
+        assert records[task]['split'] == 'train -> val'
+        final = results_of(tmp_path, task)
+        assert final['lr'] == records[task]['chosen_lr'] and final['eval_split'] == 'test'
+    assert records['digits']['val_top1'] == records['hfds--hf_disk']['val_top1']  # the same images
     code, out, err = cli('report', tmp_path)
     assert code == 0, err
     table = (tmp_path / 'report.md').read_text()
-    assert 'digits' in table and 'capaboost_lora' in table
+    assert all(task in table for task in ('digits', 'flat', 'hfds--hf_disk'))
 
 
 def test_final_without_a_test_split_and_bad_sources_are_one_line(own, tmp_path):

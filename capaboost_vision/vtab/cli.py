@@ -126,7 +126,8 @@ def _split_settings(args: argparse.Namespace, cfg: Optional[RunConfig] = None):
     """The split settings of the data flags, else of ``cfg`` (a run's), else the defaults."""
     from .sources import SplitSettings
     base = SplitSettings.of(cfg) if cfg is not None else SplitSettings()
-    given = {name: getattr(args, name) for name in SplitSettings.__dataclass_fields__ if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in SplitSettings.__dataclass_fields__
+             if getattr(args, name) is not None}
     return SplitSettings(**{**base.__dict__, **given})
 
 

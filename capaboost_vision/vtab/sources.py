@@ -82,7 +82,6 @@ class TaskSource:
     root: Path
     lists: Dict[str, List[Sample]] = field(default_factory=dict)
     hf: Optional[Dict[str, Any]] = None  # HF split name -> datasets.Dataset (kind 'hfds')
-    hf_splits: Dict[str, str] = field(default_factory=dict)  # our split -> HF split
     carved: Tuple[str, ...] = ()  # splits carved by --split-seed
     image_column: str = 'image'  # kind 'hfds'
 
@@ -271,7 +270,7 @@ def _hf_source(spec: str, root: Optional[Path], settings: SplitSettings, cache_d
         carved = ('val',)
     task = Task(hf_task_name(spec), len(names), 'custom')
     return TaskSource('hfds', task, tuple(names), Path(where), dict(sorted(lists.items(), key=_split_order)),
-                      hf={name: splits[name] for name in mapping.values()}, hf_splits=mapping, carved=carved,
+                      hf={name: splits[name] for name in mapping.values()}, carved=carved,
                       image_column=image_col)
 
 
