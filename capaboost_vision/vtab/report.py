@@ -23,7 +23,8 @@ from .provenance import differing_fields
 from .tasks import GROUPS, TASKS
 
 
-SECTIONS = {'final': 'Test accuracy (train800val200 -> test)', 'val': 'Validation accuracy (train800 -> val200)'}
+SECTIONS = {'final': 'Test accuracy (train800val200 -> test; other task sources: train+val -> test)',
+            'val': 'Validation accuracy (train800 -> val200; other task sources: train -> val)'}
 REQUIRED_KEYS = ('task', 'group', 'method', 'family', 'seed', 'top1', 'trainable_params_excl_head')
 
 
@@ -284,7 +285,7 @@ def write_report(runs_dir: Path, prefix: Optional[Path] = None) -> Dict[str, Pat
                + ''.join(f'- {key}: {", ".join(values)}\n' for key, values in differing.items()))
     records = read_records(Path(runs_dir))
     if records:
-        md += ('\n## Learning-rate search (train800 -> val200; the chosen rate trains the final runs)\n\n'
+        md += ('\n## Learning-rate search (on val; the chosen rate trains the final runs)\n\n'
                + records_markdown(records))
     write_text_atomic(prefix.with_suffix('.md'), md)
     to_csv(rows, prefix.with_suffix('.csv'))

@@ -139,7 +139,7 @@ def read_records(runs_dir: Path) -> List[Dict]:
 
 def records_markdown(records: List[Dict]) -> str:
     """The searched grid and chosen rate per task and method; a choice still at a grid limit is marked."""
-    lines = ['| model | task | method | grid (val200 top-1) | chosen lr | |', '|---|---|---|---|---|---|']
+    lines = ['| model | task | method | grid (val top-1) | chosen lr | |', '|---|---|---|---|---|---|']
     for r in records:
         grid = ', '.join(f'{lr}: {acc:.1f}' for lr, acc in r['val_top1'].items())
         lines.append(f'| {r["family"]} | {r["task"]} | {r["method"]} | {grid} | {r["chosen_lr"]:g} | '
