@@ -291,3 +291,6 @@ def test_augmentation_settings_train_deterministically_and_are_identity(own, tmp
                         '--epochs', '2'), 'other settings', 'auto_augment')
     one_line_error(*cli('train', '--task', own / 'digits', '--output', tmp_path / 'd', '--no-pretrained', *TINY_FLAGS,
                         '--auto-augment', 'nonsense'), "--auto-augment 'nonsense'")
+    one_line_error(*cli('train', '--task', own / 'digits', '--output', tmp_path / 'e', '--no-pretrained', *TINY_FLAGS,
+                        '--mixup', '0.5', '--batch-size', '5000'), 'mix full batches only', '(200 images)')
+    assert not (tmp_path / 'd').exists() and not (tmp_path / 'e').exists()  # nothing left behind, no cache either

@@ -115,15 +115,19 @@ def _cleanup_cache_on_failure(cache_dir: Path):
         raise
 
 
-def _prepare_data(cfg: RunConfig, source: TaskSource, env: Distributed, mean: Sequence[float]):
+def _prepare_data(cfg: RunConfig, source: TaskSource, env: Distributed, mean: Sequence[float], full_batch: int):
     """Validate and load both splits of the protocol before anything is trained or written to the run folder; with
-    augmentation the train split is read (from the cache) through the per-image transform."""
+    augmentation the train split is read (from the cache) through the per-image transform. ``full_batch``: the
+    train split must hold at least this many images (mixup mixes full batches only)."""
     train_split, eval_split = source.protocol_splits(cfg.protocol)
     cache_dir = default_cache_dir(cfg.output, cfg.cache_dir)
     budget = int(cfg.cache_budget_gb * 1e9) if cfg.data_cache else -1
     transform = image_transform(cfg, mean) if augments(cfg) else None
     # both lists are parsed (and must be non-empty) before anything is decoded
     sets = [source.dataset(split, cfg.img_size) for split in (train_split, eval_split)]
+    if len(sets[0]) < full_batch:
+        raise RunError(f'--mixup/--cutmix mix full batches only: the train split ({len(sets[0])} images) has fewer '
+                       f'than --batch-size {cfg.batch_size}')
     with _cleanup_cache_on_failure(cache_dir):
         train_data = prepare_split(sets[0], cache_dir, budget, None if transform else env.device,
                                    show_progress=env.main)
@@ -153,17 +157,15 @@ def prepare(cfg: RunConfig, env: Distributed) -> Run:
     kind = kind_of(cfg)
     model = kind.build(cfg, source.task.num_classes).to(env.device)
     mean, std = input_normalization(cfg.norm, model)
-    train_data, eval_data, eval_split, fingerprints = _prepare_data(cfg, source, env, mean)
-
     per_rank = cfg.batch_size // env.world
     mix = batch_mixer(cfg, source.task.num_classes)
+    train_data, eval_data, eval_split, fingerprints = _prepare_data(cfg, source, env, mean,
+                                                                    full_batch=cfg.batch_size if mix else 1)
+
     sampler = DistributedSampler(range(len(train_data)), num_replicas=env.world, rank=env.rank, shuffle=True,
                                  seed=cfg.seed)
     train_loader = make_loader(train_data, per_rank, sampler, env.device, mean, std, cfg.workers,
                                drop_last=mix is not None)
-    if not len(train_loader):
-        raise RunError(f'--mixup/--cutmix mix full batches only: the train split ({len(train_data)} images) has '
-                       f'fewer than --batch-size {cfg.batch_size}')
     on_gpu = env.device.type == 'cuda'
     optimizer = create_optimizer_v2(model, 'adamw', lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     **(dict(fused=True) if on_gpu else {}))
