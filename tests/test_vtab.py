@@ -228,6 +228,9 @@ def test_task_registry_and_aliases(tmp_path):
     (tmp_path / 'cifar100').mkdir()
     from capaboost_vision.vtab.tasks import task_dir
     assert task_dir(tmp_path, 'cifar') == tmp_path / 'cifar100'
+    from capaboost_vision.vtab.tasks import expand_tasks
+    # sweep/search name runs by the canonical task (what results.json records), whatever alias was given
+    assert expand_tasks(['cifar100', 'pets', 'hfds/org/x'], tmp_path) == ['cifar', 'oxford_iiit_pet', 'hfds/org/x']
 
 
 def test_demo_data_builder_on_real_mnist(tmp_path):

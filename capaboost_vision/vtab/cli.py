@@ -133,7 +133,6 @@ def _split_settings(args: argparse.Namespace, cfg: Optional[RunConfig] = None):
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .sources import check_source, open_source
-    from .tasks import expand_tasks
     root = Path(args.data_path) if args.data_path else None
     if root is not None and not root.is_dir():
         raise RunError(f'--data-path {root} does not exist or is not a folder')

@@ -109,9 +109,12 @@ def task_folder_name(name: str, root: Optional[Path]) -> str:
 
 
 def expand_tasks(names: List[str], root: Optional[Path]) -> List[str]:
-    """'all' -> the 19 VTAB-1k tasks; every other name checked (``task_folder_name``) and kept as given."""
+    """'all' -> the 19 VTAB-1k tasks; every other name checked (``task_folder_name``): a VTAB-1k task or alias as its
+    canonical name (what its runs record), a task folder or HF dataset as given."""
     if names == ['all'] or names == 'all':
         return list(TASKS)
+    expanded = []
     for name in names:
-        task_folder_name(name, root)
-    return list(names)
+        folder_name = task_folder_name(name, root)  # ValueError for an unknown name
+        expanded.append(folder_name if canonical_name(name) else name)
+    return expanded
