@@ -1,9 +1,13 @@
-"""Atomic writes: nothing half-written is ever left under the final name."""
+"""Atomic writes: nothing half-written is ever left under the final name. Exclusive locks that also work where
+``flock`` does not (some cluster filesystems)."""
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator, List, Union
 
@@ -79,3 +83,77 @@ def remove_empty_folders(folders: List[Path]) -> None:
     for folder in folders:
         with contextlib.suppress(OSError):
             folder.rmdir()
+
+
+FLOCK_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+"""``flock`` errors meaning the filesystem cannot lock (Lustre mounted without ``flock``, NFS without lockd)."""
+
+
+class LockHeld(Exception):
+    """Another process holds the lock (the message says which file, and who for an owner-file lock)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Union[str, Path], wait: bool, poll_s: float = 0.5) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing): ``flock``, or where the filesystem cannot flock an
+    owner file ``<path>.held`` created with O_EXCL (atomic on local disks and NFS) that names host and pid. With
+    ``wait`` block until it is free, else raise LockHeld at once. An owner file left by a dead process of this
+    host is taken over; one of another host is only ever removed by hand (the error says so)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, 'a')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        handle.close()
+        raise LockHeld(f'{path} is locked by another process') from None
+    except OSError as e:
+        handle.close()
+        if e.errno not in FLOCK_UNSUPPORTED:
+            raise
+        with _owner_file_lock(path.with_name(path.name + '.held'), wait, poll_s):
+            yield
+        return
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _owner_file_lock(held: Path, wait: bool, poll_s: float) -> Iterator[None]:
+    """The fallback of ``exclusive_lock``: the lock is the existence of ``held``."""
+    me = f'{socket.gethostname()} {os.getpid()}'
+    while True:
+        try:
+            fd = os.open(held, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = held.read_text().split()
+            except OSError:  # removed meanwhile: try again
+                continue
+            host, pid = (owner + ['', ''])[:2]
+            if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+                held.unlink(missing_ok=True)  # its owner died without releasing it
+                continue
+            if not wait:
+                raise LockHeld(f'{held} is held by {" ".join(owner) or "a process"} (this filesystem does not '
+                               f'support flock; delete the file if that process is gone)') from None
+            time.sleep(poll_s)
+    try:
+        os.write(fd, me.encode())
+        os.close(fd)
+        yield
+    finally:
+        held.unlink(missing_ok=True)

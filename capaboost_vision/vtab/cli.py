@@ -12,12 +12,16 @@ import sys
 import tempfile
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from .._version import __version__
 from ..config import CapaBoostConfig, field_default
 from .run_config import FIELDS, RunConfig, RunError, Stopped, method_names, resolve_config
+from .launch_settings import LaunchSettings
 from .tasks import expand_tasks
+
+if TYPE_CHECKING:
+    from .launch import Launcher
 
 
 def _capaboost_fields():
@@ -43,19 +47,34 @@ def _add_run_flags(p: argparse.ArgumentParser, scopes: tuple) -> None:
     _add_method_flags(p)
 
 
-def _add_flags(p: argparse.ArgumentParser, names: List[str]) -> None:
-    """A flag for each named RunConfig field (default None: unset)."""
+def _add_flags(p: Any, names: List[str], by_name: Optional[Dict[str, Any]] = None) -> None:
+    """A flag for each named field of ``by_name`` (RunConfig's by default); default None: unset."""
     for name in names:
-        f = FIELDS[name]
+        f = (by_name or FIELDS)[name]
         meta = f.metadata
         default = field_default(f)
         names = ['--' + name.replace('_', '-')] + ([meta['short']] if 'short' in meta else [])
-        help_text = f'{meta["help"]} (default: {default if default != "" else "none"}{_range_text(f)})'
+        shown = ' '.join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f'{meta["help"]} (default: {shown if shown != "" else "none"}{_range_text(f)})'
         if isinstance(default, bool):
             p.add_argument(*names, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            p.add_argument(*names, dest=name, type=type(default), choices=meta.get('choices'), default=None,
-                           help=help_text)
+            element = str if isinstance(default, tuple) else type(default)
+            p.add_argument(*names, dest=name, type=element, choices=meta.get('choices'), nargs=meta.get('nargs'),
+                           default=None, help=help_text)
+
+
+def _add_launch_flags(p: argparse.ArgumentParser) -> None:
+    from .launch_settings import LAUNCH_FIELDS
+    _add_flags(p.add_argument_group('where the runs execute (not part of a run\'s settings)'), list(LAUNCH_FIELDS),
+               LAUNCH_FIELDS)
+
+
+def _launch_settings(args: argparse.Namespace):
+    """The launcher settings of sweep/search flags (checked: RunError naming the flag)."""
+    from .launch_settings import LAUNCH_FIELDS
+    given = {name: getattr(args, name) for name in LAUNCH_FIELDS if getattr(args, name) is not None}
+    return LaunchSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}).check()
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:
@@ -155,16 +174,38 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def make_launcher(settings: LaunchSettings, output: Path, in_process: Callable[[List[str]], int]) -> 'Launcher':
+    """The launcher ``--launcher`` names; RunError (one line) when its package or scheduler is missing here."""
+    if settings.launcher == 'local':
+        from .launch import LocalLauncher
+        return LocalLauncher(settings, in_process)
+    extra = {'slurm': 'submitit', 'ray': 'ray'}[settings.launcher]
+    try:
+        if settings.launcher == 'slurm':
+            from .slurm import SlurmLauncher as launcher_class
+        else:
+            from .ray_runs import RayLauncher as launcher_class
+    except ImportError as e:
+        if e.name != extra:
+            raise
+        raise RunError(f"--launcher {settings.launcher} needs {extra}: pip install "
+                       f"'capaboost-vision[{settings.launcher}]'") from None
+    return launcher_class(settings, output)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """task x method x seed; on GPUs, ``--runs-per-gpu`` runs at once on each; finished runs are skipped."""
+    settings = _launch_settings(args)
     tasks = expand_tasks(args.tasks, Path(args.data_path) if args.data_path else None)
     configs = [build_run_config(args, task, method, seed, resume=True)  # every run validated before any
                for task in tasks for method in args.methods for seed in args.seeds]  # starts (or torch loads)
-    from .launch import pending_runs, run_all
-    failures = run_all(pending_runs(configs), args.gpus, args.runs_per_gpu, main)
+    from .launch import pending_runs
+    launcher = make_launcher(settings, Path(configs[0].output), main)
+    failures = launcher.run(pending_runs(configs))
     if failures:
-        print(f'{len(failures)} run(s) failed:\n  ' + '\n  '.join(failures), file=sys.stderr)
+        print(f'{len(failures)} run(s) did not finish:\n  ' + '\n  '.join(failures), file=sys.stderr)
         return 1
+    print(f'all {len(configs)} run(s) finished')
     return 0
 
 
@@ -174,13 +215,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import SearchJob, records_markdown, search
     if any(lr <= 0 for lr in args.lrs):
         raise RunError(f'--lrs {" ".join(map(str, args.lrs))}: every rate must be > 0')
+    settings = _launch_settings(args)
     tasks = expand_tasks(args.tasks, Path(args.data_path) if args.data_path else None)
     jobs = []
     for task in tasks:
         for method in args.methods:
-            build_run_config(args, task, method, args.seeds[0])  # validates every run before starting any
+            output = Path(build_run_config(args, task, method, args.seeds[0]).output)  # every run validated first
             jobs.append(SearchJob(task, method, sorted(set(args.lrs))))
-    from .launch import pending_runs, results_of, run_all  # torch loads once every run is validated
+    from .launch import pending_runs, results_of  # torch loads once every run is validated
     from .run_folder import run_directory
 
     def plan(request: Dict[str, Any]) -> RunConfig:
@@ -191,9 +233,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         return run_directory(build_run_config(args, job.task, job.name, args.seeds[0])).parent.parent.parent / \
             'search'
 
+    launcher = make_launcher(settings, output, main)
     records = search(jobs, args.seeds, args.seeds[0], args.max_extensions,
-                     lambda requests: run_all(pending_runs([plan(r) for r in requests]), args.gpus,
-                                              args.runs_per_gpu, main),
+                     lambda requests: launcher.run(pending_runs([plan(r) for r in requests])),
                      lambda request: results_of(plan(request)), record_dir)
     family = record_dir(jobs[0]).parent.parent.name  # <output>/<family>/<task>/search
     print(records_markdown([dict(r, family=family) for r in records.values()]))
@@ -349,6 +391,31 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Download the base weights of ``--model`` into the Hugging Face cache (on a cluster's login node), so that jobs
+    on offline compute nodes run with HF_HUB_OFFLINE=1; each is loaded once to prove the file is complete."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+    from .building import base_model_name, family_of, is_registered_family
+    for model in args.model:
+        name = base_model_name(family_of(model)) if is_registered_family(model) else model
+        timm.create_model(name, pretrained=True, num_classes=0)
+        hub_id = timm.models.get_pretrained_cfg(name).hf_hub_id
+        files = [try_to_load_from_cache(hub_id, f) for f in ('model.safetensors', 'open_clip_pytorch_model.bin',
+                                                              'pytorch_model.bin')] if hub_id else []
+        where = next((f for f in files if isinstance(f, str)), "timm's download cache")
+        print(f'{model}: {name} -> {where}')
+    print('jobs can now run with HF_HUB_OFFLINE=1 (same HF_HOME / HF_HUB_CACHE as here)')
+    return 0
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless its help already says it (the settings' flags, whose argparse default is None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if '(default:' in (action.help or '') else super()._get_help_string(action)
+
+
 def _parser_with(parent: argparse.ArgumentParser):
     """A subparser class that inherits ``parent``'s flags."""
     class SubParser(argparse.ArgumentParser):
@@ -358,7 +425,7 @@ def _parser_with(parent: argparse.ArgumentParser):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelp
     parser = argparse.ArgumentParser(prog='capaboost-vtab', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
@@ -382,9 +449,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--tasks', nargs='+', required=True, help='task names or "all"')
     p.add_argument('--methods', nargs='+', required=True, help=', '.join(method_names()))
     p.add_argument('--seeds', nargs='+', type=int, default=[0], help='training seeds')
-    p.add_argument('--gpus', help='comma-separated GPU ids (default: the current device only)')
-    p.add_argument('--runs-per-gpu', type=int, default=1, help='runs at once on each GPU (small models do not '
-                                                               'fill a large GPU)')
+    _add_launch_flags(p)
     _add_run_flags(p, ('run',))
     p.set_defaults(fn=cmd_sweep)
 
@@ -397,8 +462,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help='grid steps added at most in each direction when the best rate sits at an edge')
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2],
                    help='final-run seeds; the first one is also the search seed')
-    p.add_argument('--gpus', help='comma-separated GPU ids (default: the current device only)')
-    p.add_argument('--runs-per-gpu', type=int, default=1, help='runs at once on each GPU')
+    _add_launch_flags(p)
     _add_run_flags(p, ('run',))
     p.set_defaults(fn=cmd_search)
 
@@ -438,6 +502,12 @@ def make_parser() -> argparse.ArgumentParser:
     _add_inference_flags(p)
     p.set_defaults(fn=cmd_predict)
 
+    p = sub.add_parser('fetch', formatter_class=fmt,
+                       help='download base weights into the Hugging Face cache for offline compute nodes')
+    p.add_argument('--model', nargs='+', default=[field_default(FIELDS['model'])],
+                   help='CapaBoost model families or timm model names, as --model of train takes them')
+    p.set_defaults(fn=cmd_fetch)
+
     p = sub.add_parser('rank', help='singular values and effective rank of the learned LoRA updates',
                        formatter_class=fmt)
     p.add_argument('source', help='a finished run folder, or hf-hub:org/repo[@revision]')
@@ -466,9 +536,6 @@ def _user_errors() -> tuple:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = make_parser().parse_args(argv)
-    if args.command in ('sweep', 'search') and args.runs_per_gpu < 1:
-        print('error: --runs-per-gpu must be >= 1', file=sys.stderr)
-        return 2
     debug = getattr(args, 'debug', False) or bool(os.environ.get('CAPABOOST_DEBUG'))
     try:
         return args.fn(args)

@@ -13,9 +13,7 @@ A run then keeps the train split in memory (on the GPU when there is one) and bu
 the /255 and normalisation on the device. Splits larger than the budget (dSprites' 74k test images at 224 px
 are 11 GB) are validated once (a stamp file remembers it) and stream through a DataLoader with workers.
 """
-import contextlib
 import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -32,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from .._io import atomic_path, write_text_atomic
+from .._io import atomic_path, exclusive_lock, write_text_atomic
 from .data import RESIZE_METHOD, ImageSplit, load_resized, to_float_normalized
 
 CACHE_VERSION = 2
@@ -45,15 +43,6 @@ def cache_key(dataset: ImageSplit) -> str:
              *dataset.file_stamps()]
     digest = hashlib.sha256('\0'.join(parts).encode()).hexdigest()[:16]
     return f'{dataset.cache_name}-{dataset.img_size}px-{RESIZE_METHOD}-{digest}'
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock, so parallel runs of a sweep build each cache file once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'w') as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
 
 
 def _decode_all(dataset: ImageSplit, desc: str, show_progress: bool,
@@ -125,7 +114,7 @@ def build_cache(dataset: ImageSplit, cache_dir: Path, show_progress: bool = True
     key = cache_key(dataset)
     path = Path(cache_dir) / f'{key}.npy'
     shape = (len(dataset), 3, dataset.img_size, dataset.img_size)
-    with _locked(path.with_suffix('.lock')):
+    with exclusive_lock(path.with_suffix('.lock'), wait=True):  # parallel runs build each file once
         if path.is_file() or _header_file(path).is_file():
             problem = _cache_problem(path, key, shape)
             if problem is None:
@@ -162,7 +151,7 @@ def validate_split(dataset: ImageSplit, cache_dir: Path, show_progress: bool = T
     """Decode every image of a split too large to cache, once per dataset (a stamp file remembers it, with the
     SHA-256 of the source files' bytes)."""
     stamp = Path(cache_dir) / f'{cache_key(dataset)}.ok'
-    with _locked(stamp.with_suffix('.lock')):
+    with exclusive_lock(stamp.with_suffix('.lock'), wait=True):
         if stamp.is_file() and _recorded_sources(stamp):
             return
         sources = hashlib.sha256()

@@ -1,8 +1,11 @@
 """Launching runs. A run is its resolved config: ``plan`` writes it as the run folder's ``config.yaml``, and the run
-is ``capaboost-vtab train --config <run folder>/config.yaml`` wherever it executes. ``run_all`` runs them here: one
-after another in this process, or ``runs_per_gpu`` at once on each GPU as subprocesses. A launcher for another
-executor (a cluster scheduler) takes the same planned config files and starts the same command.
+is ``capaboost-vtab train --config <run folder>/config.yaml`` wherever it executes. A ``Launcher`` takes the planned
+config files of one wave and runs them: ``LocalLauncher`` here (one after another in this process, or
+``runs_per_gpu`` at once on each GPU as subprocesses), ``slurm.SlurmLauncher`` as Slurm jobs through submitit,
+``ray_runs.RayLauncher`` as Ray tasks (the CLI picks one: ``cli.make_launcher``).
 """
+import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -10,12 +13,25 @@ import sys
 import threading
 from pathlib import Path
 from queue import Empty, Queue
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import yaml
 
+from .._io import LockHeld, exclusive_lock
+from .launch_settings import LaunchSettings
 from .run_config import RunConfig, RunError, check_same_run
 from .run_folder import finished_results, run_directory, write_config
+
+
+CLI_ENTRY_POINT = 'capaboost_vision.vtab.cli:main'
+"""What a job on another machine runs, named like a console-script entry point: a pickled job holds
+this name, never the function object (which is ``__main__.main`` under ``python -m``, and would pickle by value)."""
+
+
+def cli_main() -> Callable[[List[str]], int]:
+    """The CLI's ``main``, imported by its entry-point name (in a job's process)."""
+    module, name = CLI_ENTRY_POINT.split(':')
+    return getattr(importlib.import_module(module), name)
 
 
 def train_command(config_file: Path) -> List[str]:
@@ -64,41 +80,65 @@ def results_of(cfg: RunConfig) -> Dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def run_all(config_files: List[Path], gpus: Optional[str], runs_per_gpu: int,
-            in_process: Callable[[List[str]], int]) -> List[str]:
-    """Run planned configs, ``runs_per_gpu`` at once on each GPU of ``gpus`` (subprocesses), or one after another
-    through ``in_process`` (the CLI's ``main``) when there is no GPU list and one run at a time. Returns the failed
-    command lines."""
-    commands = [train_command(path) for path in config_files]
-    if not gpus and runs_per_gpu == 1:
-        failures = []
+class Launcher:
+    """Runs planned configs somewhere; ``run`` returns one line per run that did not finish (what failed and where
+    its log is)."""
+
+    def run(self, config_files: List[Path]) -> List[str]:
+        raise NotImplementedError
+
+
+class LocalLauncher(Launcher):
+    """This machine: ``runs_per_gpu`` runs at once on each GPU of ``gpus`` (subprocesses), or one after another
+    through ``in_process`` (the CLI's ``main``) when there is no GPU list and one run at a time."""
+
+    def __init__(self, settings: LaunchSettings, in_process: Callable[[List[str]], int]) -> None:
+        self.gpus, self.runs_per_gpu, self.in_process = settings.gpus, settings.runs_per_gpu, in_process
+
+    def run(self, config_files: List[Path]) -> List[str]:
+        commands = [train_command(path) for path in config_files]
+        if not self.gpus and self.runs_per_gpu == 1:
+            failures = []
+            for argv in commands:
+                code = self.in_process(argv)
+                if code >= 128:  # stopped by a signal (the run said where its checkpoint is): the sweep stops too
+                    raise SystemExit(code)
+                if code:
+                    failures.append(f'capaboost-vtab {" ".join(argv)} (exit code {code}; its error is above)')
+            return failures
+        jobs: Queue = Queue()
         for argv in commands:
-            code = in_process(argv)
-            if code >= 128:  # stopped by a signal (the run said where its checkpoint is): the sweep stops too
-                raise SystemExit(code)
-            if code:
-                failures.append(' '.join(argv))
+            jobs.put(argv)
+        failures: List[str] = []
+
+        def worker(gpu: Optional[str]) -> None:
+            env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': gpu} if gpu is not None else {}))
+            while True:
+                try:
+                    argv = jobs.get_nowait()
+                except Empty:
+                    return
+                print(f'[{"gpu " + gpu if gpu is not None else "cpu"}] capaboost-vtab {" ".join(argv)}', flush=True)
+                code = subprocess.run([sys.executable, '-m', 'capaboost_vision.vtab.cli', *argv], env=env).returncode
+                if code:
+                    failures.append(f'capaboost-vtab {" ".join(argv)} (exit code {code}; its error is above)')
+
+        threads = [threading.Thread(target=worker, args=(g,)) for g in (self.gpus.split(',') if self.gpus else [None])
+                   for _ in range(self.runs_per_gpu)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         return failures
-    jobs: Queue = Queue()
-    for argv in commands:
-        jobs.put(argv)
-    failures: List[str] = []
 
-    def worker(gpu: Optional[str]) -> None:
-        env = dict(os.environ, **({'CUDA_VISIBLE_DEVICES': gpu} if gpu is not None else {}))
-        while True:
-            try:
-                argv = jobs.get_nowait()
-            except Empty:
-                return
-            print(f'[{"gpu " + gpu if gpu is not None else "cpu"}] capaboost-vtab {" ".join(argv)}', flush=True)
-            if subprocess.run([sys.executable, '-m', 'capaboost_vision.vtab.cli', *argv], env=env).returncode:
-                failures.append(' '.join(argv))
 
-    threads = [threading.Thread(target=worker, args=(g,)) for g in (gpus.split(',') if gpus else [None])
-               for _ in range(runs_per_gpu)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return failures
+@contextlib.contextmanager
+def driver_lock(output: Path) -> Iterator[None]:
+    """One driver at a time submits into an --output folder (two would both see a run unsubmitted and submit it
+    twice); released when the driver ends, however it ends."""
+    try:
+        with exclusive_lock(Path(output) / '.driver.lock', wait=False):
+            yield
+    except LockHeld as e:
+        raise RunError(f'another sweep or search is submitting runs into {output} ({e}); wait for it to end or '
+                       f'use another --output') from None

@@ -6,7 +6,6 @@ rewritten atomically after every epoch, only ever with finite weights) and, once
 method kind's weights (``methods.MethodKind.save``). Every file is written atomically.
 """
 import contextlib
-import fcntl
 import json
 import pickle
 import shutil
@@ -17,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import yaml
 
-from .._io import atomic_path, missing_folders, remove_empty_folders, write_text_atomic
+from .._io import LockHeld, atomic_path, exclusive_lock, missing_folders, remove_empty_folders, write_text_atomic
 from .building import family_of
 from .run_config import RunConfig, RunError, check_same_run
 from .tasks import task_folder_name
@@ -54,30 +53,28 @@ def finished_results(cfg: RunConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
 @contextlib.contextmanager
 def folder_lock(run_dir: Path, main: bool):
     """Lock the run folder through a sibling lock file (so the folder itself can be replaced), before anything
-    slow happens: a second run on the same folder is refused at once. On failure remove what this call (or the
-    run inside it) created when it holds nothing."""
+    slow happens: a second run on the same folder is refused at once (``_io.exclusive_lock``: flock, or an owner
+    file where the filesystem cannot flock). On failure remove what this call (or the run inside it) created when
+    it holds nothing; a refused run touches nothing."""
     created = missing_folders(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     lock_file = run_dir.parent / f'.{run_dir.name}.lock'
-    lock = open(lock_file, 'w') if main else None
-    try:
-        if lock is not None:
+    with contextlib.ExitStack() as held:
+        if main:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise RunError(f'{run_dir} is being written by another run') from None
-        yield
-    except BaseException:
-        if lock is not None:
-            lock.close()
-            if run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()
-            if not run_dir.exists():
-                lock_file.unlink(missing_ok=True)
-                remove_empty_folders(created)
-        raise
-    if lock is not None:
-        lock.close()
+                held.enter_context(exclusive_lock(lock_file, wait=False))
+            except LockHeld as e:
+                raise RunError(f'{run_dir} is being written by another run ({e})') from None
+        try:
+            yield
+        except BaseException:
+            if main:
+                if run_dir.is_dir() and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
+                if not run_dir.exists():
+                    lock_file.unlink(missing_ok=True)
+                    remove_empty_folders(created)
+            raise
 
 
 def replace_run_folder(run_dir: Path, main: bool, overwrite: bool) -> None:

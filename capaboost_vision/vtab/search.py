@@ -92,7 +92,7 @@ def search(jobs: List[SearchJob], seeds: List[int], search_seed: int, max_extens
         failures = run_all([val_request(by_key[key], lr, search_seed)
                             for key, lrs in pending.items() for lr in lrs])
         if failures:
-            raise RunError(f'{len(failures)} validation run(s) failed, e.g. capaboost-vtab {failures[0]}')
+            raise RunError(f'{len(failures)} validation run(s) did not finish, e.g. {failures[0]}')
         new_pending = {}
         for key, lrs in pending.items():
             job = by_key[key]
@@ -120,7 +120,7 @@ def search(jobs: List[SearchJob], seeds: List[int], search_seed: int, max_extens
     final = [final_request(job, job.best(), seed) for job in jobs for seed in seeds]
     failures = run_all(final)
     if failures:
-        raise RunError(f'{len(failures)} final run(s) failed, e.g. capaboost-vtab {failures[0]}')
+        raise RunError(f'{len(failures)} final run(s) did not finish, e.g. {failures[0]}')
     return records
 
 

@@ -1,0 +1,255 @@
+"""Launchers: Slurm through submitit (its local executor runs the real jobs here, a recording executor stands in for
+sbatch) and Ray give the same runs as the local launcher; requeue, reattach, the shared-filesystem lock, fetch."""
+import csv
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from capaboost_vision.vtab import cli, slurm
+from test_vtab import TINY, make_task
+
+SLURM_HERE = ['--launcher', 'slurm', '--slurm-executor', 'local', '--gpus-per-run', '0']
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('launch_data')
+    for task in ('toy', 'toy2'):
+        make_task(root, task, n_test=20, counts=(60, 20))
+    return root
+
+
+def sweep_args(data, output, *extra):
+    return ['sweep', '--tasks', 'toy', 'toy2', '--methods', 'lora', 'capaboost_lora', '--data-path', str(data),
+            '--output', str(output), '--epochs', '2', *TINY, *map(str, extra)]
+
+
+@pytest.fixture(scope='module')
+def local_sweep(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('local_sweep')
+    assert cli.main(sweep_args(data, out)) == 0
+    return out
+
+
+def numbers(run_dir: Path):
+    """What a run computed: per-epoch metrics (no timings), results (no timings, paths, provenance), adapter."""
+    with open(run_dir / 'metrics.csv') as f:
+        metrics = [[row[k] for k in ('epoch', 'lr', 'train_loss', 'train_acc', 'eval_acc')] for row in csv.DictReader(f)]
+    results = json.loads((run_dir / 'results.json').read_text())
+    kept = {k: v for k, v in results.items() if k not in ('run_seconds', 'train_images_per_s', 'config', 'provenance')}
+    return metrics, kept, load_file(str(run_dir / results['adapter_file']))
+
+
+def assert_same_runs(a: Path, b: Path, expected: int) -> None:
+    runs = sorted(p.parent.relative_to(a) for p in a.rglob('results.json'))
+    assert len(runs) == expected and runs == sorted(p.parent.relative_to(b) for p in b.rglob('results.json'))
+    for run in runs:
+        (ma, ra, ta), (mb, rb, tb) = numbers(a / run), numbers(b / run)
+        assert ma == mb and ra == rb, run
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), run
+
+
+def test_slurm_sweep_on_submitit_local_executor_equals_local(data, local_sweep, tmp_path, capsys):
+    out = tmp_path / 'slurm'
+    assert cli.main(sweep_args(data, out, *SLURM_HERE, '--timeout-min', 5)) == 0
+    assert capsys.readouterr().out.count('as one array') == 1  # one wave: one array
+    assert_same_runs(local_sweep, out, 4)
+    record = json.loads((out / 'vit_tiny/toy/final/lora/seed0/launch.json').read_text())
+    assert record['launcher'] == 'slurm' and record['timeout_min'] == 5 and Path(record['stdout']).is_file()
+    assert cli.main(sweep_args(data, out, *SLURM_HERE, '--timeout-min', 5)) == 0  # all finished: nothing submitted
+    assert 'submitted' not in capsys.readouterr().out
+
+
+def test_a_job_reaching_its_time_limit_is_requeued_and_resumes_to_the_same_numbers(data, tmp_path):
+    args = ['sweep', '--tasks', 'toy', '--methods', 'lora', '--data-path', str(data), '--epochs', '60', *TINY]
+    assert cli.main([*args, '--output', str(tmp_path / 'local')]) == 0
+    # a 15 s job told to requeue 7 s before its limit: the 60 epochs (about 0.1 s each here) take more than one job
+    assert cli.main([*args, '--output', str(tmp_path / 'slurm'), *SLURM_HERE, '--timeout-min', '0.25',
+                     '--signal-delay-s', '7', '--max-requeues', '20']) == 0
+    log = ''.join(p.read_text() for p in (tmp_path / 'slurm' / 'submitit').rglob('*_log.*'))
+    assert 'Requeued job' in log and 'resumed ' in log
+    assert_same_runs(tmp_path / 'local', tmp_path / 'slurm', 1)
+
+
+def test_search_through_slurm_gives_the_local_search_record(data, tmp_path):
+    args = ['search', '--tasks', 'toy', '--methods', 'lora', '--lrs', '1e-3', '1e-2', '--max-extensions', '1',
+            '--seeds', '0', '--data-path', str(data), '--epochs', '2', *TINY]
+    assert cli.main([*args, '--output', str(tmp_path / 'local')]) == 0
+    assert cli.main([*args, '--output', str(tmp_path / 'slurm'), *SLURM_HERE, '--timeout-min', '5']) == 0
+    record = 'vit_tiny/toy/search/lora.json'
+    assert json.loads((tmp_path / 'local' / record).read_text()) == json.loads((tmp_path / 'slurm' / record).read_text())
+    assert_same_runs(tmp_path / 'local', tmp_path / 'slurm', 4)  # 2 or 3 val runs and the final run
+
+
+def test_rerun_after_killing_the_driver_reattaches_without_duplicates(data, tmp_path, capsys):
+    out = tmp_path / 'slurm'
+    args = ['sweep', '--tasks', 'toy', '--methods', 'lora', 'capaboost_lora', '--data-path', str(data), '--output',
+            str(out), '--epochs', '8', *TINY, *SLURM_HERE, '--timeout-min', '5']
+    driver = subprocess.Popen([sys.executable, '-m', 'capaboost_vision.vtab.cli', *args], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # its jobs outlive it
+    deadline = time.time() + 120
+    while len(list(out.rglob('launch.json'))) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert len(list(out.rglob('launch.json'))) == 2 and not list(out.rglob('results.json'))
+    jobs_before = sorted(p.name for p in (out / 'submitit').iterdir() if p.name.isdigit())
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert 'submitted' not in printed and printed.count('attach:') == 2
+    assert sorted(p.name for p in (out / 'submitit').iterdir() if p.name.isdigit()) == jobs_before  # no new job
+    assert len(list(out.rglob('results.json'))) == 2
+
+
+def test_gpus_per_run_2_is_one_ddp_job_of_two_tasks_equal_to_torchrun(data, tmp_path, monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    train = ['--task', 'toy', '--method', 'capaboost_lora', '--data-path', str(data), '--epochs', '1', *TINY]
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29541',
+                    '-m', 'capaboost_vision.cli', 'train', *train, '--output', str(tmp_path / 'torchrun')],
+                   check=True, capture_output=True, cwd=ROOT, timeout=300)
+    sweep = ['sweep', '--tasks', 'toy', '--methods', 'capaboost_lora', '--data-path', str(data), '--epochs', '1',
+             *TINY, '--output', str(tmp_path / 'slurm'), '--launcher', 'slurm', '--slurm-executor', 'local',
+             '--gpus-per-run', '2', '--timeout-min', '5']
+    assert cli.main(sweep) == 0
+    assert_same_runs(tmp_path / 'torchrun', tmp_path / 'slurm', 1)
+    assert json.loads(next((tmp_path / 'slurm').rglob('results.json')).read_text())['world_size'] == 2
+
+
+class RecordingExecutor:
+    """Stands in for submitit's SlurmExecutor: records parameters and arrays, and runs each job here at once."""
+    arrays, parameters = [], {}
+
+    def __init__(self, folder, max_num_timeout):
+        self.folder, RecordingExecutor.max_num_timeout = folder, max_num_timeout
+
+    def update_parameters(self, **params):
+        RecordingExecutor.parameters = params
+
+    def map_array(self, fn, paths):
+        assert isinstance(fn, slurm.TrainJob)
+        RecordingExecutor.arrays.append(list(paths))
+        jobs = []
+        for i, path in enumerate(paths):
+            cli.main(slurm.train_command(Path(path)))
+            stem = Path(self.folder.replace('%j', f'77_{i}')) / f'77_{i}_0_log'
+            jobs.append(SimpleNamespace(job_id=f'77_{i}', done=lambda: True,
+                                        paths=SimpleNamespace(stdout=f'{stem}.out', stderr=f'{stem}.err')))
+        return jobs
+
+
+def test_recording_executor_one_array_per_wave_finished_runs_skipped_resources_mapped(data, tmp_path, monkeypatch):
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'sbatch').write_text('#!/bin/sh\nexit 1\n')
+    (bin_dir / 'sbatch').chmod(0o755)
+    monkeypatch.setenv('PATH', f'{bin_dir}:{os.environ["PATH"]}')
+    monkeypatch.setattr(slurm, 'make_executor', lambda settings, folder: RecordingExecutor(
+        str(folder / '%j'), settings.max_requeues))
+    RecordingExecutor.arrays = []
+    out = tmp_path / 'runs'
+    resources = ['--launcher', 'slurm', '--partition', 'gpu', '--timeout-min', '90.5', '--gpus-per-run', '2',
+                 '--cpus-per-run', '6', '--mem-gb', '40', '--slurm-setup', 'module load cuda', 'source venv/bin/activate',
+                 '--slurm-extra', 'account=abc', 'qos=high', '--array-parallelism', '16', '--max-requeues', '5']
+    assert cli.main(['train', '--task', 'toy', '--method', 'lora', '--data-path', str(data), '--output', str(out),
+                     '--epochs', '1', '--resume', *TINY]) == 0  # one run finished before the sweep
+    assert cli.main(['sweep', '--tasks', 'toy', 'toy2', '--methods', 'lora', '--data-path', str(data), '--output',
+                     str(out), '--epochs', '1', *TINY, *resources]) == 0
+    assert RecordingExecutor.arrays == [[str(out / 'vit_tiny/toy2/final/lora/seed0/config.yaml')]]
+    assert RecordingExecutor.max_num_timeout == 5
+    assert RecordingExecutor.parameters == dict(
+        job_name='capaboost-runs', time=91, nodes=1, ntasks_per_node=2, cpus_per_task=6, mem='40960MB',
+        signal_delay_s=120, array_parallelism=16, setup=['module load cuda', 'source venv/bin/activate'],
+        additional_parameters={'account': 'abc', 'qos': 'high'}, gpus_per_node=2, partition='gpu')
+    record = json.loads((out / 'vit_tiny/toy2/final/lora/seed0/launch.json').read_text())
+    assert record['job_id'] == '77_0' and record['partition'] == 'gpu' and record['slurm_extra'] == ['account=abc',
+                                                                                                       'qos=high']
+    RecordingExecutor.arrays = []  # a search: the grid, one extension round at most, then the finals
+    assert cli.main(['search', '--tasks', 'toy', '--methods', 'lora', '--lrs', '1e-3', '1e-2', '--max-extensions', '1',
+                     '--seeds', '0', '1', '--data-path', str(data), '--output', str(tmp_path / 'search'), '--epochs',
+                     '1', *TINY,
+                     *resources]) == 0
+    sizes = [len(a) for a in RecordingExecutor.arrays]
+    assert sizes[0] == 2 and sizes[-1] == 2 and len(sizes) in (2, 3) and all(s == 1 for s in sizes[1:-1])
+
+
+def test_slurm_without_sbatch_is_one_error_line_and_writes_nothing(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('PATH', os.path.dirname(sys.executable))  # no sbatch there
+    out = tmp_path / 'runs'
+    for extra, says in ((['--launcher', 'slurm'], 'sbatch is not on PATH'),
+                        (['--launcher', 'slurm', '--timeout-min', '1'], '--signal-delay-s 120 must be below'),
+                        (['--launcher', 'slurm', '--slurm-extra', 'account'], "--slurm-extra 'account'"),
+                        (['--launcher', 'ray', '--gpus', '0,1'], '--gpus and --runs-per-gpu are for --launcher local'),
+                        (['--runs-per-gpu', '0'], '--runs-per-gpu: runs_per_gpu=0 is invalid')):
+        code = cli.main(sweep_args(data, out) + extra)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith('error: ') and says in lines[0], lines
+        assert not out.exists()
+
+
+def test_ray_sweep_equals_local(data, local_sweep, tmp_path):
+    ray = pytest.importorskip('ray')
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:  # one task at a time with both cores: the threads the local runs had
+        assert cli.main(sweep_args(data, tmp_path / 'ray', '--launcher', 'ray', '--gpus-per-run', 0,
+                                   '--cpus-per-run', 2)) == 0
+        assert cli.main(sweep_args(data, tmp_path / 'ray2', '--launcher', 'ray', '--gpus-per-run', 1)) == 2
+    finally:
+        ray.shutdown()
+    assert_same_runs(local_sweep, tmp_path / 'ray', 4)
+
+
+def test_lock_falls_back_to_an_owner_file_where_flock_is_unsupported(tmp_path, monkeypatch):
+    from capaboost_vision import _io
+    from capaboost_vision.vtab.run_config import RunError
+    from capaboost_vision.vtab.run_folder import folder_lock
+
+    def no_flock(handle, how):
+        raise OSError(errno.ENOLCK, 'No locks available')
+
+    monkeypatch.setattr(_io.fcntl, 'flock', no_flock)
+    run_dir = tmp_path / 'task' / 'seed0'
+    with folder_lock(run_dir, main=True):
+        held = tmp_path / 'task' / '.seed0.lock.held'
+        assert held.read_text() == f'{os.uname().nodename} {os.getpid()}'
+        with pytest.raises(RunError, match='is being written by another run .*does not support flock'):
+            with folder_lock(run_dir, main=True):
+                pass
+    assert not held.exists()
+    dead = subprocess.Popen(['true'])
+    dead.wait()
+    held.write_text(f'{os.uname().nodename} {dead.pid}')  # left by a process that died: taken over
+    with _io.exclusive_lock(tmp_path / 'task' / '.seed0.lock', wait=False):
+        assert held.read_text().endswith(f' {os.getpid()}')
+    from capaboost_vision.vtab.launch import driver_lock
+    with driver_lock(tmp_path):  # a second driver submitting into the same --output is refused
+        with pytest.raises(RunError, match=f'another sweep or search is submitting runs into {tmp_path}'):
+            with driver_lock(tmp_path):
+                pass
+    held.write_text('another-host 1')  # another host's: never taken over
+    with pytest.raises(_io.LockHeld, match='another-host 1'):
+        with _io.exclusive_lock(tmp_path / 'task' / '.seed0.lock', wait=False):
+            pass
+
+
+def test_fetch_fills_the_cache_that_offline_jobs_read(hub, tmp_path):
+    server, env = hub
+    model = 'vit_tiny_patch16_224.augreg_in21k'
+    run = subprocess.run([sys.executable, '-m', 'capaboost_vision.vtab.cli', 'fetch', '--model', model],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f'{model}: {model} -> {tmp_path / "hf"}' in run.stdout
+    offline = dict(env, HF_HUB_OFFLINE='1', HF_ENDPOINT='http://127.0.0.1:9')  # nothing reachable any more
+    check = subprocess.run([sys.executable, '-c', f'import timm; timm.create_model("{model}", pretrained=True, num_classes=0)'],
+                           capture_output=True, text=True, env=offline, timeout=120)
+    assert check.returncode == 0, check.stderr[-2000:]
