@@ -92,7 +92,14 @@ def test_search_through_slurm_gives_the_local_search_record(data, tmp_path):
     assert_same_runs(tmp_path / 'local', tmp_path / 'slurm', 4)  # 2 or 3 val runs and the final run
 
 
-def test_rerun_after_killing_the_driver_reattaches_without_duplicates(data, tmp_path, capsys):
+def kill_local_job(pid: int) -> None:
+    """SIGKILL a job of submitit's local executor: its controller and the task processes it started."""
+    children = Path(f'/proc/{pid}/task/{pid}/children').read_text().split()
+    for process in [pid, *map(int, children)]:
+        os.kill(process, signal.SIGKILL)
+
+
+def test_rerun_after_killing_the_driver_reattaches_and_resubmits_only_the_lost_run(data, tmp_path, capsys):
     out = tmp_path / 'slurm'
     args = ['sweep', '--tasks', 'toy', '--methods', 'lora', 'capaboost_lora', '--data-path', str(data), '--output',
             str(out), '--epochs', '8', *TINY, *SLURM_HERE, '--timeout-min', '5']
@@ -104,12 +111,19 @@ def test_rerun_after_killing_the_driver_reattaches_without_duplicates(data, tmp_
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert len(list(out.rglob('launch.json'))) == 2 and not list(out.rglob('results.json'))
-    jobs_before = sorted(p.name for p in (out / 'submitit').iterdir() if p.name.isdigit())
+    lost = json.loads((out / 'vit_tiny/toy/final/lora/seed0/launch.json').read_text())['job_id']
+    kill_local_job(int(lost))  # this job dies with the driver; the other one keeps running
+    jobs_before = {p.name for p in (out / 'submitit').iterdir() if p.name.isdigit()}
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
-    assert 'submitted' not in printed and printed.count('attach:') == 2
-    assert sorted(p.name for p in (out / 'submitit').iterdir() if p.name.isdigit()) == jobs_before  # no new job
+    assert printed.count('attach:') == 1 and 'submitted 1 job(s)' in printed and 'capaboost_lora' in \
+        printed.split('attach:')[1].splitlines()[0]
+    jobs_after = {p.name for p in (out / 'submitit').iterdir() if p.name.isdigit()}
+    assert jobs_before < jobs_after and len(jobs_after - jobs_before) == 1  # one new job: the lost run's
     assert len(list(out.rglob('results.json'))) == 2
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out  # all finished: nothing attached or submitted
+    assert printed.count('skip:') == 2 and 'attach:' not in printed and 'submitted' not in printed
 
 
 def test_gpus_per_run_2_is_one_ddp_job_of_two_tasks_equal_to_torchrun(data, tmp_path, monkeypatch):
