@@ -163,7 +163,7 @@ def prepare_carry(folder: Path) -> Path:
 def study(check: 'Check', py: str, tmp: Path, carry: Path, dry: bool) -> None:
     """LoRA r=8 vs CapaBoost-LoRA r=8 (and PEFT LoKr / DoRA when peft is present) on the six offline tasks:
     DINOv2 ViT-S/14, 224 px, 30 epochs, lr search on a 3-point grid (seed 0), finals on seeds 0-2, many runs at
-    once on the GPU; then ``report --compare``. The dry run: two generated tasks, tiny sizes, random weights."""
+    once on the GPU; then ``report --compare``. The dry run: two generated tasks, tiny sizes, a random ViT-Tiny."""
     import shutil
     from offline_data import build_task
     data, runs = tmp / 'study_data', tmp / 'study_runs'
@@ -178,14 +178,15 @@ def study(check: 'Check', py: str, tmp: Path, carry: Path, dry: bool) -> None:
     methods = ['capaboost_lora', 'lora'] + (['peft_lokr', 'peft_dora'] if importlib.util.find_spec('peft') and not dry
                                             else [])
     weights = carry / BACKBONE_FP16 if carry is not None and (carry / BACKBONE_FP16).is_file() else None
-    size = (['--img-size', '28', '--epochs', '1', '--warmup-epochs', '0', '-b', '50', '--device', 'cpu',
-             '--lrs', '1e-3', '1e-2', '--seeds', '0', '1', '--workers', '0'] if dry else
+    size = (['--img-size', '32', '--epochs', '1', '--warmup-epochs', '0', '-b', '50', '--device', 'cpu',
+             '--lrs', '1e-3', '1e-2', '--seeds', '0', '--workers', '0'] if dry else
             ['--img-size', '224', '--epochs', '30', '--warmup-epochs', '3', '-b', '32', '--device', 'cuda',
              '--amp', 'bf16', '--lrs', '1e-3', '3e-3', '1e-2', '--seeds', '0', '1', '2', '--gpus', '0',
              '--runs-per-gpu', '12'])
     check.run('offline study: lr search + finals', [
         py, '-m', 'capaboost_vision.cli', 'search', '--tasks', *tasks, '--methods', *methods, '--data-path', str(data),
-        '--output', str(runs), '--model', 'vit_small_dinov2', '--max-extensions', '0', '--norm', 'imagenet',
+        '--output', str(runs), '--model', 'vit_tiny' if dry else 'vit_small_dinov2', '--max-extensions', '0',
+        '--norm', 'imagenet',
         *(['--weights', str(weights)] if weights else ['--no-pretrained']), *size],
         timeout=None if dry else 270, allow_timeout=True)
     check.run('offline study: report --compare', [py, '-m', 'capaboost_vision.cli', 'report', str(runs),

@@ -24,4 +24,4 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     # the offline study: lr search and finals on two generated tasks, then report --compare
     assert names[5:] == ['offline study: lr search + finals', 'offline study: report --compare']
     compare = data['steps'][6]['results']['compare']
-    assert '| capaboost_lora - lora |' in compare and '2 (4)' in compare and 'Learning-rate sensitivity' in compare
+    assert '| capaboost_lora - lora |' in compare and '2 (2)' in compare and 'Learning-rate sensitivity' in compare

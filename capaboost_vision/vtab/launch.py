@@ -136,9 +136,10 @@ class LocalLauncher(Launcher):
 def driver_lock(output: Path) -> Iterator[None]:
     """One driver at a time submits into an --output folder (two would both see a run unsubmitted and submit it
     twice); released when the driver ends, however it ends."""
-    try:
-        with exclusive_lock(Path(output) / '.driver.lock', wait=False):
-            yield
-    except LockHeld as e:
-        raise RunError(f'another sweep or search is submitting runs into {output} ({e}); wait for it to end or '
-                       f'use another --output') from None
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive_lock(Path(output) / '.driver.lock', wait=False))
+        except LockHeld as e:
+            raise RunError(f'another sweep or search is submitting runs into {output} ({e}); wait for it to end or '
+                           f'use another --output') from None
+        yield
