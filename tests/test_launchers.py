@@ -1,6 +1,5 @@
 """Launchers: Slurm through submitit (its local executor runs the real jobs here, a recording executor stands in for
 sbatch) and Ray give the same runs as the local launcher; requeue, reattach, the shared-filesystem lock, fetch."""
-import csv
 import errno
 import json
 import os
@@ -13,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from capaboost_vision.vtab import cli, slurm
+from test_reproducibility import _numbers as numbers
 from test_vtab import TINY, make_task
 
 SLURM_HERE = ['--launcher', 'slurm', '--slurm-executor', 'local', '--gpus-per-run', '0']
@@ -40,15 +39,6 @@ def local_sweep(data, tmp_path_factory):
     out = tmp_path_factory.mktemp('local_sweep')
     assert cli.main(sweep_args(data, out)) == 0
     return out
-
-
-def numbers(run_dir: Path):
-    """What a run computed: per-epoch metrics (no timings), results (no timings, paths, provenance), adapter."""
-    with open(run_dir / 'metrics.csv') as f:
-        metrics = [[row[k] for k in ('epoch', 'lr', 'train_loss', 'train_acc', 'eval_acc')] for row in csv.DictReader(f)]
-    results = json.loads((run_dir / 'results.json').read_text())
-    kept = {k: v for k, v in results.items() if k not in ('run_seconds', 'train_images_per_s', 'config', 'provenance')}
-    return metrics, kept, load_file(str(run_dir / results['adapter_file']))
 
 
 def assert_same_runs(a: Path, b: Path, expected: int) -> None:
@@ -168,8 +158,8 @@ def test_recording_executor_one_array_per_wave_finished_runs_skipped_resources_m
     (bin_dir / 'sbatch').write_text('#!/bin/sh\nexit 1\n')
     (bin_dir / 'sbatch').chmod(0o755)
     monkeypatch.setenv('PATH', f'{bin_dir}:{os.environ["PATH"]}')
-    monkeypatch.setattr(slurm, 'make_executor', lambda settings, folder: RecordingExecutor(
-        str(folder / '%j'), settings.max_requeues))
+    monkeypatch.setattr(slurm, 'make_executor', lambda settings, job_folder: RecordingExecutor(
+        str(job_folder), settings.max_requeues))
     RecordingExecutor.arrays = []
     out = tmp_path / 'runs'
     resources = ['--launcher', 'slurm', '--partition', 'gpu', '--timeout-min', '90.5', '--gpus-per-run', '2',

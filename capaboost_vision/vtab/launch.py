@@ -88,6 +88,10 @@ class Launcher:
         raise NotImplementedError
 
 
+def _failed(argv: List[str], code: int) -> str:
+    return f'capaboost-vtab {" ".join(argv)} (exit code {code}; its error is above)'
+
+
 class LocalLauncher(Launcher):
     """This machine: ``runs_per_gpu`` runs at once on each GPU of ``gpus`` (subprocesses), or one after another
     through ``in_process`` (the CLI's ``main``) when there is no GPU list and one run at a time."""
@@ -104,7 +108,7 @@ class LocalLauncher(Launcher):
                 if code >= 128:  # stopped by a signal (the run said where its checkpoint is): the sweep stops too
                     raise SystemExit(code)
                 if code:
-                    failures.append(f'capaboost-vtab {" ".join(argv)} (exit code {code}; its error is above)')
+                    failures.append(_failed(argv, code))
             return failures
         jobs: Queue = Queue()
         for argv in commands:
@@ -121,7 +125,7 @@ class LocalLauncher(Launcher):
                 print(f'[{"gpu " + gpu if gpu is not None else "cpu"}] capaboost-vtab {" ".join(argv)}', flush=True)
                 code = subprocess.run([sys.executable, '-m', 'capaboost_vision.vtab.cli', *argv], env=env).returncode
                 if code:
-                    failures.append(f'capaboost-vtab {" ".join(argv)} (exit code {code}; its error is above)')
+                    failures.append(_failed(argv, code))
 
         threads = [threading.Thread(target=worker, args=(g,)) for g in (self.gpus.split(',') if self.gpus else [None])
                    for _ in range(self.runs_per_gpu)]

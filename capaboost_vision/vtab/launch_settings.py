@@ -13,34 +13,41 @@ from .run_config import RunError
 LAUNCHERS = ('local', 'slurm', 'ray')
 
 
+def launch_setting(default: Any, help: str, applies: Tuple[str, ...], **meta: Any) -> Any:
+    """A launcher setting: ``applies`` names the launchers it is for, shown first in its help and deciding what
+    ``LaunchSettings.recorded`` writes into a run folder."""
+    return setting(default, f'{", ".join(applies)}: {help}', applies=applies, **meta)
+
+
 @dataclass
 class LaunchSettings:
     launcher: str = setting('local', 'where the runs execute: local (this machine: one after another, or --gpus '
                                      'with --runs-per-gpu), slurm (one Slurm job per run through submitit, one job '
                                      'array per wave), ray (one Ray task per run)', choices=LAUNCHERS)
-    gpus: str = setting('', 'local: comma-separated GPU ids to spread the runs over')
-    runs_per_gpu: int = setting(1, 'local: runs at once on each GPU (small models do not fill a large GPU)',
-                                range='[1, 64]')
-    slurm_executor: str = setting('slurm', 'slurm: submitit executor; "local" runs the same jobs (requeue '
-                                           'included) as processes on this machine, to try a study before the cluster',
-                                  choices=('slurm', 'local'))
-    partition: str = setting('', 'slurm: partition (default: the cluster\'s)')
-    timeout_min: float = setting(120.0, 'slurm: time limit of one job in minutes; a run that reaches it is '
-                                        'requeued and resumes from its last checkpoint', range='(0, 100000]')
-    gpus_per_run: int = setting(1, 'slurm, ray: GPUs per run; slurm runs N > 1 as N tasks with torch DDP',
-                                range='[0, 64]')
-    cpus_per_run: int = setting(8, 'slurm, ray: CPU cores per run (per task under DDP)', range='[1, 1024]')
-    mem_gb: float = setting(32.0, 'slurm: memory per run in GB', range='(0, 100000]')
-    slurm_setup: Tuple[str, ...] = setting((), 'slurm: shell lines run before each job, e.g. "module load cuda" '
-                                               '"source ~/venv/bin/activate"', nargs='+')
-    slurm_extra: Tuple[str, ...] = setting((), 'slurm: further sbatch options as KEY=VALUE, e.g. account=abc '
-                                               'qos=high constraint=a100', nargs='+')
-    array_parallelism: int = setting(64, 'slurm: jobs of one array running at once', range='[1, 100000]')
-    signal_delay_s: int = setting(120, 'slurm: seconds before the time limit at which a job is told to requeue',
-                                  range='[1, 3600]')
-    max_requeues: int = setting(3, 'slurm: times a run is requeued after reaching the time limit (preemptions '
-                                   'do not count); ray: retries of a run whose worker or node died',
-                                range='[0, 100]')
+    gpus: str = launch_setting('', 'comma-separated GPU ids to spread the runs over', ('local',))
+    runs_per_gpu: int = launch_setting(1, 'runs at once on each GPU (small models do not fill a large GPU)',
+                                       ('local',), range='[1, 64]')
+    slurm_executor: str = launch_setting('slurm', 'submitit executor; "local" runs the same jobs (requeue included) '
+                                                  'as processes on this machine, to try a study before the cluster',
+                                         ('slurm',), choices=('slurm', 'local'))
+    partition: str = launch_setting('', 'partition (default: the cluster\'s)', ('slurm',))
+    timeout_min: float = launch_setting(120.0, 'time limit of one job in minutes; a run that reaches it is requeued '
+                                               'and resumes from its last checkpoint', ('slurm',), range='(0, 100000]')
+    gpus_per_run: int = launch_setting(1, 'GPUs per run; slurm runs N > 1 as N tasks with torch DDP',
+                                       ('slurm', 'ray'), range='[0, 64]')
+    cpus_per_run: int = launch_setting(8, 'CPU cores per run (per task under DDP)', ('slurm', 'ray'),
+                                       range='[1, 1024]')
+    mem_gb: float = launch_setting(32.0, 'memory per run in GB', ('slurm',), range='(0, 100000]')
+    slurm_setup: Tuple[str, ...] = launch_setting((), 'shell lines run before each job, e.g. "module load cuda" '
+                                                      '"source ~/venv/bin/activate"', ('slurm',), nargs='+')
+    slurm_extra: Tuple[str, ...] = launch_setting((), 'further sbatch options as KEY=VALUE, e.g. account=abc '
+                                                      'qos=high constraint=a100', ('slurm',), nargs='+')
+    array_parallelism: int = launch_setting(64, 'jobs of one array running at once', ('slurm',), range='[1, 100000]')
+    signal_delay_s: int = launch_setting(120, 'seconds before the time limit at which a job is told to requeue',
+                                         ('slurm',), range='[1, 3600]')
+    max_requeues: int = launch_setting(3, 'times a run is started again: slurm after reaching the time limit '
+                                          '(preemptions do not count), ray after its worker or node died',
+                                       ('slurm', 'ray'), range='[0, 100]')
 
     def check(self) -> 'LaunchSettings':
         """RunError naming the flag of the first setting out of range or not for this launcher."""
@@ -71,10 +78,7 @@ class LaunchSettings:
 
     def recorded(self) -> Dict[str, Any]:
         """What a launcher records in a run folder's launch.json: the settings that apply to it."""
-        mine = {'local': ('gpus', 'runs_per_gpu'),
-                'slurm': ('slurm_executor', 'partition', 'timeout_min', 'gpus_per_run', 'cpus_per_run', 'mem_gb',
-                          'slurm_setup', 'slurm_extra', 'array_parallelism', 'signal_delay_s', 'max_requeues'),
-                'ray': ('gpus_per_run', 'cpus_per_run', 'max_requeues')}[self.launcher]
+        mine = [f.name for f in fields(self) if self.launcher in f.metadata.get('applies', ())]
         values = asdict(self)
         return {'launcher': self.launcher, **{k: list(values[k]) if isinstance(values[k], tuple) else values[k]
                                               for k in mine}}

@@ -55,10 +55,10 @@ def check_available(settings: LaunchSettings) -> None:
                        'the jobs on this machine with --slurm-executor local)')
 
 
-def make_executor(settings: LaunchSettings, folder: Path) -> Any:
-    """The submitit executor writing its job files and logs under ``folder``."""
+def make_executor(settings: LaunchSettings, job_folder: Path) -> Any:
+    """The submitit executor writing each job's files and logs into ``job_folder`` (a path holding ``%j``)."""
     executor_class = submitit.SlurmExecutor if settings.slurm_executor == 'slurm' else submitit.LocalExecutor
-    return executor_class(folder=str(folder / '%j'), max_num_timeout=settings.max_requeues)
+    return executor_class(folder=str(job_folder), max_num_timeout=settings.max_requeues)
 
 
 def job_parameters(settings: LaunchSettings, name: str) -> Dict[str, Any]:
@@ -113,7 +113,7 @@ class SlurmLauncher(Launcher):
     def __init__(self, settings: LaunchSettings, output: Path) -> None:
         check_available(settings)
         self.settings, self.output = settings, Path(output)
-        self.folder = self.output / 'submitit'
+        self.job_folder = self.output / 'submitit' / '%j'
 
     def run(self, config_files: List[Path]) -> List[str]:
         if not config_files:
@@ -135,12 +135,12 @@ class SlurmLauncher(Launcher):
         """One job array for ``config_files``; each job recorded in its run folder's launch.json."""
         if not config_files:
             return []
-        executor = make_executor(self.settings, self.folder)
+        executor = make_executor(self.settings, self.job_folder)
         executor.update_parameters(**job_parameters(self.settings, f'capaboost-{self.output.name}'))
         jobs = executor.map_array(TrainJob(), [str(p) for p in config_files])
         out = []
         for path, job in zip(config_files, jobs):
-            record = dict(self.settings.recorded(), job_id=str(job.job_id), folder=str(self.folder / '%j'),
+            record = dict(self.settings.recorded(), job_id=str(job.job_id), folder=str(self.job_folder),
                           stdout=str(job.paths.stdout), stderr=str(job.paths.stderr),
                           submitted=datetime.now(timezone.utc).isoformat(timespec='seconds'))
             write_text_atomic(path.parent / LAUNCH_RECORD, json.dumps(record, indent=1))
