@@ -64,8 +64,11 @@ def test_slurm_sweep_on_submitit_local_executor_equals_local(data, local_sweep, 
 def test_a_job_reaching_its_time_limit_is_requeued_and_resumes_to_the_same_numbers(data, tmp_path):
     args = ['sweep', '--tasks', 'toy', '--methods', 'lora', '--data-path', str(data), '--epochs', '60', *TINY]
     assert cli.main([*args, '--output', str(tmp_path / 'local')]) == 0
-    # a 15 s job told to requeue 7 s before its limit: the 60 epochs (about 0.1 s each here) take more than one job
-    assert cli.main([*args, '--output', str(tmp_path / 'slurm'), *SLURM_HERE, '--timeout-min', '0.25',
+    # the requeue signal must land while the job trains, on a fast CPU as on a slow one: at about 3 s (the job's
+    # start: imports, data) plus half the training time this machine just took; it comes 7 s before the limit
+    seconds = json.loads(next((tmp_path / 'local').rglob('results.json')).read_text())['run_seconds']
+    limit_s = 3 + seconds / 2 + 7
+    assert cli.main([*args, '--output', str(tmp_path / 'slurm'), *SLURM_HERE, '--timeout-min', f'{limit_s / 60:.4f}',
                      '--signal-delay-s', '7', '--max-requeues', '20']) == 0
     log = ''.join(p.read_text() for p in (tmp_path / 'slurm' / 'submitit').rglob('*_log.*'))
     assert 'Requeued job' in log and 'resumed ' in log
