@@ -176,6 +176,9 @@ def parse_args():
                                                               '(inference stays eager)')
     p.add_argument('--compile-backend', default='inductor', help='torch.compile backend (aot_eager: graph capture '
                                                                  'without code generation, for dry runs)')
+    p.add_argument('--no-cpu-memory', action='store_true',
+                   help='leave out the CPU peak memory (measured in one fresh process per row); a GPU run reads '
+                        'CUDA\'s counters instead')
     p.add_argument('--output', default='bench_speed.json')
     return p.parse_args()
 
@@ -224,7 +227,7 @@ def main():
             base_mem = torch.cuda.memory_allocated()
             runner.train_step(x, y)
             mem = torch.cuda.max_memory_allocated() - base_mem
-        elif args.device == 'cpu':
+        elif args.device == 'cpu' and not args.no_cpu_memory:
             mem = cpu_peak_memory(row, args)
         model = runner.model
         counts = stored_parameters(model)  # the count of every results row and report

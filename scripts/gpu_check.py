@@ -93,13 +93,14 @@ def main() -> None:
     # 1. the cuda-marked tests (on CPU in a dry run); without pytest, the same test functions run directly
     test_env = {'CAPABOOST_TEST_DEVICE': 'cpu'} if dry else {}
     if importlib.util.find_spec('pytest'):
-        check.run('cuda tests', [py, '-m', 'pytest', '-q', '-m', 'cuda', '-p', 'no:cacheprovider', 'tests'], test_env)
+        check.run('cuda tests', [py, '-m', 'pytest', '-q', '-m', 'cuda', '-p', 'no:cacheprovider', 'tests/test_cuda.py'],
+                  test_env)
     else:
         check.run('cuda tests (no pytest: run directly)', [py, 'tests/test_cuda.py'], test_env)
 
     # 2. speed: ViT-B/16 224 px batch 64 bf16, eager, then the LoRA rows compiled
-    speed = (['--model', 'vit_tiny', '--img-size', '32', '--batch-size', '4', '--steps', '2', '--warmup', '1']
-             if dry else ['--model', 'vit_base', '--img-size', '224', '--batch-size', '64', '--steps', '10',
+    speed = (['--model', 'vit_tiny', '--img-size', '32', '--batch-size', '4', '--steps', '2', '--warmup', '1',
+              '--no-cpu-memory'] if dry else ['--model', 'vit_base', '--img-size', '224', '--batch-size', '64', '--steps', '10',
                           '--warmup', '3', '--amp', 'bf16'])
     device = ['--device', 'cpu' if dry else 'cuda']
     lora_rows = ['lora r8 (ours)', 'peft lora r8', 'capaboost-lora r8 d2', 'capaboost-lora r8 d4']
@@ -109,15 +110,15 @@ def main() -> None:
         rows.append('--no-peft')
     check.run('speed, eager', [py, 'scripts/bench_speed.py', *speed, *device, *rows,
                                '--output', str(out / 'bench_speed.json')], json_file=str(out / 'bench_speed.json'))
-    compile_rows = lora_rows[:1] + lora_rows[-2:-1] if dry else lora_rows
+    compile_rows = lora_rows[-2:-1] if dry else lora_rows  # dry: capaboost-lora r8 d2 only
     check.run('speed, compiled train step (LoRA rows)',
-              [py, 'scripts/bench_speed.py', *speed, *device, '--compile', '--rows', *compile_rows,
+              [py, 'scripts/bench_speed.py', *speed, *device, '--compile', '--rows', *compile_rows, '--no-cpu-memory',
                *(['--compile-backend', 'aot_eager'] if dry else []),
                '--output', str(out / 'bench_speed_compile.json')], json_file=str(out / 'bench_speed_compile.json'))
 
-    # 3. data path on one 1,000-image task
+    # 3. data path on one 1,000-image task (with the test split of step 4's task: built once, in tmp)
     data = (['--img-size', '32', '--model', 'vit_tiny', '--batch-size', '50', '--steps', '2', '--workers', '2',
-             '--num-test', '10'] if dry else ['--img-size', '224', '--model', 'vit_base', '--batch-size', '64',
+             '--num-test', '50'] if dry else ['--img-size', '224', '--model', 'vit_base', '--batch-size', '64',
                                               '--amp', 'bf16', '--workers', '8'])
     with tempfile.TemporaryDirectory() as tmp:
         check.run('data path', [py, 'scripts/bench_data.py', *data, *device, '--work-dir', tmp,

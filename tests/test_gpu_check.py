@@ -25,3 +25,11 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert names[5:] == ['offline study: lr search + finals', 'offline study: report --compare']
     compare = data['steps'][6]['results']['compare']
     assert '| capaboost_lora - lora |' in compare and '2 (2)' in compare and 'Learning-rate sensitivity' in compare
+
+
+def test_bench_speed_measures_cpu_peak_memory_in_a_fresh_process(monkeypatch):
+    """What the dry run above leaves out (--no-cpu-memory: a GPU reads CUDA's counters): one row's CPU peak."""
+    import bench_speed
+    monkeypatch.setattr(sys, 'argv', ['bench_speed.py', '--model', 'vit_tiny', '--img-size', '32', '--batch-size', '4'])
+    args = bench_speed.parse_args()
+    assert bench_speed.cpu_peak_memory('capaboost-lora r8 d2', args) > 0

@@ -2,8 +2,8 @@
 remote repo. Each case is one that a fresh clone of the earlier code got wrong (a stale cache trained on, a raw
 traceback, a file written outside --output, a local path read on a remote repo's say-so).
 
-CLI cases run the real ``capaboost-vtab`` entry point in a subprocess: exit code, one ``error:`` line naming the
-culprit, and nothing written or left behind.
+CLI cases check the exit code, one ``error:`` line naming the culprit, and nothing written or left behind, through
+``test_robustness.cli`` (in this process, or the real entry point in a subprocess where the case needs one).
 """
 import errno
 import fcntl

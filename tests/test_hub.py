@@ -157,25 +157,27 @@ def test_bad_adapters_leave_the_model_untouched(saved, tmp_path):
 PUSH = """
 import timm, torch, capaboost_vision as cv
 from safetensors.torch import save_file
-torch.manual_seed({seed})
-m = timm.create_model('vit_tiny_capaboost_lora', pretrained=True, img_size=32, num_classes=3)
-with torch.no_grad():
-    for p in m.parameters():
-        if p.requires_grad:
-            p.normal_(0, 0.05)
-url = cv.push_adapter_to_hub(m, 'org/vit-t-capaboost', revision={revision!r},
-                             results={{'task': 'toy', 'top1': 87.5, 'epochs': 3, 'seed': 0}})
-print('COMMIT', url.rsplit('/', 1)[1])
-x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-save_file({{'logits': m.eval()(x)}}, {out!r})
+for seed, out in {outs!r}:  # each push moves main on
+    torch.manual_seed(seed)
+    m = timm.create_model('vit_tiny_capaboost_lora', pretrained=True, img_size=32, num_classes=3)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    url = cv.push_adapter_to_hub(m, 'org/vit-t-capaboost', results={{'task': 'toy', 'top1': 87.5, 'epochs': 3,
+                                                                     'seed': 0}})
+    print('COMMIT', url.rsplit('/', 1)[1])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    save_file({{'logits': m.eval()(x)}}, out)
 """
 
 LOAD = """
 import timm, torch, capaboost_vision
 from safetensors.torch import save_file
-m = timm.create_model({name!r}, pretrained=True).eval()
 x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-save_file({{'logits': m(x)}}, {out!r})
+for name, kwargs, out in {loads!r}:
+    m = timm.create_model(name, pretrained=True, **kwargs).eval()
+    save_file({{'logits': m(x)}}, out)
 """
 
 
@@ -187,37 +189,27 @@ def _run(code, env, check=True):
     return out
 
 
-def test_push_then_load_in_a_fresh_process(hub, tmp_path):
+def test_push_then_load_in_a_fresh_process_pinned_and_offline(hub, tmp_path):
+    """One process pushes two versions; another loads main, the first commit and main through adapter=; with the
+    Hub gone, a third loads main from the cache."""
     server, env = hub
-    out = _run(PUSH.format(seed=0, revision=None, out=str(tmp_path / 'pushed.st')), env)
+    out = _run(PUSH.format(outs=[(0, str(tmp_path / 'v1.st')), (1, str(tmp_path / 'v2.st'))]), env)
     assert 'hf_test_token_not_printed' not in out.stdout + out.stderr
+    first = out.stdout.split('COMMIT ')[1].split()[0]
     files = server.store.files('org/vit-t-capaboost', 'main')[1]
     assert sorted(files) == ['README.md', 'adapter.safetensors', 'config.json']
     assert len(files['adapter.safetensors']) < 400_000  # adapter only: LoRA 295 kB + head + packed masks; the ViT is 22 MB
     assert '87.5' in files['README.md'].decode() and 'vtab-1k' in files['README.md'].decode()
-    _run(LOAD.format(name='hf-hub:org/vit-t-capaboost', out=str(tmp_path / 'loaded.st')), env)
-    assert torch.equal(load_file(str(tmp_path / 'pushed.st'))['logits'], load_file(str(tmp_path / 'loaded.st'))['logits'])
-    # adapter= on the registered name gives the same model
-    code = LOAD.replace("create_model({name!r}, pretrained=True)",
-                        "create_model('vit_tiny_capaboost_lora', pretrained=True, img_size=32, num_classes=3, "
-                        "adapter={name!r})")
-    _run(code.format(name='hf-hub:org/vit-t-capaboost', out=str(tmp_path / 'kw.st')), env)
-    assert torch.equal(load_file(str(tmp_path / 'pushed.st'))['logits'], load_file(str(tmp_path / 'kw.st'))['logits'])
-
-
-def test_revision_pinning_and_offline_cache(hub, tmp_path):
-    server, env = hub
-    first = _run(PUSH.format(seed=0, revision=None, out=str(tmp_path / 'v1.st')), env).stdout.split('COMMIT ')[1].strip()
-    _run(PUSH.format(seed=1, revision=None, out=str(tmp_path / 'v2.st')), env)  # main moves on
-    _run(LOAD.format(name=f'hf-hub:org/vit-t-capaboost@{first}', out=str(tmp_path / 'pinned.st')), env)
-    _run(LOAD.format(name='hf-hub:org/vit-t-capaboost', out=str(tmp_path / 'main.st')), env)
-    logits = {k: load_file(str(tmp_path / f'{k}.st'))['logits'] for k in ('v1', 'v2', 'pinned', 'main')}
-    assert torch.equal(logits['pinned'], logits['v1']) and torch.equal(logits['main'], logits['v2'])
-    assert not torch.equal(logits['v1'], logits['v2'])
+    kw = dict(img_size=32, num_classes=3, adapter='hf-hub:org/vit-t-capaboost')  # adapter= on the registered name
+    _run(LOAD.format(loads=[('hf-hub:org/vit-t-capaboost', {}, str(tmp_path / 'main.st')),
+                            (f'hf-hub:org/vit-t-capaboost@{first}', {}, str(tmp_path / 'pinned.st')),
+                            ('vit_tiny_capaboost_lora', kw, str(tmp_path / 'kw.st'))]), env)
     server.httpd.shutdown()  # the Hub goes away: the cache must be enough
-    offline = dict(env, HF_HUB_OFFLINE='1')
-    _run(LOAD.format(name='hf-hub:org/vit-t-capaboost', out=str(tmp_path / 'offline.st')), offline)
-    assert torch.equal(load_file(str(tmp_path / 'offline.st'))['logits'], logits['v2'])
+    _run(LOAD.format(loads=[('hf-hub:org/vit-t-capaboost', {}, str(tmp_path / 'offline.st'))]),
+         dict(env, HF_HUB_OFFLINE='1'))
+    logits = {k: load_file(str(tmp_path / f'{k}.st'))['logits'] for k in ('v1', 'v2', 'main', 'pinned', 'kw', 'offline')}
+    assert torch.equal(logits['pinned'], logits['v1']) and not torch.equal(logits['v1'], logits['v2'])
+    assert all(torch.equal(logits[k], logits['v2']) for k in ('main', 'kw', 'offline'))
 
 
 BAD_LOAD = """

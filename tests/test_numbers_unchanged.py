@@ -152,6 +152,8 @@ print(torch.backends.cpu.get_cpu_capability(), m.blocks[0].attn.qkv.weight.grad.
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != 'AVX512', reason='steering imitates one AVX-512 CPU '
                     'on another; this CPU has no AVX-512 kernels to steer away from')
+@pytest.mark.skipif(any(os.environ.get(k) for k in (*STEERED, 'ATEN_CPU_CAPABILITY')),
+                    reason='this run is itself steered (make test-kernels); make test checks the steering')
 def test_steered_kernels_imitate_another_cpu():
     """The imitation .ci/run relies on is real here: with oneDNN and MKL held to AVX2 the capability string stays
     AVX512 (so nothing keyed on it can tell) and a ViT's gradients differ in the last bits."""

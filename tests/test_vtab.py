@@ -116,13 +116,21 @@ def test_finished_run_is_skipped_unless_overwrite(data_root, tmp_path, capsys):
     assert run_cli(*args, '--overwrite') == 0
 
 
+@pytest.fixture(scope='module')
+def small_root(tmp_path_factory):
+    """200 train+val and 20 test images: enough for two ranks to split and agree on."""
+    root = tmp_path_factory.mktemp('small')
+    make_task(root, n_test=20, counts=(160, 40))
+    return root
+
+
 @pytest.mark.parametrize('method', ['capaboost_lora', 'peft_loha'])
-def test_ddp_two_processes_gloo_agree(method, data_root, tmp_path):
+def test_ddp_two_processes_gloo_agree(method, small_root, tmp_path):
     if method.startswith('peft_'):
         pytest.importorskip('peft')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
            '-m', 'capaboost_vision.cli', 'train', '--task', 'toy', '--method', method, '--data-path',
-           str(data_root), '--output', str(tmp_path), '--epochs', '1', *TINY]
+           str(small_root), '--output', str(tmp_path), '--epochs', '1', *TINY]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
