@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 tests
 
 # The tests that compare with numbers recorded on another machine, run again on other kernels of this CPU: oneDNN
 # and MKL held to AVX2 (the capability string stays AVX512, as between an AMD EPYC and an Intel Xeon), then ATen's
