@@ -42,7 +42,7 @@ def test_cached_batches_equal_decode_batches(tmp_path):
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(3)).tolist()
     a = list(CachedLoader(cached, 96, order, torch.device('cpu'), (0.5,) * 3, (0.5,) * 3))
     b = list(DecodeLoader(dataset, 96, order, torch.device('cpu'), (0.5,) * 3, (0.5,) * 3, workers=0))
-    assert len(a) == len(b) == 11
+    assert len(a) == len(b) == 3  # 200 images in batches of 96
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
     # the eval form: memory-mapped from the cache file, same pixels
     mapped = prepare_split(dataset, tmp_path / 'cache', int(1e9), None, show_progress=False)
@@ -83,8 +83,8 @@ def test_cache_is_shared_and_keyed_by_size(tmp_path):
 
 def test_bad_test_image_fails_before_training_and_leaves_nothing(tmp_path):
     folder = make_task(tmp_path / 'data')
-    (folder / 'images' / '1010.png').write_bytes(b'not a png')
-    (folder / 'images' / '1020.png').unlink()
+    (folder / 'images' / '210.png').write_bytes(b'not a png')  # test.txt lists images 200-259
+    (folder / 'images' / '220.png').unlink()
     out = subprocess.run([sys.executable, '-m', 'capaboost_vision.cli', 'train', '--task', 'toy', '--method', 'lora',
                           '--data-path', str(tmp_path / 'data'), '--output', str(tmp_path / 'runs'), '--epochs', '50',
                           *TINY], capture_output=True, text=True, timeout=300)

@@ -23,7 +23,7 @@ RUNS = {'capaboost_lora': ['--rank', '1'], 'peft_lora': ['--peft-args', 'r=1']}
 def _copy(tmp_path):
     runs = tmp_path / 'runs'
     shutil.copytree(BEFORE, runs)
-    make_task(tmp_path / 'data')
+    make_task(tmp_path / 'data', counts=(800, 200))  # the task those runs were trained on
     return runs
 
 

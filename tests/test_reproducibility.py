@@ -64,11 +64,15 @@ def test_results_and_model_cards_record_their_provenance(tmp_path):
     assert f'versions.torch: 0.0.1, {torch.__version__}' in provenance
 
 
-def _fresh_process_run(data: Path, out: Path, *extra: str) -> Path:
-    subprocess.run([sys.executable, '-m', 'capaboost_vision.cli', 'train', '--task', 'toy', '--method',
-                    'capaboost_lora', '--data-path', str(data), '--output', str(out), *map(str, SMALL),
-                    '--epochs', '2', '--eval-interval', '1', *extra], check=True, capture_output=True, cwd=ROOT)
-    return out / 'vit_tiny/toy/final/capaboost_lora/seed0'
+def _train_argv(data: Path, out: Path, *extra: str) -> list:
+    return ['train', '--task', 'toy', '--method', 'capaboost_lora', '--data-path', str(data), '--output', str(out),
+            *map(str, SMALL), '--epochs', '2', '--eval-interval', '1', *extra]
+
+
+def _fresh_process_runs(*commands: list) -> None:
+    """The commands one after another in one fresh process: the first starts fresh, the next after a run."""
+    code = f'import sys; from capaboost_vision.vtab import cli; sys.exit(max(cli.main(a) for a in {commands!r}))'
+    subprocess.run([sys.executable, '-c', code], check=True, capture_output=True, cwd=ROOT)
 
 
 def _numbers(run_dir: Path):
@@ -80,9 +84,17 @@ def _numbers(run_dir: Path):
 
 
 def test_the_same_command_in_fresh_processes_is_bit_identical(tmp_path):
-    make_task(tmp_path / 'data', counts=(60, 30), n_test=30)
-    for extra in ([], ['--no-data-cache', '--workers', '2']):
-        first = _numbers(_fresh_process_run(tmp_path / 'data', tmp_path / f'a{len(extra)}', *extra))
-        second = _numbers(_fresh_process_run(tmp_path / 'data', tmp_path / f'b{len(extra)}', *extra))
+    """Each command (cached; decode path with 2 workers) runs in two processes: first in one, after the other
+    command in the other, so neither a fresh process nor what an earlier run leaves behind changes a bit."""
+    data = tmp_path / 'data'
+    make_task(data, counts=(60, 30), n_test=30)
+    commands = {extra: [_train_argv(data, tmp_path / f'{p}{len(extra)}', *extra) for p in 'ab']
+                for extra in ((), ('--no-data-cache', '--workers', '2'))}
+    cached, decoded = commands.values()
+    _fresh_process_runs(cached[0], decoded[0])
+    _fresh_process_runs(decoded[1], cached[1])
+    for extra in commands:
+        first, second = (_numbers(tmp_path / f'{p}{len(extra)}' / 'vit_tiny/toy/final/capaboost_lora/seed0')
+                         for p in 'ab')
         assert first[0] == second[0] and first[1] == second[1]
         assert first[2].keys() == second[2].keys() and all(torch.equal(first[2][k], second[2][k]) for k in first[2])

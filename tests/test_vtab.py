@@ -19,8 +19,10 @@ TINY = ['--model', 'vit_tiny', '--no-pretrained', '--img-size', '32', '--batch-s
         '--warmup-epochs', '0']
 
 
-def make_task(root: Path, name='toy', num_classes=3, n_test=60, counts=(800, 200)):
-    """A VTAB-format task of generated PNGs whose class is the dominant colour channel (learnable)."""
+def make_task(root: Path, name='toy', num_classes=3, n_test=60, counts=(160, 40)):
+    """A VTAB-format task of generated PNGs whose class is the dominant colour channel (learnable). The splits keep
+    VTAB-1k's file names; ``counts`` (train, val) are small by default: what the tests check does not need 1,000
+    images, and an epoch over them costs a second each time."""
     folder = root / name
     (folder / 'images').mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -124,7 +126,7 @@ def small_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize('method', ['capaboost_lora', 'peft_loha'])
+@pytest.mark.parametrize('method', ['peft_loha'])  # capaboost_lora: test_launchers' torchrun run checks the same
 def test_ddp_two_processes_gloo_agree(method, small_root, tmp_path):
     if method.startswith('peft_'):
         pytest.importorskip('peft')
