@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from timm.data import create_transform
 
-from .hub import AdapterError, apply_adapter, check_adapter, explain_hub_error, read_adapter
+from .hub import AdapterError, apply_adapter, check_adapter, check_repo_config, explain_hub_error, read_adapter
 from .tuner import merge
 
 
@@ -45,6 +45,9 @@ def load_classifier(source: Union[str, Path], weights: Optional[Union[str, Path]
     prompt forms are not linear and stay as they are). AdapterError (one line) for anything that does not fit.
     """
     adapter = read_adapter(source)  # config.json schema, safetensors, finite values: before anything is built
+    # what timm builds from the file's model_args: CapaBoost settings and bounded sizes only, never a path, overlay
+    # or checkpoint of the file's choosing (the check create_model('hf-hub:...') and rank run)
+    check_repo_config(adapter.meta, adapter.config_file, building=True)
     meta = adapter.meta
     cfg = meta.get('pretrained_cfg') or {}
     kwargs = dict(meta.get('model_args') or {}, num_classes=meta['num_classes'])

@@ -383,3 +383,22 @@ def test_rank_cli_refuses_hostile_hub_repos_and_names_a_missing_one(hub, tmp_pat
         one_line_error(code, err, fragment)
     code, _, err = cli('rank', 'hf-hub:tester/nope', env=env)
     one_line_error(code, err, 'adapter repo tester/nope does not exist on the Hub')
+
+
+@pytest.mark.parametrize('case, edit, fragment', [
+    ('overlay', HOSTILE['overlay'][0], HOSTILE['overlay'][1]),
+    ('checkpoint path', lambda c: c['model_args'].update(checkpoint_path='/etc/passwd'),
+     '"model_args.checkpoint_path" is not allowed'),
+])
+def test_load_classifier_eval_and_predict_check_the_files_model_args(data, tmp_path, case, edit, fragment):
+    """The adapter's own model_args never choose a local file: load_classifier (and eval and predict, which use it for
+    an adapter folder or hf-hub: repo) run the schema check that create_model('hf-hub:') and rank run."""
+    folder = _repo_variant(tmp_path, case.replace(' ', '_'), edit)
+    with pytest.raises(AdapterError) as e:
+        cv.load_classifier(folder)
+    assert fragment in str(e.value) and '\n' not in str(e.value)
+    image = tmp_path / 'one.png'
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
+    for argv in (['eval', folder, '--task', 'toy', '--data-path', data], ['predict', folder, image]):
+        code, _, err = cli(*argv)
+        one_line_error(code, err, fragment)
