@@ -93,15 +93,16 @@ def main() -> None:
     # 1. the cuda-marked tests (on CPU in a dry run); without pytest, the same test functions run directly
     test_env = {'CAPABOOST_TEST_DEVICE': 'cpu'} if dry else {}
     if importlib.util.find_spec('pytest'):
-        check.run('cuda tests', [py, '-m', 'pytest', '-q', '-m', 'cuda', '-p', 'no:cacheprovider', 'tests/test_cuda.py'],
-                  test_env)
+        check.run('cuda tests', [py, '-m', 'pytest', '-q', '-m', 'cuda', '-p', 'no:cacheprovider',
+                                 'tests/test_cuda.py'], test_env)
     else:
         check.run('cuda tests (no pytest: run directly)', [py, 'tests/test_cuda.py'], test_env)
 
     # 2. speed: ViT-B/16 224 px batch 64 bf16, eager, then the LoRA rows compiled
     speed = (['--model', 'vit_tiny', '--img-size', '32', '--batch-size', '4', '--steps', '2', '--warmup', '1',
-              '--no-cpu-memory'] if dry else ['--model', 'vit_base', '--img-size', '224', '--batch-size', '64', '--steps', '10',
-                          '--warmup', '3', '--amp', 'bf16'])
+              '--no-cpu-memory'] if dry else
+             ['--model', 'vit_base', '--img-size', '224', '--batch-size', '64', '--steps', '10', '--warmup', '3',
+              '--amp', 'bf16'])
     device = ['--device', 'cpu' if dry else 'cuda']
     lora_rows = ['lora r8 (ours)', 'peft lora r8', 'capaboost-lora r8 d2', 'capaboost-lora r8 d4']
     rows = ['--rows', 'lora r8 (ours)', 'capaboost-lora r8 d2', 'adapter b8', 'vpt-deep n10'] if dry else []

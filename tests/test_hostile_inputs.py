@@ -402,3 +402,29 @@ def test_load_classifier_eval_and_predict_check_the_files_model_args(data, tmp_p
     for argv in (['eval', folder, '--task', 'toy', '--data-path', data], ['predict', folder, image]):
         code, _, err = cli(*argv)
         one_line_error(code, err, fragment)
+
+
+def test_no_command_writes_into_a_run_folder_or_over_a_file_unasked(data, tmp_path):
+    """predict's --output and report's --prefix never land in a run (or adapter) folder, whatever the file name; an
+    existing --output is replaced only with --overwrite. Each refusal is one line and changes nothing."""
+    out = tmp_path / 'runs'
+    assert cli_module.main(['train', *RUN, '--data-path', str(data), '--output', str(out)]) == 0
+    run_dir = out / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0'
+    image = data / 'toy' / 'images' / '0.png'
+    before = tree(out)
+    for target in ('results.json', 'adapter.safetensors', 'new.csv', 'splits/x.csv'):
+        code, _, err = cli('predict', run_dir, image, '--output', run_dir / target, '--overwrite')
+        one_line_error(code, err, f'--output {run_dir / target} is inside {run_dir.resolve()}, a run or adapter folder')
+    code, _, err = cli('report', out, '--prefix', run_dir / 'report')
+    one_line_error(code, err, f'--prefix {run_dir / "report"} is inside {run_dir.resolve()}')
+    code, _, err = cli('report', run_dir)  # its default prefix is <runs_dir>/report: here, inside the run
+    one_line_error(code, err, 'a run or adapter folder')
+    assert tree(out) == before
+    preds = tmp_path / 'preds.csv'
+    preds.write_text('keep me')
+    code, _, err = cli('predict', run_dir, image, '--output', preds)
+    one_line_error(code, err, f'--output {preds} exists: pass --overwrite to replace it')
+    assert preds.read_text() == 'keep me'
+    code, _, err = cli('predict', run_dir, image, '--output', tmp_path)
+    one_line_error(code, err, f'--output {tmp_path} is a folder')
+    assert cli('predict', run_dir, image, '--output', preds, '--overwrite')[0] == 0 and preds.read_text() != 'keep me'

@@ -207,7 +207,8 @@ def test_push_then_load_in_a_fresh_process_pinned_and_offline(hub, tmp_path):
     server.httpd.shutdown()  # the Hub goes away: the cache must be enough
     _run(LOAD.format(loads=[('hf-hub:org/vit-t-capaboost', {}, str(tmp_path / 'offline.st'))]),
          dict(env, HF_HUB_OFFLINE='1'))
-    logits = {k: load_file(str(tmp_path / f'{k}.st'))['logits'] for k in ('v1', 'v2', 'main', 'pinned', 'kw', 'offline')}
+    logits = {k: load_file(str(tmp_path / f'{k}.st'))['logits']
+              for k in ('v1', 'v2', 'main', 'pinned', 'kw', 'offline')}
     assert torch.equal(logits['pinned'], logits['v1']) and not torch.equal(logits['v1'], logits['v2'])
     assert all(torch.equal(logits[k], logits['v2']) for k in ('main', 'kw', 'offline'))
 

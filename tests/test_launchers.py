@@ -126,8 +126,9 @@ def test_gpus_per_run_2_is_one_ddp_job_of_two_tasks_equal_to_torchrun(data, tmp_
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     train = ['--task', 'toy', '--method', 'capaboost_lora', '--data-path', str(data), '--epochs', '1', *TINY]
     out = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
-                          '29541', '-m', 'capaboost_vision.cli', 'train', *train, '--output', str(tmp_path / 'torchrun')],
-                         check=True, capture_output=True, text=True, cwd=ROOT, timeout=300)
+                          '29541', '-m', 'capaboost_vision.cli', 'train', *train,
+                          '--output', str(tmp_path / 'torchrun')], check=True, capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
     sums = [line.split()[-1] for line in out.stdout.splitlines() if 'trainable checksum' in line]
     assert len(sums) == 2 and sums[0] == sums[1]  # the two ranks hold the same trained weights
     sweep = ['sweep', '--tasks', 'toy', '--methods', 'capaboost_lora', '--data-path', str(data), '--epochs', '1',

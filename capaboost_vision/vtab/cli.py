@@ -244,8 +244,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import collect, write_report
+    from .run_folder import check_output_file
     from .search import read_records
     runs_dir = Path(args.runs_dir)
+    check_output_file(Path(args.prefix or runs_dir / 'report'), '--prefix')  # it rewrites its own files, not a run's
     comparisons = None
     if args.compare:  # computed, and refused on bad pairs, before anything is written
         from .compare import compare
@@ -314,8 +316,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Top-k class names and probabilities per image (printed; CSV with --output)."""
     from .inference import files_split, image_files, load_trained, logits_over, write_predictions
+    from .run_folder import check_output_file
     if args.top_k < 1 or args.batch_size < 1:
         raise RunError(f'--top-k {args.top_k} and --batch-size {args.batch_size} must be at least 1')
+    if args.output:
+        check_output_file(Path(args.output), '--output', replace=args.overwrite)
     files = image_files(args.images)
     trained = load_trained(args.adapter, args.weights, merged=True)
     k = min(args.top_k, len(trained.label_names))
@@ -498,7 +503,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('adapter', help='a run folder (CapaBoost or HF PEFT), an adapter folder, or hf-hub:org/repo[@rev]')
     p.add_argument('images', nargs='+', help='image files, folders (searched recursively) or glob patterns')
     p.add_argument('--top-k', type=int, default=5, help='classes per image')
-    p.add_argument('--output', help='write a CSV (path, label_i, prob_i) here (default: print only)')
+    p.add_argument('--output', help='write a CSV (path, label_i, prob_i) here (default: print only); never into a '
+                                    'run or adapter folder')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --output file')
     _add_inference_flags(p)
     p.set_defaults(fn=cmd_predict)
 

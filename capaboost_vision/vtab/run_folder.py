@@ -22,6 +22,30 @@ from .run_config import RunConfig, RunError, check_same_run
 from .tasks import task_folder_name
 
 CHECKPOINT_NAME = 'checkpoint.pt'
+# files only a run or an adapter folder holds: a folder with one of them belongs to the run that wrote it
+OWNED_MARKERS = ('results.json', CHECKPOINT_NAME, 'launch.json', 'adapter.safetensors', 'adapter_model.safetensors',
+                 'trainable.safetensors')
+
+
+def owning_run_folder(path: Path) -> Optional[Path]:
+    """The run or adapter folder that ``path`` would be written into (its folder or one above it), if any."""
+    for folder in Path(path).resolve().parents:
+        if any((folder / name).is_file() for name in OWNED_MARKERS):
+            return folder
+    return None
+
+
+def check_output_file(path: Path, flag: str, replace: Optional[bool] = None) -> None:
+    """RunError before anything runs when a command's output file would land in a run or adapter folder it does not
+    own, is a folder, or (``replace`` False) already exists."""
+    owner = owning_run_folder(path)
+    if owner is not None:
+        raise RunError(f'{flag} {path} is inside {owner}, a run or adapter folder: no command writes into a folder '
+                       f'it does not own; write it elsewhere')
+    if Path(path).is_dir():
+        raise RunError(f'{flag} {path} is a folder: give a file name')
+    if replace is False and Path(path).exists():
+        raise RunError(f'{flag} {path} exists: pass --overwrite to replace it')
 
 
 def run_directory(cfg: RunConfig) -> Path:
