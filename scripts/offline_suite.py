@@ -52,8 +52,8 @@ METHODS: Dict[str, Tuple[str, List[str], List[float], str]] = {
                                 'CapaBoost-LoRA d=2') for r in (1, 2, 4, 8)},
     **{f'capaboost_lora_r{r}_expected': ('capaboost_lora', ['--rank', str(r), '--lora-alpha', str(r), *EXPECTED],
                                          LORA_GRID, 'CapaBoost-LoRA d=2, expected scaling') for r in (1, 2, 4, 8)},
-    'capaboost_lora_r4_d4': ('capaboost_lora', ['--rank', '4', '--lora-alpha', '4', '--num-masks', '4'], LORA_GRID,
-                             'CapaBoost-LoRA d=4'),
+    **{f'capaboost_lora_r{r}_d4': ('capaboost_lora', ['--rank', str(r), '--lora-alpha', str(r), '--num-masks', '4'],
+                                   LORA_GRID, 'CapaBoost-LoRA d=4') for r in (2, 4)},
     'capaboost_dora_r4': ('capaboost_dora', ['--rank', '4', '--lora-alpha', '4'], LORA_GRID, 'CapaBoost-DoRA d=2'),
     **{f'adapter_b{b}': ('adapter', ['--adapter-bottleneck', str(b)], LORA_GRID, 'adapter') for b in (4, 8, 16)},
     **{f'capaboost_adapter_b{b}': ('capaboost_adapter', ['--adapter-bottleneck', str(b)], LORA_GRID,
@@ -72,6 +72,12 @@ METHODS: Dict[str, Tuple[str, List[str], List[float], str]] = {
         ('peft_randlora', ['r=26'], 'PEFT RandLoRA'),
         ('peft_vera', ['r=256'], 'PEFT VeRA'),
         ('peft_fourierft', ['n_frequency=6144'], 'PEFT FourierFT'),
+        # two more sizes each for the accuracy-per-parameter curve, at LoRA r=2's and r=8's stored parameters
+        # (LoHa 36,864 and 147,456: matched; LoKr 37,632 and 148,224: its nearest sizes)
+        ('peft_loha_r1', ['r=1', 'alpha=2'], 'PEFT LoHa'),
+        ('peft_loha_r4', ['r=4', 'alpha=8'], 'PEFT LoHa'),
+        ('peft_lokr_r16', ['r=16', 'alpha=16', 'decompose_factor=8'], 'PEFT LoKr'),
+        ('peft_lokr_r64', ['r=64', 'alpha=64', 'decompose_factor=8'], 'PEFT LoKr'),
     )},
 }
 PEFT_ROWS = [name for name in METHODS if name.startswith('peft_')]
