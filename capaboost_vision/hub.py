@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download
@@ -62,7 +63,6 @@ def base_weights_id(model: nn.Module) -> str:
 
 def registered_base_id(model: nn.Module) -> str:
     """The hub id of the base weights registered for the architecture (where ``hf-hub:`` loading fetches them)."""
-    import timm
     cfg = model.pretrained_cfg
     arch, tag = cfg.get('architecture'), cfg.get('tag')
     registered = timm.models.get_pretrained_cfg(f'{arch}.{tag}' if tag else arch)
@@ -329,47 +329,96 @@ BASE_MODEL_ARGS: Dict[str, Callable[[Any], bool]] = {
 }
 
 
+# What a config.json may hold at its top level (timm's save_config_for_hf, plus our block), and in its pretrained_cfg:
+# timm's fields except those that say where weights come from (a repo never chooses a file, URL or state dict).
+TOP_LEVEL_KEYS = ('architecture', 'num_classes', 'num_features', 'global_pool', 'label_names', 'label_descriptions',
+                  'model_args', 'pretrained_cfg', 'capaboost')
+CAPABOOST_KEYS = ('format_version', 'weights', 'config', 'base_weights', 'base_fingerprint')
+_NUMBER = (int, float)
+_TEXT = lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+PRETRAINED_CFG_KEYS: Dict[str, Callable[[Any], bool]] = {
+    **dict.fromkeys(('hf_hub_id', 'tag', 'interpolation', 'classifier', 'first_conv', 'license', 'description',
+                     'origin_url', 'paper_name', 'paper_ids', 'notes'), _TEXT),
+    **dict.fromkeys(('input_size', 'test_input_size', 'min_input_size'),
+                    lambda v: v is None or (isinstance(v, list) and len(v) == 3 and _sizes(1)(v))),
+    **dict.fromkeys(('pool_size', 'test_pool_size'), lambda v: v is None or (isinstance(v, list) and _sizes(1)(v))),
+    **dict.fromkeys(('mean', 'std'), lambda v: isinstance(v, list) and 0 < len(v) <= 64 and all(
+        isinstance(x, _NUMBER) and not isinstance(x, bool) and 0 <= x <= 1e4 for x in v)),
+    **dict.fromkeys(('crop_pct', 'test_crop_pct'), lambda v: v is None or in_range(v, '(0, 4]')),
+    'crop_mode': lambda v: v in ('center', 'squash', 'border'),
+    **dict.fromkeys(('fixed_input_size', 'custom_load'), lambda v: isinstance(v, bool)),
+    'num_classes': lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CLASSES,
+    'label_offset': lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 1),
+}
+
+
 def check_repo_config(meta: Any, config_file: Path, building: bool) -> CapaBoostConfig:
     """The schema of an adapter's config.json, checked before anything is built or read from it (a Hub repo's file
-    is data from someone else); returns its CapaBoost config. ``building``: the model itself is built from it
-    (``create_model('hf-hub:...')``), so its architecture must be a registered CapaBoost model, its tag one of that
-    model's, and every ``model_args`` entry a CapaBoost setting or a bounded timm constructor argument."""
+    is data from someone else); returns its CapaBoost config. Every key is known and every value of the shape and
+    range it must have: ``model_args`` hold CapaBoost settings and bounded timm constructor arguments only, never a
+    path, overlay or checkpoint; ``label_names`` one distinct name per class. ``building``: the model itself is
+    built from the file (``create_model('hf-hub:...')``, ``load_classifier``), so its architecture must also be a
+    registered CapaBoost model."""
     if not isinstance(meta, dict):
         raise _schema_error(config_file, f'a JSON object is required, not {type(meta).__name__}')
+    _refuse_unknown_keys(meta, TOP_LEVEL_KEYS, '', config_file)
     block = meta.get('capaboost')
     if not isinstance(block, dict):
         raise _schema_error(config_file, 'the "capaboost" object is missing')
     if block.get('format_version') != FORMAT_VERSION:
         raise AdapterError(f'{config_file}: unknown capaboost format_version {block.get("format_version")!r} '
                            f'(this version reads {FORMAT_VERSION})')
+    _refuse_unknown_keys(block, CAPABOOST_KEYS, 'capaboost.', config_file)
     for key, kind in (('architecture', str), ('num_classes', int)):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise _schema_error(config_file, f'"{key}" must be a {kind.__name__}')
     if not 1 <= meta['num_classes'] <= MAX_CLASSES:
         raise _schema_error(config_file, f'"num_classes" {meta["num_classes"]} is outside [1, {MAX_CLASSES:,}]')
-    weights, saved = block.get('weights', WEIGHTS_NAME), block.get('config')
-    if not isinstance(weights, str):
-        raise _schema_error(config_file, '"capaboost.weights" must be a file name')
+    for key in ('weights', 'base_weights', 'base_fingerprint'):
+        if not isinstance(block.get(key, ''), str):
+            raise _schema_error(config_file, f'"capaboost.{key}" must be a string')
+    saved = block.get('config')
     if not isinstance(saved, dict) or set(saved) - set(CONFIG_KEYS):
         raise _schema_error(config_file, f'"capaboost.config" must be an object with keys from {", ".join(CONFIG_KEYS)}')
     try:
         config = CapaBoostConfig(**saved)
     except (TypeError, ValueError) as e:
         raise _schema_error(config_file, f'"capaboost.config": {e}') from None
+    _check_label_names(meta, config_file)
+    _check_model_args(meta.get('model_args', {}), config_file, config.method)
+    _check_pretrained_cfg(meta, config_file)
     if building:
-        _check_build_args(meta, config_file, config.method)
+        arch = meta['architecture']
+        if not (arch.endswith(f'_capaboost_{config.method}') and timm.is_model(arch)):
+            raise _schema_error(config_file, f'"architecture" {arch!r} is not a registered CapaBoost-{config.method} '
+                                             f'model (timm.list_models("*_capaboost_*"))')
     return config
 
 
-def _check_build_args(meta: Dict[str, Any], config_file: Path, method: str) -> None:
-    """What timm builds the model from: every ``model_args`` entry a CapaBoost setting or a bounded timm
-    constructor argument, and the base weights' tag one of the architecture's registered tags."""
-    import timm
-    arch = meta['architecture']
-    if not (arch.endswith(f'_capaboost_{method}') and timm.is_model(arch)):
-        raise _schema_error(config_file, f'"architecture" {arch!r} is not a registered CapaBoost-{method} '
-                                         f'model (timm.list_models("*_capaboost_*"))')
-    model_args = meta.get('model_args', {})
+def _refuse_unknown_keys(block: Dict[str, Any], known: Sequence[str], prefix: str, config_file: Path) -> None:
+    unknown = sorted(str(k) for k in set(block) - set(known))
+    if unknown:
+        raise _schema_error(config_file, f'unknown key "{prefix}{unknown[0]}" (allowed: {", ".join(known)})')
+
+
+def _check_label_names(meta: Dict[str, Any], config_file: Path) -> None:
+    """One distinct, non-empty name per class, in output order (what predict prints and writes)."""
+    names = meta.get('label_names')
+    if names is None:
+        return
+    if not (isinstance(names, list) and len(names) == meta['num_classes']
+            and all(isinstance(n, str) and n.strip() for n in names)):
+        raise _schema_error(config_file, f'"label_names" must be a list of {meta["num_classes"]} non-empty strings '
+                                         f'(one per class)')
+    if len(set(names)) != len(names):
+        raise _schema_error(config_file, f'"label_names" repeats {next(n for n in names if names.count(n) > 1)!r}')
+    descriptions = meta.get('label_descriptions', {})
+    if not (isinstance(descriptions, dict) and all(isinstance(v, str) for v in descriptions.values())):
+        raise _schema_error(config_file, '"label_descriptions" must be an object of strings')
+
+
+def _check_model_args(model_args: Any, config_file: Path, method: str) -> None:
+    """What timm builds the model from: every entry a CapaBoost setting or a bounded timm constructor argument."""
     if not isinstance(model_args, dict):
         raise _schema_error(config_file, '"model_args" must be an object')
     for key, value in model_args.items():
@@ -384,11 +433,28 @@ def _check_build_args(meta: Dict[str, Any], config_file: Path, method: str) -> N
         CapaBoostConfig(**{k: v for k, v in model_args.items() if k in CONFIG_KEYS and k != 'method'}, method=method)
     except (TypeError, ValueError) as e:
         raise _schema_error(config_file, f'"model_args": {e}') from None
+
+
+def _check_pretrained_cfg(meta: Dict[str, Any], config_file: Path) -> None:
+    """timm's data config (sizes, mean/std, crop) in shape and range, no weights location, and a base weights tag
+    registered for the architecture."""
     pretrained_cfg = meta.get('pretrained_cfg', {})
     if not isinstance(pretrained_cfg, dict):
         raise _schema_error(config_file, '"pretrained_cfg" must be an object')
-    tag = pretrained_cfg.get('tag')
-    if tag is not None and (not isinstance(tag, str) or f'{arch}.{tag}' not in timm.list_pretrained(f'{arch}.*')):
+    for key, value in pretrained_cfg.items():
+        if key not in PRETRAINED_CFG_KEYS:
+            raise _schema_error(config_file, f'"pretrained_cfg.{key}" is not allowed (the base weights load from the '
+                                             f'architecture\'s own registered tag)')
+        if not PRETRAINED_CFG_KEYS[key](value):
+            raise _schema_error(config_file, f'"pretrained_cfg.{key}" {value!r} is out of range')
+    channels = (pretrained_cfg.get('input_size') or [3])[0]
+    for key in ('mean', 'std'):
+        if key in pretrained_cfg and len(pretrained_cfg[key]) != channels:
+            raise _schema_error(config_file, f'"pretrained_cfg.{key}" must hold {channels} values (one per channel)')
+    if 0 in pretrained_cfg.get('std', ()):
+        raise _schema_error(config_file, '"pretrained_cfg.std" must be positive')
+    arch, tag = meta['architecture'], pretrained_cfg.get('tag')
+    if tag is not None and f'{arch}.{tag}' not in timm.list_pretrained(f'{arch}.*'):
         raise _schema_error(config_file, f'"pretrained_cfg.tag" {tag!r} is not a pretrained tag of {arch}')
 
 
@@ -404,6 +470,8 @@ def _read_json(config_file: Path) -> Any:
         return json.loads(config_file.read_text(encoding='utf-8'))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdapterError(f'{config_file} is not valid JSON text ({type(e).__name__})') from None
+    except RecursionError:
+        raise AdapterError(f'{config_file} is not a CapaBoost adapter config: nested too deeply') from None
 
 
 def read_adapter(source: Union[str, Path]) -> AdapterFile:
@@ -490,7 +558,6 @@ def load_adapter(model: nn.Module, source: Union[str, Path], check_base: bool = 
 def create_model_from_hub(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name)`` for an ``hf-hub:`` adapter repo (random backbone unless ``pretrained``), with
     one-line errors (AdapterError) instead of huggingface_hub's generic ones."""
-    import timm
     check_repo(name)  # one AdapterError line for a missing repo or a config.json that is not ours to build
     try:
         model = timm.create_model(name, **kwargs)

@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -344,64 +345,118 @@ def _repo_variant(tmp_path, name, edit):
     return folder
 
 
+def _deeply_nested(config):
+    config['model_args']['rank'] = json.loads('[' * 500 + ']' * 500)  # written below as 100,000 levels
+    config['deep'] = True
+
+
+# hostile config.json edits -> the fragment every entry point's one-line refusal names
 HOSTILE = {
     'local adapter path': (lambda c: c['model_args'].update(adapter='/some/local/path'),
                            '"model_args.adapter" is not allowed'),
     'overlay': (lambda c: c['model_args'].update(pretrained_cfg_overlay={'file': '/etc/passwd'}),
                 '"model_args.pretrained_cfg_overlay" is not allowed'),
+    'checkpoint path': (lambda c: c['model_args'].update(checkpoint_path='/etc/passwd'),
+                        '"model_args.checkpoint_path" is not allowed'),
+    'unknown model arg': (lambda c: c['model_args'].update(no_such_arg=1), '"model_args.no_such_arg" is not allowed'),
+    'weights file': (lambda c: c['pretrained_cfg'].update(file='/etc/passwd'), '"pretrained_cfg.file" is not allowed'),
     'tag': (lambda c: c['pretrained_cfg'].update(tag='../../x'),
             '"pretrained_cfg.tag" \'../../x\' is not a pretrained tag'),
-    'plain architecture': (lambda c: c.update(architecture='vit_tiny_patch16_224'),
-                           "\"architecture\" 'vit_tiny_patch16_224' is not a registered CapaBoost-lora model"),
+    'plain architecture': (lambda c: c.update(architecture='vit_tiny_patch16_224'), "'vit_tiny_patch16_224'"),
     'huge head': (lambda c: (c.update(num_classes=10 ** 12), c['model_args'].update(num_classes=10 ** 12)),
                   '"num_classes" 1000000000000 is outside [1, 1,000,000]'),
     'huge rank': (lambda c: c['model_args'].update(rank=10 ** 9), 'rank=1000000000 is invalid'),
+    'label names text': (lambda c: c.update(label_names='abc'), '"label_names" must be a list of 3 non-empty strings'),
+    'label names too many': (lambda c: c.update(label_names=['a', 'b', 'c', 'd']), '"label_names" must be a list of 3'),
+    'label names repeated': (lambda c: c.update(label_names=['a', 'b', 'a']), '"label_names" repeats \'a\''),
+    'unknown key': (lambda c: c.update(lable_names=['a', 'b', 'c']), 'unknown key "lable_names"'),
+    'deeply nested': (_deeply_nested, 'nested too deeply'),
 }
 
 
-@pytest.mark.parametrize('case', [k for k in HOSTILE if k not in ('plain architecture', 'overlay')])
-def test_timm_api_refuses_a_hostile_repo_config(tmp_path, case):
-    edit, fragment = HOSTILE[case]
-    folder = _repo_variant(tmp_path, 'repo', edit)
-    for pretrained in (False, True):
-        with pytest.raises(AdapterError, match=None) as e:
-            timm.create_model(f'local-dir:{folder}', pretrained=pretrained)
-        assert fragment in str(e.value) and '\n' not in str(e.value)
+def _repo_variant(tmp_path, name, edit):
+    model = timm.create_model('vit_tiny_capaboost_lora', img_size=32, num_classes=3)
+    folder = tmp_path / name
+    cv.save_adapter(model, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    edit(config)
+    text = json.dumps(config)
+    if config.pop('deep', False):
+        text = text.replace('[' * 500, '[' * 100_000).replace(']' * 500, ']' * 100_000)
+    (folder / 'config.json').write_text(text)
+    return folder
 
 
-def test_rank_cli_refuses_hostile_hub_repos_and_names_a_missing_one(hub, tmp_path):
+# Every way into our code from an adapter repo, run in one fresh process against the loopback Hub. timm's own
+# create_model('hf-hub:'/'local-dir:') reads the file before our entry point runs: of a plain architecture it builds
+# that plain timm model (our code is never called); a nesting too deep for Python's json fails inside timm; and a
+# pretrained_cfg_overlay in model_args collides with timm's own argument (TypeError) before our code is called.
+WALK = """
+import json, sys, timm, capaboost_vision as cv
+from huggingface_hub import snapshot_download
+sys.path.insert(0, {tests!r})
+from test_robustness import cli
+data, image, folders, out = {data!r}, {image!r}, {folders!r}, {out!r}
+def api(call):
+    try:
+        call()
+        return 0, 'accepted'
+    except cv.hub.AdapterError as e:
+        return 2, f'error: {{e}}'
+    except Exception as e:
+        return 1, f'{{type(e).__name__}}: {{e}}'[:300]
+tiny = lambda **kw: timm.create_model('vit_tiny_capaboost_lora', img_size=32, num_classes=3, **kw)
+seen = {{}}
+for case, folder in folders.items():
+    src = 'hf-hub:tester/' + case.replace(' ', '-')
+    seen[case] = {{
+        'create_model(hf-hub:)': api(lambda: timm.create_model(src, pretrained=True)),
+        'create_model(local-dir:)': api(lambda: timm.create_model('local-dir:' + folder, pretrained=True)),
+        'create_model(adapter=)': api(lambda: tiny(adapter=src)),
+        'load_adapter': api(lambda: cv.load_adapter(tiny(), src)),
+        'load_classifier': api(lambda: cv.load_classifier(src)),
+        'eval': cli('eval', src, '--task', 'toy', '--data-path', data)[::2],
+        'predict': cli('predict', src, image)[::2],
+        'rank': cli('rank', src)[::2],
+        'push_folder_to_hub of a download': api(lambda: cv.hub.push_folder_to_hub(
+            snapshot_download(src[7:], local_dir=out + '/' + case), 'tester/copy')),
+    }}
+print(json.dumps(seen))
+"""
+NOT_OURS = {('plain architecture', 'create_model(hf-hub:)'), ('plain architecture', 'create_model(local-dir:)'),
+            ('deeply nested', 'create_model(hf-hub:)'), ('deeply nested', 'create_model(local-dir:)'),
+            ('overlay', 'create_model(hf-hub:)'), ('overlay', 'create_model(local-dir:)')}
+
+
+def test_every_entry_point_refuses_every_hostile_repo_config(hub, data, tmp_path):
+    """A remote config.json is data: create_model ('hf-hub:', 'local-dir:', adapter=), load_adapter,
+    load_classifier, eval, predict, rank and push of a downloaded folder all run the one schema check, and each
+    refuses each hostile file in one line naming the key, before anything is built or read from it."""
     server, env = hub
-    env = dict(env, HF_HUB_OFFLINE='0')  # cli() starts from this process's environment, which is offline
-    for case in ('plain architecture', 'overlay', 'local adapter path'):  # the others: timm's API test above
-        edit, fragment = HOSTILE[case]
-        folder = _repo_variant(tmp_path, case.replace(' ', '_'), edit)
-        repo = f'tester/{case.replace(" ", "-")}'
+    folders = {}
+    for case, (edit, _) in HOSTILE.items():
+        folders[case] = str(_repo_variant(tmp_path, case.replace(' ', '_'), edit))
+        repo = 'tester/' + case.replace(' ', '-')
         server.store.create(repo)
         files = server.store.repos[repo]['commits'][server.store.repos[repo]['branches']['main']]
-        files.update({p.name: p.read_bytes() for p in folder.iterdir()})
-        code, _, err = cli('rank', f'hf-hub:{repo}', env=env)
-        one_line_error(code, err, fragment)
-    code, _, err = cli('rank', 'hf-hub:tester/nope', env=env)
-    one_line_error(code, err, 'adapter repo tester/nope does not exist on the Hub')
-
-
-@pytest.mark.parametrize('case, edit, fragment', [
-    ('overlay', HOSTILE['overlay'][0], HOSTILE['overlay'][1]),
-    ('checkpoint path', lambda c: c['model_args'].update(checkpoint_path='/etc/passwd'),
-     '"model_args.checkpoint_path" is not allowed'),
-])
-def test_load_classifier_eval_and_predict_check_the_files_model_args(data, tmp_path, case, edit, fragment):
-    """The adapter's own model_args never choose a local file: load_classifier (and eval and predict, which use it for
-    an adapter folder or hf-hub: repo) run the schema check that create_model('hf-hub:') and rank run."""
-    folder = _repo_variant(tmp_path, case.replace(' ', '_'), edit)
-    with pytest.raises(AdapterError) as e:
-        cv.load_classifier(folder)
-    assert fragment in str(e.value) and '\n' not in str(e.value)
+        files.update({p.name: p.read_bytes() for p in Path(folders[case]).iterdir()})
     image = tmp_path / 'one.png'
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(image)
-    for argv in (['eval', folder, '--task', 'toy', '--data-path', data], ['predict', folder, image]):
-        code, _, err = cli(*argv)
-        one_line_error(code, err, fragment)
+    code = WALK.format(tests=str(Path(__file__).parent), data=str(data), image=str(image), folders=folders,
+                       out=str(tmp_path / 'downloads'))
+    run = subprocess.run([sys.executable, '-c', code], env=dict(env, HF_HUB_OFFLINE='0'), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert 'tester/copy' not in server.store.repos  # nothing was pushed
+    wrong = {}
+    for case, (_, fragment) in HOSTILE.items():
+        for entry, (code, err) in seen[case].items():
+            if (case, entry) in NOT_OURS:
+                continue
+            if code != 2 or not err.startswith('error: ') or '\n' in err or fragment not in err:
+                wrong[f'{case} / {entry}'] = (code, err[:300])
+    assert not wrong, json.dumps(wrong, indent=1)
 
 
 def test_no_command_writes_into_a_run_folder_or_over_a_file_unasked(data, tmp_path):
