@@ -194,3 +194,20 @@ class CapaBoostConfig:
 
 
 CONFIG_KEYS = tuple(f.name for f in fields(CapaBoostConfig))
+# the settings only one form reads: given for another form they would be silently ignored
+FORM_ONLY_KEYS = {'lora': ('rank', 'lora_alpha', 'lora_dropout', 'lora_init', 'use_dora', 'target_modules'),
+                  'adapter': ('adapter_bottleneck', 'adapter_scale', 'adapter_placement'),
+                  'prompt': ('prompt_length', 'prompt_rank', 'prompt_dropout')}
+
+
+def check_given_settings(given: Any, config: CapaBoostConfig) -> None:
+    """SettingError for a setting given explicitly (``given``: its names) that ``config`` would ignore: another
+    form's setting, or N:M values without N:M masks. A default is never an error; only what someone wrote."""
+    for form, keys in FORM_ONLY_KEYS.items():
+        for key in keys:
+            if key in given and form != config.method:
+                raise SettingError(key, f'{key} applies to the {form} form only; this method has form '
+                                        f'{config.method!r}, which would ignore it')
+    if 'nm' in given and config.mask_type != 'nm':
+        raise SettingError('nm', f'nm applies to mask_type="nm" only; with mask_type={config.mask_type!r} it would be '
+                                 f'ignored')

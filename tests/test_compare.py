@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from capaboost_vision.vtab import cli
-from capaboost_vision.vtab.compare import bootstrap_interval, compare, sign_test, t_interval
+from capaboost_vision.vtab.compare import bootstrap_interval, compare, comparisons_markdown, sign_test, t_interval
 from capaboost_vision.vtab.report import collect
 from capaboost_vision.vtab.run_config import RunError
 from test_robustness import files_under
@@ -62,6 +62,16 @@ def test_compare_over_tasks_per_group_and_cost(runs):
     assert set(c.groups) == {'natural', 'specialized', 'structured'} and math.isnan(c.groups['structured'].t_half)
     assert c.cost == {'stored': 1000, 'stored_baseline': 1000, 'fixed': 2000, 'fixed_baseline': 1000,
                       'step_time_ratio': 2.0}
+
+
+def test_one_task_and_one_seed_have_no_interval(tmp_path):
+    """Statistics that need n >= 2 say so, never a zero-width interval: one task, one seed."""
+    write_result(tmp_path, 'base', 'cifar', 0, 50.0)
+    write_result(tmp_path, 'cb', 'cifar', 0, 52.0)
+    (c,) = compare(collect(tmp_path), ['cb', 'base'])
+    assert all(math.isnan(v) for v in (c.overall.t_half, *c.overall.bootstrap))
+    headline = comparisons_markdown([c]).splitlines()[2]
+    assert headline.count('n = 1: no interval') == 2 and '[' not in headline
 
 
 def test_pairs_with_other_settings_are_refused(runs):

@@ -7,6 +7,7 @@ CLI cases check the exit code, one ``error:`` line naming the culprit, and nothi
 """
 import errno
 import fcntl
+import io
 import json
 import os
 import re
@@ -25,9 +26,10 @@ from PIL import Image
 import capaboost_vision as cv
 from capaboost_vision.vtab import cli as cli_module
 from capaboost_vision._io import DiskFullError
-from capaboost_vision.vtab.data import DataError, VTABDataset, read_list
+from capaboost_vision.vtab.data import DataError, VTABDataset, load_resized, read_list
 from capaboost_vision.vtab.data_cache import prepare_split
 from capaboost_vision.vtab.engine import train
+from capaboost_vision.vtab.launch import pending_runs
 from capaboost_vision.vtab.run_folder import run_directory
 from capaboost_vision.hub import AdapterError
 from capaboost_vision.vtab.run_config import RunError, resolve_config
@@ -74,6 +76,23 @@ def test_an_image_replaced_in_place_is_decoded_again(tmp_path):
     assert len(headers) == 2 and len({h['sources_sha256'] for h in headers}) == 2  # content hash recorded
 
 
+def test_an_image_rewritten_with_the_same_size_and_time_is_decoded_again(tmp_path):
+    """The cache key and the data fingerprint a run records are the images' content, never their stats."""
+    folder = make_task(tmp_path / 'data', n_test=20)
+    before, fingerprint = cached_pixels(folder, tmp_path / 'cache'), VTABDataset(folder.parent, TOY, 'test', 16)
+    fingerprint = fingerprint.fingerprint()
+    image = folder / (folder / 'test.txt').read_text().split()[0]
+    stat, buffer = image.stat(), io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buffer, format='PNG')
+    assert len(buffer.getvalue()) < stat.st_size
+    image.write_bytes(buffer.getvalue().ljust(stat.st_size, b'\0'))  # PNG readers stop at IEND: same size
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    after = cached_pixels(folder, tmp_path / 'cache')
+    assert not after[0].any() and torch.equal(after[1:], before[1:]) and torch.equal(after, decoded_pixels(folder))
+    assert VTABDataset(folder.parent, TOY, 'test', 16).fingerprint() != fingerprint
+
+
 def _truncate(path, shape):
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
 
@@ -113,6 +132,28 @@ def test_a_damaged_cache_file_is_rebuilt_not_used(damage, tmp_path, capsys):
     capsys.readouterr()
     assert torch.equal(cached_pixels(folder, tmp_path / 'cache'), good)  # rebuilt: used as it is from now on
     assert capsys.readouterr().err == ''
+
+
+def test_a_task_folder_of_the_same_name_with_other_images_is_another_run(tmp_path):
+    """A run's identity covers the data it read (SHA-256 of its lists and images), not only the folder name the run
+    folder is named after: A/dups and B/dups share a run folder, and B is reused only while its data is A's."""
+    a = make_task(tmp_path / 'A', name='dups', n_test=20, counts=(30, 10))
+    b = tmp_path / 'B' / 'dups'
+    shutil.copytree(a, b)
+    out = tmp_path / 'runs'
+    argv = ['train', '--method', 'lora', '--epochs', '1', *TINY, '--output', out, '--task']
+    assert cli(*argv, a)[0] == 0
+    code, stdout, _ = cli(*argv, b)  # the same bytes: the same run
+    assert code == 0 and 'skip:' in stdout
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(b / 'images' / '45.png')  # one test image of B differs
+    before = tree(out)
+    code, _, err = cli(*argv, b)
+    one_line_error(code, err, 'final/lora/seed0 read other data (it read ', str(a), 'split test was ')
+    cfg = resolve_config(dict(task=str(b), output=str(out), model='vit_tiny', method='lora', epochs=1, img_size=32,
+                              batch_size=100, pretrained=False, warmup_epochs=0))
+    with pytest.raises(RunError, match='read other data'):  # a sweep's planner, too
+        pending_runs([cfg])
+    assert tree(out) == before
 
 
 # ---- 3-4. run folders stay under --output; list paths stay in the task folder ----
@@ -170,6 +211,22 @@ def test_numbers_outside_their_range_are_refused_naming_the_flag(data, tmp_path,
     assert not (tmp_path / 'runs').exists()
 
 
+@pytest.mark.parametrize('argv, fragment', [
+    (['train', *RUN, '--nm', '1', '4'], '--nm: nm applies to mask_type="nm" only; with mask_type=\'random\''),
+    (['train', *RUN, '--adapter-bottleneck', '16'], '--adapter-bottleneck: adapter_bottleneck applies to the adapter '
+                                                    "form only; this method has form 'lora'"),
+    (['train', *RUN, '--method', 'capaboost_prompt', '--rank', '4'], '--rank: rank applies to the lora form only'),
+    (['search', '--tasks', 'toy', '--methods', 'lora', '--max-extensions', '-1', *TINY],
+     '--max-extensions -1 is invalid: an integer in [0, 100]'),
+    (['search', '--tasks', 'toy', '--methods', 'lora', '--lrs', '1e-3', 'inf', *TINY], '--lrs inf is invalid'),
+])
+def test_settings_meaningless_together_are_refused(data, tmp_path, argv, fragment):
+    """A setting is checked against its meaning: one the method would ignore, or a search that cannot be run."""
+    code, _, err = cli(*argv, '--data-path', data, '--output', tmp_path / 'runs')
+    one_line_error(code, err, fragment)
+    assert not (tmp_path / 'runs').exists()
+
+
 @pytest.mark.parametrize('text, fragment', [
     ('lr: .nan\n', 'bad.yaml: lr nan is invalid'),
     ('capaboost: {lora_alpha: .inf}\n', 'bad.yaml: capaboost.lora_alpha: lora_alpha=inf is invalid'),
@@ -185,6 +242,47 @@ def test_bad_yaml_numbers_and_typos_name_the_file_before_any_run(data, tmp_path,
                            tmp_path / 'bad.yaml')
         one_line_error(code, err, fragment)
         assert not (tmp_path / 'runs').exists()
+
+
+def test_every_image_mode_converts_faithfully_or_is_refused_by_check_and_training(tmp_path, capsys):
+    """16-bit grey is scaled to 8 bits, not clipped to white; a mode without a fixed range (32-bit float) is one
+    problem line in check and one error line in training, both naming the file and its mode."""
+    folder = make_task(tmp_path / 'data', n_test=6, counts=(6, 3))
+    grey16 = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
+    Image.fromarray(grey16).save(folder / 'images' / '0.png')
+    assert Image.open(folder / 'images' / '0.png').mode in ('I;16', 'I')
+    expected = ((grey16.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    assert all(np.array_equal(channel, expected) for channel in load_resized(folder / 'images' / '0.png', 8))
+    Image.fromarray(np.ones((8, 8), np.float32)).save(folder / 'images' / '1.png', format='TIFF')
+    fragment = f":2: image {folder / 'images' / '1.png'} has mode F, which has no faithful"
+    capsys.readouterr()
+    assert cli_module.main(['check', '--data-path', str(tmp_path / 'data'), '--tasks', 'toy']) == 1
+    assert f"train800.txt{fragment}" in capsys.readouterr().out
+    code, _, err = cli('train', *RUN, '--data-path', tmp_path / 'data', '--output', tmp_path / 'runs')
+    one_line_error(code, err, f"train800val200.txt{fragment}")
+
+
+def test_a_degenerate_task_and_leakage_between_splits_are_warned_about_by_check_and_training(tmp_path, capsys):
+    folder = make_task(tmp_path / 'data', n_test=6, counts=(6, 3))
+    lines = (folder / 'test.txt').read_text().splitlines()
+    (folder / 'images' / 'copy.png').write_bytes((folder / 'images' / '0.png').read_bytes())  # a train image ...
+    (folder / 'test.txt').write_text('\n'.join(['images/copy.png 0', *lines[1:]]) + '\n')  # ... in test, renamed
+    leak = f"1 of 6 images of {folder / 'test.txt'} are byte-identical to images of {folder / 'train800val200.txt'} " \
+           f"(e.g. images/copy.png = images/0.png)"
+    capsys.readouterr()
+    assert cli_module.main(['check', '--data-path', str(tmp_path / 'data'), '--tasks', 'toy']) == 0
+    assert f'warning: {leak}' in capsys.readouterr().out
+    code, _, err = cli('train', *RUN, '--data-path', tmp_path / 'data', '--output', tmp_path / 'runs')
+    assert code == 0 and err.count('warning: ') == 1 and f'warning: {leak}' in err
+    (folder / 'task.yaml').write_text('num_classes: 1\n')
+    for split in ('train800', 'val200', 'train800val200', 'test'):  # every label 0
+        text = (folder / f'{split}.txt').read_text()
+        (folder / f'{split}.txt').write_text(re.sub(r' \d+$', ' 0', text, flags=re.M))
+    one_class = 'warning: the task has 1 class: every prediction is right, and top-1 says nothing'
+    assert cli_module.main(['check', '--data-path', str(tmp_path / 'data'), '--tasks', 'toy']) == 0
+    assert one_class in capsys.readouterr().out
+    code, _, err = cli('train', *RUN, '--data-path', tmp_path / 'data', '--output', tmp_path / 'runs', '--name', 'one')
+    assert code == 0 and one_class in err
 
 
 def test_labels_are_ascii_integers(tmp_path):
@@ -208,6 +306,13 @@ def test_task_yaml_sizes_and_missing_data_paths_name_the_culprit(tmp_path):
     code, _, err = cli('train', *RUN, '--task', 'my_task', '--data-path', tmp_path / 'data', '--output',
                        tmp_path / 'runs')
     one_line_error(code, err, "unknown task 'my_task'", f'{tmp_path / "data" / "my_task"} is not a folder holding')
+    for text, fragment in (('num_classes: 3\nlable_names: [a, b, c]\n', "unknown key 'lable_names' (did you mean "
+                                                                          "'label_names'?)"),
+                           ('num_classes: 3\nlabel_names: [a, b, a]\n', "label_names repeats 'a'"),
+                           ('num_classes: 3\nlabel_names: abc\n', 'label_names must be a list of 3 non-empty')):
+        (folder / 'task.yaml').write_text(text)
+        code, _, err = cli('train', *RUN, '--data-path', tmp_path / 'data', '--output', tmp_path / 'runs')
+        one_line_error(code, err, f'{folder / "task.yaml"}: {fragment}')
     assert not (tmp_path / 'runs').exists()
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from .._version import __version__
-from ..config import CapaBoostConfig, field_default
+from ..config import CapaBoostConfig, field_default, in_range
 from .run_config import FIELDS, RunConfig, RunError, Stopped, method_names, resolve_config
 from .launch_settings import LaunchSettings
 from .tasks import expand_tasks
@@ -151,7 +151,7 @@ def _split_settings(args: argparse.Namespace, cfg: Optional[RunConfig] = None):
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .sources import check_source, open_source
+    from .sources import check_source, open_source, source_warnings
     root = Path(args.data_path) if args.data_path else None
     if root is not None and not root.is_dir():
         raise RunError(f'--data-path {root} does not exist or is not a folder')
@@ -170,6 +170,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                 for problem in split.problems:
                     print(f'    {problem}')
                 bad += split.problem_count
+            for warning in source_warnings(source):
+                print(f'    warning: {warning}')
     print('all tasks ok' if not bad else f'{bad} problem(s) found')
     return 1 if bad else 0
 
@@ -213,8 +215,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     """Per task and method: lr grid on train800 -> val200 (extended at an edge), then the chosen lr on
     train800val200 -> test for every seed."""
     from .search import SearchJob, records_markdown, search
-    if any(lr <= 0 for lr in args.lrs):
-        raise RunError(f'--lrs {" ".join(map(str, args.lrs))}: every rate must be > 0')
+    bad_lr = next((lr for lr in args.lrs if not in_range(lr, FIELDS['lr'].metadata['range'])), None)
+    if bad_lr is not None:
+        raise RunError(f'--lrs {bad_lr:g} is invalid: every rate must lie in {FIELDS["lr"].metadata["range"]}')
+    if not 0 <= args.max_extensions <= 100:
+        raise RunError(f'--max-extensions {args.max_extensions} is invalid: an integer in [0, 100] is required (grid '
+                       f'steps added in each direction)')
     settings = _launch_settings(args)
     tasks = expand_tasks(args.tasks, Path(args.data_path) if args.data_path else None)
     jobs = []

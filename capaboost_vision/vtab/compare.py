@@ -41,7 +41,7 @@ def t975(df: int) -> float:
 
 
 def t_interval(values: Sequence[float]) -> Tuple[float, float]:
-    """(mean, half-width of its 95% t-interval); the half-width is nan for a single value."""
+    """(mean, half-width of its 95% t-interval); the half-width is nan for a single value (n = 1: no interval)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float('nan')
@@ -90,8 +90,10 @@ def summarize_differences(per_task: Dict[str, List[float]]) -> Summary:
     """``per_task``: task -> the candidate-minus-baseline top-1 differences of its seeds."""
     task_means = [statistics.fmean(per_task[t]) for t in sorted(per_task)]
     mean, half = t_interval(task_means)
-    return Summary(len(task_means), sum(len(v) for v in per_task.values()), mean, half,
-                   bootstrap_interval(per_task), statistics.median(task_means), *sign_test(task_means))
+    # tasks are the units: one task has no interval (its seeds alone would give a seed interval under this name)
+    boot = bootstrap_interval(per_task) if len(task_means) > 1 else (float('nan'), float('nan'))
+    return Summary(len(task_means), sum(len(v) for v in per_task.values()), mean, half, boot,
+                   statistics.median(task_means), *sign_test(task_means))
 
 
 def _by_method(results: List[Dict[str, Any]], names: Sequence[str]) -> Dict[str, Dict[Tuple[str, int], Dict]]:
@@ -177,7 +179,7 @@ def compare(results: List[Dict[str, Any]], names: Sequence[str], check_settings:
 
 
 def _interval(low: float, high: float) -> str:
-    return '–' if math.isnan(low) or math.isnan(high) else f'[{low:+.2f}, {high:+.2f}]'
+    return 'n = 1: no interval' if math.isnan(low) or math.isnan(high) else f'[{low:+.2f}, {high:+.2f}]'
 
 
 def _summary_cells(s: Summary) -> List[str]:
@@ -234,9 +236,10 @@ def comparisons_csv(comparisons: List[Comparison], path: Path) -> None:
                     'boot_high', 'median', 'wins', 'losses', 'ties', 'sign_p'])
         for c in comparisons:
             for group, s in [('all', c.overall), *c.groups.items()]:
+                bounds = [s.mean - s.t_half, s.mean + s.t_half, *s.bootstrap]  # empty: n = 1, no interval
                 w.writerow([c.candidate, c.baseline, group, s.tasks, s.runs, f'{s.mean:.4f}',
-                            f'{s.mean - s.t_half:.4f}', f'{s.mean + s.t_half:.4f}', f'{s.bootstrap[0]:.4f}',
-                            f'{s.bootstrap[1]:.4f}', f'{s.median:.4f}', s.wins, s.losses, s.ties, f'{s.sign_p:.4g}'])
+                            *('' if math.isnan(b) else f'{b:.4f}' for b in bounds), f'{s.median:.4f}', s.wins,
+                            s.losses, s.ties, f'{s.sign_p:.4g}'])
 
 
 def lr_sensitivity(records: List[Dict[str, Any]], names: Sequence[str]) -> Dict[str, Dict[str, Dict]]:

@@ -6,11 +6,13 @@ PIL image) then ``to_float_normalized`` (ToTensor's /255 and Normalize's (x - me
 (``VTABDataset`` through a DataLoader) and the decode-once cache (``data_cache``) both use exactly these, so
 their batches are bit-identical.
 """
+import functools
+import hashlib
 import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import BinaryIO, Dict, List, NamedTuple, Sequence, Union
+from typing import BinaryIO, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -75,11 +77,49 @@ def vtab_resize(img_size: int) -> Resize:
     return Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
+# PIL modes whose convert('RGB') is right; 16-bit grey is scaled to 8 bits (convert would clip it: all white). The
+# rest have no fixed range (I, F) or no correct conversion (LAB, La) and are refused, by check and training alike.
+RGB_MODES = ('1', 'L', 'P', 'RGB', 'RGBA', 'RGBX', 'RGBa', 'CMYK', 'YCbCr', 'HSV', 'LA', 'PA')
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
+
+
+class UnsupportedImage(ValueError):
+    """An image PIL opens whose pixels have no faithful 8-bit RGB form."""
+
+
+def _sixteen_bit(img: Image.Image) -> bool:
+    return img.mode in SIXTEEN_BIT_MODES or (img.mode == 'I' and img.format == 'PNG')  # older Pillow: PNG 16-bit as I
+
+
+def check_mode(img: Image.Image) -> None:
+    """UnsupportedImage unless ``to_rgb`` converts ``img``'s mode faithfully (known from the header alone)."""
+    if img.mode not in RGB_MODES and not _sixteen_bit(img):
+        raise UnsupportedImage(f'has mode {img.mode}, which has no faithful 8-bit RGB form (supported: '
+                               f'{", ".join(RGB_MODES + SIXTEEN_BIT_MODES)}); save it as 8-bit RGB or grey')
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB: 16-bit grey scaled by 255/65535 (rounded), every other supported mode by PIL."""
+    check_mode(img)
+    if _sixteen_bit(img):
+        grey = np.asarray(img).astype(np.uint32)  # (H, W) in [0, 65535]
+        return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), 'L').convert('RGB')
+    return img.convert('RGB')
+
+
+def check_image(file: Union[Path, BinaryIO]) -> None:
+    """What training needs of an image file, checked without decoding its pixels: PIL parses it (verify) and its
+    mode has an 8-bit RGB form. OSError, UnsupportedImage or PIL's own errors otherwise."""
+    with Image.open(file) as img:
+        check_mode(img)
+        img.verify()
+
+
 def load_resized(path: Union[Path, BinaryIO], img_size: int) -> np.ndarray:
-    """Decode one image (a path or an open binary file), convert to RGB and squash-resize: uint8 (3, H, W).
-    Raises OSError on a bad file."""
+    """Decode one image (a path or an open binary file), convert to RGB (``to_rgb``) and squash-resize: uint8
+    (3, H, W). Raises OSError or ValueError (UnsupportedImage) on a bad file."""
     with Image.open(path) as img:
-        img = vtab_resize(img_size)(img.convert('RGB'))
+        img = vtab_resize(img_size)(to_rgb(img))
     return np.array(img, dtype=np.uint8).transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), writable
 
 
@@ -97,7 +137,7 @@ class ImageSplit(Dataset):
 
     ``list_file`` names the split's list and ``list_bytes`` is its text (``path label`` lines): a VTAB-1k list file,
     or the list a task source generated (``listed=False``: recorded in the run folder, not read from disk). Both,
-    with every image's size and modification time, key the decode-once cache."""
+    with the SHA-256 of every image's bytes, key the decode-once cache."""
 
     def __init__(self, folder: Path, list_file: Path, list_bytes: bytes, samples: List[Sample], img_size: int,
                  listed: bool = True) -> None:
@@ -118,17 +158,38 @@ class ImageSplit(Dataset):
         """What names the list in the cache key: the image folder, the list's name and its text."""
         return [str(self.dir.resolve()), self.list_file.name, self.list_bytes.hex()]
 
-    def file_stamps(self) -> List[str]:
-        """Every listed file's size and modification time (for the cache key): an image replaced in place under the
-        same name changes the key, so its split is decoded again instead of served stale."""
-        stamps = []
+    @functools.cached_property
+    def _hashes(self) -> Tuple[str, List[Optional[str]]]:
+        """(SHA-256 of every listed image's bytes in list order, each image's own SHA-256 or None when missing),
+        from one read of the files. A missing file is hashed as missing: decoding then reports it (file:line), in
+        list order with the other problems."""
+        digest, images = hashlib.sha256(), []
         for sample in self.samples:
             try:
-                stat = (self.dir / sample.path).stat()
-                stamps.append(f'{sample.path}\0{stat.st_size}\0{stat.st_mtime_ns}')
-            except OSError:  # missing: decoding reports it (file:line), in list order with the other problems
-                stamps.append(f'{sample.path}\0missing')
-        return stamps
+                data = self.read_bytes(sample)
+            except OSError:
+                digest.update(f'\0missing {sample.path}\0'.encode())
+                images.append(None)
+                continue
+            digest.update(data)
+            images.append(hashlib.sha256(data).hexdigest())
+        return digest.hexdigest(), images
+
+    @property
+    def content_sha256(self) -> str:
+        """SHA-256 of every listed image's bytes, in list order: what the split reads, whatever the files' sizes and
+        modification times say (an image rewritten in place with the same stats changes it). It keys the
+        decode-once cache and, with the list, is the data fingerprint a run records."""
+        return self._hashes[0]
+
+    @property
+    def image_sha256(self) -> List[Optional[str]]:
+        """Each listed image's SHA-256 (None: missing), in list order: byte-identical images across splits."""
+        return self._hashes[1]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the list's text and its images' bytes: the split's identity in a run's provenance."""
+        return hashlib.sha256(self.list_bytes + bytes.fromhex(self.content_sha256)).hexdigest()
 
     def read_bytes(self, sample: Sample) -> bytes:
         """The encoded image file of ``sample``; OSError when it is missing."""
@@ -140,7 +201,8 @@ class ImageSplit(Dataset):
         return f'{self.list_file}:{sample.line}: {image}' if self.listed else image
 
     def image_error(self, sample: Sample, error: Exception) -> DataError:
-        what = 'is missing' if isinstance(error, FileNotFoundError) else f'cannot be decoded ({type(error).__name__})'
+        what = 'is missing' if isinstance(error, FileNotFoundError) else str(error) \
+            if isinstance(error, UnsupportedImage) else f'cannot be decoded ({type(error).__name__})'
         return DataError(f'{self.where(sample)} {what}')
 
     def __getitem__(self, index: int):
@@ -180,6 +242,28 @@ class SplitCheck:
             self.problems.append(message)
 
 
+def split_warnings(train: ImageSplit, evaluation: ImageSplit, num_classes: int) -> List[str]:
+    """What makes a train/evaluation pair say nothing, though every file is fine: a task of one class, a train split
+    of one class, evaluation images byte-identical to train images (leakage)."""
+    def named(split: ImageSplit) -> str:
+        return str(split.list_file) if split.listed else f'split {split.list_file.stem} of {split.dir}'
+
+    found = []
+    if num_classes < 2:
+        found.append(f'the task has {num_classes} class: every prediction is right, and top-1 says nothing')
+    elif len({s.label for s in train.samples}) < 2:
+        found.append(f'{named(train)}: every image is of class {train.samples[0].label}: the model can learn only '
+                     f'that one')
+    seen = {h: i for i, h in enumerate(train.image_sha256) if h is not None}
+    shared = [(i, seen[h]) for i, h in enumerate(evaluation.image_sha256) if h in seen]
+    if shared:
+        i, j = shared[0]
+        found.append(f'{len(shared)} of {len(evaluation)} images of {named(evaluation)} are byte-identical to '
+                     f'images of {named(train)} (e.g. {evaluation.samples[i].path} = {train.samples[j].path}): '
+                     f'the evaluation is not on unseen images')
+    return found
+
+
 def check_task(root: Path, task: Task, expected_lines: bool = True, max_listed: int = 5) -> List[SplitCheck]:
     """Integrity of every split of ``task``: unparsable lines, bad labels, missing/unreadable images and, with
     ``expected_lines`` (the 19 VTAB tasks), VTAB-1k's 800/200/1000 line counts."""
@@ -213,10 +297,11 @@ def check_task(root: Path, task: Task, expected_lines: bool = True, max_listed: 
             result.class_counts[sample.label] = result.class_counts.get(sample.label, 0) + 1
             image = folder / sample.path
             try:
-                with Image.open(image) as img:
-                    img.verify()
+                check_image(image)
             except FileNotFoundError:
                 problem(f'{list_file}:{lineno}: image {image} is missing')
+            except UnsupportedImage as e:
+                problem(f'{list_file}:{lineno}: image {image} {e}')
             except Exception as e:  # PIL raises many types for corrupt files
                 problem(f'{list_file}:{lineno}: image {image} is unreadable ({type(e).__name__})')
         expected = EXPECTED_LINES.get(split) if expected_lines else None

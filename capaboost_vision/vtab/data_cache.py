@@ -33,22 +33,22 @@ from tqdm import tqdm
 from .._io import atomic_path, exclusive_lock, write_text_atomic
 from .data import RESIZE_METHOD, ImageSplit, load_resized, to_float_normalized
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: keyed by the images' content, not their sizes and modification times
 
 
 def cache_key(dataset: ImageSplit) -> str:
-    """(the split's list: its folder, name and text; size; resize method; every listed file's size and modification
-    time) as a short hash; the file name carries it."""
+    """(the split's list: its folder, name and text; size; resize method; the SHA-256 of every listed image's bytes)
+    as a short hash; the file name carries it. The content, not the files' stats: an image rewritten in place with
+    the same size and modification time is decoded again, and the run records the data it really read."""
     parts = [str(CACHE_VERSION), *dataset.list_identity(), str(dataset.img_size), RESIZE_METHOD,
-             *dataset.file_stamps()]
+             dataset.content_sha256]
     digest = hashlib.sha256('\0'.join(parts).encode()).hexdigest()[:16]
     return f'{dataset.cache_name}-{dataset.img_size}px-{RESIZE_METHOD}-{digest}'
 
 
-def _decode_all(dataset: ImageSplit, desc: str, show_progress: bool,
-                sources: Optional[Any] = None) -> Iterator[Tuple[int, np.ndarray]]:
+def _decode_all(dataset: ImageSplit, desc: str, show_progress: bool) -> Iterator[Tuple[int, np.ndarray]]:
     """(index, uint8 (3, H, W) pixels) of every image in list order, with a progress bar; DataError (file:line)
-    on the first missing or undecodable image. ``sources`` (a hash) is fed every file's bytes, in list order."""
+    on the first missing or undecodable image."""
     for i in tqdm(range(len(dataset)), desc=f'{desc} {dataset.list_file}', leave=False,
                   disable=None if show_progress else True):
         sample = dataset.samples[i]
@@ -57,8 +57,6 @@ def _decode_all(dataset: ImageSplit, desc: str, show_progress: bool,
             pixels = load_resized(io.BytesIO(data), dataset.img_size)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise dataset.image_error(sample, e) from None
-        if sources is not None:
-            sources.update(data)
         yield i, pixels
 
 
@@ -121,54 +119,32 @@ def build_cache(dataset: ImageSplit, cache_dir: Path, show_progress: bool = True
                 return path
             print(f'note: cache file {path} cannot be used: {problem}; rebuilding it', file=sys.stderr)
             _header_file(path).unlink(missing_ok=True)
-        pixels_hash, sources_hash = hashlib.sha256(), hashlib.sha256()
+        pixels_hash = hashlib.sha256()
         with atomic_path(path) as tmp:
             out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=shape)
             _reserve_space(tmp)
-            for i, pixels in _decode_all(dataset, 'caching', show_progress, sources_hash):
+            for i, pixels in _decode_all(dataset, 'caching', show_progress):
                 out[i] = pixels
                 pixels_hash.update(pixels.tobytes())  # rows in order: the hash of the C-ordered array
             out.flush()
             del out
         header = {'version': CACHE_VERSION, 'key': key, 'list_file': str(dataset.list_file),
                   'shape': list(shape), 'dtype': 'uint8', 'sha256': pixels_hash.hexdigest(),
-                  'sources_sha256': sources_hash.hexdigest()}
+                  'sources_sha256': dataset.content_sha256}
         write_text_atomic(_header_file(path), json.dumps(header, indent=1))
     return path
 
 
-def _recorded_sources(path: Path) -> Optional[str]:
-    """The SHA-256 of a split's source files as its cache header or validation stamp records it (None if not)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    value = record.get('sources_sha256') if isinstance(record, dict) else None
-    return value if isinstance(value, str) else None
-
-
 def validate_split(dataset: ImageSplit, cache_dir: Path, show_progress: bool = True) -> None:
-    """Decode every image of a split too large to cache, once per dataset (a stamp file remembers it, with the
-    SHA-256 of the source files' bytes)."""
+    """Decode every image of a split too large to cache, once per content (a stamp file, keyed as the cache is,
+    remembers it)."""
     stamp = Path(cache_dir) / f'{cache_key(dataset)}.ok'
     with exclusive_lock(stamp.with_suffix('.lock'), wait=True):
-        if stamp.is_file() and _recorded_sources(stamp):
+        if stamp.is_file():
             return
-        sources = hashlib.sha256()
-        for _ in _decode_all(dataset, 'checking', show_progress, sources):
+        for _ in _decode_all(dataset, 'checking', show_progress):
             pass
-        write_text_atomic(stamp, json.dumps({'version': CACHE_VERSION, 'sources_sha256': sources.hexdigest()}))
-
-
-def split_fingerprint(dataset: ImageSplit, cache_dir: Path) -> Optional[str]:
-    """SHA-256 of what a split reads: its list file's bytes and every listed image's bytes in list order (from the
-    cache header or validation stamp ``prepare_split`` left); None before the split was prepared."""
-    key = cache_key(dataset)
-    for record in (Path(cache_dir) / f'{key}.json', Path(cache_dir) / f'{key}.ok'):
-        sources = _recorded_sources(record)
-        if sources:
-            return hashlib.sha256(dataset.list_bytes + bytes.fromhex(sources)).hexdigest()
-    return None
+        write_text_atomic(stamp, json.dumps({'version': CACHE_VERSION, 'sources_sha256': dataset.content_sha256}))
 
 
 @dataclass

@@ -7,6 +7,7 @@ depends on the method kind (``methods``), where files go on the run folder (``ru
 import contextlib
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +24,15 @@ from torch.utils.data import DistributedSampler
 from .._io import missing_folders, remove_empty_folders
 from .building import family_of, input_normalization
 from .augment import AugmentedSplit, augments, batch_mixer, image_transform
-from .data_cache import default_cache_dir, make_loader, prepare_split, split_fingerprint
+from .data import split_warnings
+from .data_cache import default_cache_dir, make_loader, prepare_split
 from .loop import Distributed, NonFinite, StopSignals, evaluate, train_one_epoch
 from .methods import MethodKind, kind_of, stored_parameters, trainable_state
 from .provenance import provenance
 from .run_config import RunConfig, RunError, Stopped
-from .run_folder import (CHECKPOINT_NAME, folder_lock, read_checkpoint, replace_run_folder, reusable_results,
-                         run_directory, write_checkpoint, write_config, write_results, write_split_lists)
+from .run_folder import (CHECKPOINT_NAME, check_same_data, folder_lock, read_checkpoint, replace_run_folder,
+                         reusable_results, run_directory, write_checkpoint, write_config, write_results,
+                         write_split_lists)
 from .sources import SplitSettings, TaskSource, open_source
 from .tasks import Task
 
@@ -53,7 +56,7 @@ class Run:
     train_sampler: DistributedSampler
     eval_data: Any
     eval_split: str
-    data_sha256: Dict[str, Optional[str]]  # split -> SHA-256 of its list and image bytes
+    data_sha256: Dict[str, str]  # split -> SHA-256 of its list and image bytes
     amp: Optional[str]  # the autocast dtype in use (None: float32)
     mean: Sequence[float]
     std: Sequence[float]
@@ -132,10 +135,12 @@ def _prepare_data(cfg: RunConfig, source: TaskSource, env: Distributed, mean: Se
         train_data = prepare_split(sets[0], cache_dir, budget, None if transform else env.device,
                                    show_progress=env.main)
         eval_data = prepare_split(sets[1], cache_dir, budget, None, show_progress=env.main)
+    if env.main:
+        for warning in split_warnings(*sets, source.task.num_classes):
+            print(f'warning: {warning}', file=sys.stderr)
     if transform is not None:
         train_data = AugmentedSplit(train_data, transform)
-    fingerprints = {split: split_fingerprint(dataset, cache_dir) for split, dataset in zip((train_split, eval_split),
-                                                                                           sets)}
+    fingerprints = {split: dataset.fingerprint() for split, dataset in zip((train_split, eval_split), sets)}
     return train_data, eval_data, eval_split, fingerprints
 
 
@@ -144,6 +149,13 @@ def open_run_source(cfg: RunConfig) -> TaskSource:
     cache_dir = default_cache_dir(cfg.output, cfg.cache_dir)
     with _cleanup_cache_on_failure(cache_dir):
         return open_source(cfg.task, cfg.data_path, SplitSettings.of(cfg), cache_dir / 'hfds')
+
+
+def data_fingerprints(cfg: RunConfig) -> Dict[str, str]:
+    """split -> SHA-256 of its list and images, for the two splits of the run's protocol: what a finished run or
+    checkpoint must have read to be this run (the folder name alone does not say which data it is)."""
+    source = open_run_source(cfg)
+    return {split: source.dataset(split, cfg.img_size).fingerprint() for split in source.protocol_splits(cfg.protocol)}
 
 
 def prepare(cfg: RunConfig, env: Distributed) -> Run:
@@ -196,6 +208,7 @@ def prepare(cfg: RunConfig, env: Distributed) -> Run:
 def resume(run: Run) -> None:
     """Continue from the run folder's checkpoint (weights, optimizer, schedule, history)."""
     ckpt = read_checkpoint(run.ckpt_file, run.env.device, run.cfg, trainable_state(run.model))
+    check_same_data(ckpt.get('data_sha256'), lambda: run.data_sha256, f'the checkpoint {run.ckpt_file}')
     run.model.load_state_dict(ckpt['model'], strict=False)
     run.optimizer.load_state_dict(ckpt['optimizer'])
     run.scheduler.load_state_dict(ckpt['scheduler'])
@@ -262,7 +275,8 @@ def run_epochs(run: Run, on_epoch_end: Optional[Callable[[int], None]]) -> None:
             if epoch == run.start_epoch:
                 write_config(run.run_dir, cfg)
                 write_split_lists(run.run_dir, run.source.recorded_lists())
-            write_checkpoint(run.run_dir, trainable_state(run.model), run.optimizer, run.scheduler, run.history, cfg)
+            write_checkpoint(run.run_dir, trainable_state(run.model), run.optimizer, run.scheduler, run.history, cfg,
+                             run.data_sha256)
             log_epoch(run, row, writer)
         if on_epoch_end:
             on_epoch_end(epoch + 1)
@@ -314,7 +328,7 @@ def train(cfg: RunConfig, on_epoch_end: Optional[Callable[[int], None]] = None) 
     env = Distributed(cfg.device)
     run_dir = run_directory(cfg)
     with folder_lock(run_dir, env.main), StopSignals(run_dir) as stop:
-        results = reusable_results(cfg, run_dir, env.main)
+        results = reusable_results(cfg, run_dir, env.main, lambda: data_fingerprints(cfg))
         if results is not None:
             return results
         run = prepare(cfg, env)  # everything that can fail on bad input fails here, before the folder is touched

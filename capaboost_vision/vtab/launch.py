@@ -18,9 +18,11 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import yaml
 
 from .._io import LockHeld, exclusive_lock
+from .engine import data_fingerprints
 from .launch_settings import LaunchSettings
 from .run_config import RunConfig, RunError, check_same_run
 from .run_folder import finished_results, run_directory, write_config
+from .sources import SplitSettings
 
 
 CLI_ENTRY_POINT = 'capaboost_vision.vtab.cli:main'
@@ -59,13 +61,20 @@ def plan(cfg: RunConfig) -> Path:
 def pending_runs(configs: List[RunConfig]) -> List[Path]:
     """Plan every run that is not finished yet (a finished one is reported and skipped), refusing two runs that
     would share a folder; all are checked before any is planned."""
-    todo, seen = [], set()
+    todo, seen, fingerprints = [], set(), {}
+
+    def data(cfg: RunConfig) -> Dict[str, str]:  # once per source and protocol within this call
+        key = (cfg.task, cfg.data_path, cfg.protocol, SplitSettings.of(cfg), cfg.cache_dir, cfg.output)
+        if key not in fingerprints:
+            fingerprints[key] = data_fingerprints(cfg)
+        return fingerprints[key]
+
     for cfg in configs:
         run_dir = run_directory(cfg)
         if run_dir in seen:
             raise RunError(f'two runs of this sweep would write {run_dir}')
         seen.add(run_dir)
-        if not cfg.overwrite and finished_results(cfg, run_dir) is not None:
+        if not cfg.overwrite and finished_results(cfg, run_dir, lambda: data(cfg)) is not None:
             print(f'skip: {run_dir} already holds this finished run')
             continue
         todo.append(cfg)

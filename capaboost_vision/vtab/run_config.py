@@ -13,7 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
-from ..config import METHODS, CapaBoostConfig, SettingError, check_setting, field_default, setting
+from ..config import (METHODS, CapaBoostConfig, SettingError, check_given_settings, check_setting, field_default,
+                      setting)
 
 
 
@@ -276,7 +277,7 @@ def check_capaboost_block(block: Dict[str, Any], form: str, origins: Dict[str, s
         raise RunError(f'{where(unknown[0])}: unknown CapaBoost setting {unknown[0]!r}{hint}: valid settings are '
                        f'{", ".join(k for k in CAPABOOST_FIELDS if k != "method")}')
     try:
-        CapaBoostConfig(**dict(block, method=form))
+        check_given_settings(block, CapaBoostConfig(**dict(block, method=form)))
     except SettingError as e:
         raise RunError(f'{where(e.name)}: {e}') from None
 

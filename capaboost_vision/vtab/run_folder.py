@@ -9,9 +9,10 @@ import contextlib
 import json
 import pickle
 import shutil
+import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import yaml
@@ -58,9 +59,11 @@ def run_directory(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def finished_results(cfg: RunConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
-    """The results of the finished run in ``run_dir`` when it was made with ``cfg``'s settings; None when the folder
-    holds no finished run; RunError naming the differing settings when it was made with others."""
+def finished_results(cfg: RunConfig, run_dir: Path,
+                     data: Callable[[], Dict[str, str]]) -> Optional[Dict[str, Any]]:
+    """The results of the finished run in ``run_dir`` when it was made with ``cfg``'s settings and read the data
+    ``data()`` fingerprints now (split -> SHA-256); None when the folder holds no finished run; RunError naming
+    the differing settings or data when it was made with others."""
     results_file = run_dir / 'results.json'
     if not results_file.is_file():
         return None
@@ -71,7 +74,28 @@ def finished_results(cfg: RunConfig, run_dir: Path) -> Optional[Dict[str, Any]]:
         raise RunError(f'{results_file} does not record the settings it was made with (unreadable or written by '
                        f'an older version): pass --overwrite to redo the run or --name for a new one') from None
     check_same_run(recorded, cfg, f'the finished run in {run_dir}')
+    provenance = results.get('provenance')
+    check_same_data(provenance.get('data_sha256') if isinstance(provenance, dict) else None, data,
+                    f'the finished run in {run_dir}', results.get('source'))
     return results
+
+
+def check_same_data(recorded: Any, data: Callable[[], Dict[str, str]], what: str, source: Any = None) -> None:
+    """RunError unless the data a run recorded reading (split -> SHA-256 of its list and images) is the data its
+    task names now: another folder of the same name, or images changed since, make another run. A run recorded
+    before fingerprints existed is taken as it is, with a note."""
+    if not (isinstance(recorded, dict) and recorded and all(isinstance(v, str) for v in recorded.values())):
+        print(f'note: {what} does not record which data it read (made by an older version): taken as it is',
+              file=sys.stderr)
+        return
+    current = data()
+    changed = [split for split in sorted(set(recorded) | set(current)) if recorded.get(split) != current.get(split)]
+    if changed:
+        split = changed[0]
+        read = f' (it read {source})' if isinstance(source, str) else ''
+        raise RunError(f'{what} read other data{read}: split {split} was {str(recorded.get(split))[:12]}, is now '
+                       f'{str(current.get(split))[:12]} (SHA-256 of its list and images): pass --name <new name> for '
+                       f'a separate run or --overwrite to replace it')
 
 
 @contextlib.contextmanager
@@ -113,12 +137,14 @@ def replace_run_folder(run_dir: Path, main: bool, overwrite: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def reusable_results(cfg: RunConfig, run_dir: Path, main: bool) -> Optional[Dict[str, Any]]:
-    """The results of the finished run in ``run_dir`` when it can be reused as it is; RunError when the folder holds
+def reusable_results(cfg: RunConfig, run_dir: Path, main: bool,
+                     data: Callable[[], Dict[str, str]]) -> Optional[Dict[str, Any]]:
+    """The results of the finished run in ``run_dir`` when it can be reused as it is (same settings, same
+    ``data()``); RunError when the folder holds
     an unfinished run and neither --resume nor --overwrite says what to do with it."""
     if cfg.overwrite:
         return None
-    results = finished_results(cfg, run_dir)
+    results = finished_results(cfg, run_dir, data)
     if results is not None:
         if main:
             print(f'skip: {run_dir} already holds this finished run (pass --overwrite to redo it)')
@@ -154,11 +180,13 @@ def write_metrics(path: Path, history: List[Dict[str, Any]]) -> None:
 
 
 def write_checkpoint(run_dir: Path, state: Dict[str, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler: Any,
-                     history: List[Dict[str, Any]], cfg: RunConfig) -> None:
-    """Weights (finite: checked by the loop), optimizer, schedule and history, atomically; then metrics.csv."""
+                     history: List[Dict[str, Any]], cfg: RunConfig, data_sha256: Dict[str, str]) -> None:
+    """Weights (finite: checked by the loop), optimizer, schedule, history and the data fingerprints, atomically;
+    then metrics.csv."""
     with atomic_path(run_dir / CHECKPOINT_NAME) as tmp:
         torch.save({'model': state, 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                    'epoch': history[-1]['epoch'], 'history': history, 'config': cfg.to_dict()}, tmp)
+                    'epoch': history[-1]['epoch'], 'history': history, 'config': cfg.to_dict(),
+                    'data_sha256': data_sha256}, tmp)
     write_metrics(run_dir / 'metrics.csv', history)
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .data import PROTOCOL_SPLITS, SPLITS, DataError, ImageSplit, Sample, SplitCheck, VTABDataset, check_task
+from .data import (PROTOCOL_SPLITS, SPLITS, DataError, ImageSplit, Sample, SplitCheck, UnsupportedImage, VTABDataset,
+                   check_image, check_task, split_warnings)
 from .run_config import HF_PREFIX, TASK_INFO_FILE, RunError, hf_task_name, load_yaml
 from .tasks import TASKS, Task, canonical_name, resolve_task, task_dir
 
@@ -104,7 +105,8 @@ class TaskSource:
 
     def describe_layout(self) -> str:
         what = {'imagefolder': f'ImageFolder {self.root}', 'class-folders': f'class folders {self.root}',
-                'hfds': f'HF dataset {self.root}', 'vtab-lists': f'VTAB-1k lists {self.root}'}[self.kind]
+                'hfds': f'HF dataset {self.root}',
+                'vtab-lists': f'VTAB-1k lists {task_dir(self.root, self.task.name)}'}[self.kind]
         return what + (f'; {" and ".join(self.carved)} carved by --split-seed' if self.carved else '')
 
     def samples(self, split: str) -> List[Sample]:
@@ -135,8 +137,12 @@ def _class_names(info_file: Path, num_classes: int) -> Tuple[str, ...]:
     names = load_yaml(info_file).get('label_names') if info_file.is_file() else None
     if names is None:
         return tuple(str(i) for i in range(num_classes))
-    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
-        raise RunError(f'{info_file}: label_names must be a list of {num_classes} strings (one per class)')
+    if not isinstance(names, list) or len(names) != num_classes or \
+            not all(isinstance(n, str) and n.strip() for n in names):
+        raise RunError(f'{info_file}: label_names must be a list of {num_classes} non-empty strings (one per class)')
+    if len(set(names)) != len(names):
+        raise RunError(f'{info_file}: label_names repeats {next(n for n in names if names.count(n) > 1)!r}: one '
+                       f'distinct name per class is required')
     return tuple(names)
 
 
@@ -282,12 +288,9 @@ class HFSplit(ImageSplit):
         super().__init__(source.root, list_file, list_text(samples), samples, img_size, listed=False)
         self.source = source
 
-    def list_identity(self) -> List[str]:  # the datasets' content fingerprints stand in for the file stamps
+    def list_identity(self) -> List[str]:
         fingerprints = [getattr(self.source.hf[name], '_fingerprint', '') for name in sorted(self.source.hf)]
         return ['hfds', str(self.source.root), *fingerprints, self.source.image_column, self.list_bytes.hex()]
-
-    def file_stamps(self) -> List[str]:
-        return []
 
     @property
     def cache_name(self) -> str:
@@ -328,11 +331,22 @@ def open_source(task: str, data_path: str, settings: SplitSettings = SplitSettin
     raise RunError(f'--task {task}: not found')
 
 
+def source_warnings(source: TaskSource) -> List[str]:
+    """``data.split_warnings`` for the train/evaluation pair of each protocol the source has."""
+    found: List[str] = []
+    for protocol in PROTOCOL_SPLITS:
+        try:
+            splits = [source.dataset(split, 1) for split in source.protocol_splits(protocol)]
+        except (RunError, DataError):  # no test split, or a list check_source reports
+            continue
+        found += [w for w in split_warnings(*splits, source.task.num_classes) if w not in found]
+    return found
+
+
 def check_source(source: TaskSource, max_listed: int = 5) -> List[SplitCheck]:
     """Integrity of every split: counts per class and every image readable (PIL's verify), one problem line each;
     VTAB-1k list tasks through ``data.check_task`` (with VTAB-1k's line counts for the 19 tasks). The labels of the
     other sources were range-checked when the source opened."""
-    from PIL import Image
     if source.kind == 'vtab-lists':
         return check_task(source.root, source.task, expected_lines=TASKS.get(source.task.name) == source.task,
                           max_listed=max_listed)
@@ -344,10 +358,11 @@ def check_source(source: TaskSource, max_listed: int = 5) -> List[SplitCheck]:
         for sample in samples:
             result.class_counts[sample.label] = result.class_counts.get(sample.label, 0) + 1
             try:
-                with Image.open(io.BytesIO(dataset.read_bytes(sample))) as img:
-                    img.verify()
+                check_image(io.BytesIO(dataset.read_bytes(sample)))
             except FileNotFoundError:
                 result.problem(f'{dataset.where(sample)} is missing', max_listed)
+            except UnsupportedImage as e:
+                result.problem(f'{dataset.where(sample)} {e}', max_listed)
             except Exception as e:  # noqa: BLE001  PIL raises many types for corrupt files
                 result.problem(f'{dataset.where(sample)} is unreadable ({type(e).__name__})', max_listed)
         if not samples:

@@ -63,6 +63,9 @@ def task_dir(root: Path, name: str) -> Path:
     return Path(root) / name
 
 
+TASK_INFO_KEYS = ('num_classes', 'group', 'label_names')  # what a custom task folder's task.yaml may say
+
+
 def resolve_task(name: str, root: Optional[Path] = None) -> Task:
     """The Task for ``name``: a folder with a task.yaml is a custom task (even when its name is a VTAB task's, e.g. a
     generated look-alike), else the canonical VTAB task or alias; ValueError naming the missing data path or task
@@ -74,12 +77,20 @@ def resolve_task(name: str, root: Optional[Path] = None) -> Task:
         info_file = task_dir(root, name) / TASK_INFO_FILE
         if info_file.is_file():
             info = load_yaml(info_file)  # a mapping, or RunError naming the file
+            unknown = sorted(str(k) for k in set(info) - set(TASK_INFO_KEYS))
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], TASK_INFO_KEYS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ''
+                raise ValueError(f'{info_file}: unknown key {unknown[0]!r}{hint}: a {TASK_INFO_FILE} holds '
+                                 f'{", ".join(TASK_INFO_KEYS)}')
             num_classes = info.get('num_classes')
             if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
                     or not 1 <= num_classes <= MAX_CLASSES:
                 raise ValueError(f'{info_file}: num_classes {num_classes!r} is invalid: an integer in '
                                  f'[1, {MAX_CLASSES:,}] is required')
-            return Task(name, num_classes, str(info.get('group', 'custom')))
+            if not isinstance(info.get('group', 'custom'), str):
+                raise ValueError(f'{info_file}: group {info["group"]!r} is invalid: a name is required')
+            return Task(name, num_classes, info.get('group', 'custom'))
     if canonical:
         return TASKS[canonical]
     choices = list(TASKS) + list(_CANONICAL)
