@@ -4,12 +4,13 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, List, Union
+from typing import Iterator, List, Optional, Union
 
 
 FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken for a full disk (torch's message hides it)
@@ -36,6 +37,23 @@ def _disk_full(error: BaseException, folder: Path) -> bool:
         return False
 
 
+def _size_limit(error: BaseException) -> Optional[int]:
+    """The file-size limit (RLIMIT_FSIZE, bytes) when ``error`` is a write stopped by it: EFBIG, or torch's and
+    safetensors' bare write failures while a finite limit is set; else None."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+        return limit
+    while error is not None:  # torch's writer fails again on close: the first failure is in the context
+        bare = isinstance(error, RuntimeError) or type(error).__name__ == 'SafetensorError'
+        if bare and any(what in str(error) for what in ('write failed', 'iostream error', 'inline_container',
+                                                      'File too large', 'Error while serializing')):
+            return limit
+        error = error.__context__
+    return None
+
+
 def _megabytes(n: int) -> str:
     return f'{n / 1e6:.1f} MB'
 
@@ -53,15 +71,21 @@ def atomic_path(path: Union[str, Path]) -> Iterator[str]:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except Exception as e:
-        full = _disk_full(e, path.parent)
+        limit = _size_limit(e)
+        full = limit is None and _disk_full(e, path.parent)
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if not full:
+        if not full and limit is None:
             raise
+        kept = f'the previous {path.name} is unchanged; ' if path.exists() else ''
+        if limit is not None:
+            raise DiskFullError(f'cannot write {path}: it exceeds this process\'s file-size limit (ulimit -f: '
+                                f'{_megabytes(limit)}); {kept}raise the limit and rerun (a run continues from its '
+                                f'last checkpoint with --resume)') from None
         free = shutil.disk_usage(path.parent).free
         raise DiskFullError(f'cannot write {path}: no space left on the device ({_megabytes(free)} free there); '
-                            f'{"the previous " + path.name + " is unchanged; " if path.exists() else ""}free some '
-                            f'space and rerun (a run continues from its last checkpoint with --resume)') from None
+                            f'{kept}free some space and rerun (a run continues from its last checkpoint with '
+                            f'--resume)') from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

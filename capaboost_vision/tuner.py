@@ -25,6 +25,9 @@ def apply_capaboost(model: nn.Module, config: CapaBoostConfig) -> nn.Module:
     Base parameter names are unchanged, so a base checkpoint still loads into the returned model.
     Raises ValueError (and leaves the model untouched) when the model or a setting does not fit.
     """
+    if not isinstance(config, CapaBoostConfig):
+        raise ValueError(f'config must be a CapaBoostConfig (e.g. CapaBoostConfig(method="lora", rank=8)), not '
+                         f'{type(config).__name__}')
     backbone = backbone_of(model)
     config.validate()
     if getattr(model, 'capaboost_config', None) is not None:

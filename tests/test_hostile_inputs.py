@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import capaboost_vision as cv
 from capaboost_vision.vtab import cli as cli_module
@@ -316,6 +318,27 @@ def test_task_yaml_sizes_and_missing_data_paths_name_the_culprit(tmp_path):
     assert not (tmp_path / 'runs').exists()
 
 
+def test_each_error_names_its_real_culprit(data, tmp_path):
+    """The flag, file or argument at fault, not a neighbour it upsets."""
+    out = tmp_path / 'runs'
+    code, _, err = cli('train', *RUN, '--data-path', data, '--output', out, '--epochs', '-1')
+    one_line_error(code, err, '--epochs -1 is invalid')
+    other = tmp_path / 'small.safetensors'  # base weights of another architecture
+    save_file(timm.create_model('vit_small_patch16_224', num_classes=0).state_dict(), str(other))
+    code, _, err = cli('train', *RUN, '--data-path', data, '--output', out, '--weights', other)
+    one_line_error(code, err, f'--weights {other} does not fit --model vit_tiny (another architecture?)', 'size')
+    code, _, err = cli('train', *RUN, '--data-path', data, '--output', out, '--task', 'hfds/')
+    one_line_error(code, err, "--task 'hfds/' names no dataset")
+    assert not out.exists()
+    assert cli_module.main(['train', *RUN, '--data-path', str(data), '--output', str(out)]) == 0
+    results = out / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0' / 'results.json'
+    results.write_text(results.read_text()[:-20])  # damaged
+    code, _, err = cli('eval', results.parent)
+    one_line_error(code, err, f'{results} is not valid JSON')
+    with pytest.raises(ValueError, match='config must be a CapaBoostConfig'):
+        cv.apply_capaboost(timm.create_model('vit_tiny_patch16_224', img_size=32), None)
+
+
 # ---- 7. a full disk: one line, the previous checkpoint kept ----
 
 @pytest.fixture
@@ -357,6 +380,21 @@ def test_a_full_disk_at_the_first_checkpoint_is_one_line(data, tmp_path, small_d
     run_dir = disk / 'runs' / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0'
     one_line_error(code, err, f'cannot write {run_dir / "checkpoint.pt"}: no space left on the device', 'MB free')
     assert not [p for p in files_under(disk) if p.name.endswith('.tmp')]
+
+
+def test_a_file_size_limit_at_the_first_checkpoint_is_one_line(data, tmp_path):
+    """ulimit -f (EFBIG, or torch's bare 'file write failed' under it) is named as such, in one line."""
+    limit = 256 * 1024  # config.yaml fits, LoRA r=8's checkpoint (~0.9 MB) does not
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out = subprocess.run([*ENTRY, 'train', *RUN, '--data-path', str(data), '--output', str(tmp_path / 'runs'),
+                          '--no-data-cache'], capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    run_dir = tmp_path / 'runs' / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0'
+    one_line_error(out.returncode, out.stderr.strip(), f'cannot write {run_dir / "checkpoint.pt"}: it exceeds this '
+                                                      f"process's file-size limit (ulimit -f: 0.3 MB)")
+    assert not [p for p in files_under(tmp_path) if p.name.endswith('.tmp')]
 
 
 def test_a_full_disk_later_keeps_the_last_checkpoint_and_resumes(data, tmp_path, small_disk):
@@ -427,15 +465,24 @@ def test_report_skips_malformed_results_naming_them(data, tmp_path):
         bad[value] = out / 'vit_tiny' / 'toy' / 'final' / f'broken{i}' / 'seed0' / 'results.json'
         bad[value].parent.mkdir(parents=True)
         bad[value].write_text(good.read_text().replace(f'"top1": {top1}', f'"top1": {value}'))
+    folder = out / 'vit_tiny' / 'toy' / 'final' / 'folder' / 'seed0' / 'results.json'
+    folder.mkdir(parents=True)  # a results.json that is a folder: skipped, named, like the others
+    evil = out / 'vit_tiny' / 'toy' / 'final' / 'evil' / 'seed0' / 'results.json'  # a name that would break a table
+    evil.parent.mkdir(parents=True)
+    evil.write_text(json.dumps(dict(json.loads(good.read_text()), method='a|b\nc')))
     code, _, err = cli('report', out)
     assert code == 0, err
-    assert err.splitlines() == [f'note: skipped {bad[v]}: top1 {json.loads(v)!r} is not a finite accuracy in '
-                                f'[0, 100]' for v in sorted(bad, key=lambda v: str(bad[v]))]
+    expected = {str(bad[v]): f'note: skipped {bad[v]}: top1 {json.loads(v)!r} is not a finite accuracy in [0, 100]'
+                for v in bad}
+    expected[str(folder)] = f'note: skipped {folder} cannot be read (Is a directory)'
+    assert err.splitlines() == [expected[k] for k in sorted(expected)]
     report = (out / 'report.md').read_text()
     tables, skipped = report.split('## Skipped results')
-    assert '| lora |' in tables and 'broken' not in tables
-    assert '5 malformed results.json file(s) are not in the tables above' in skipped
-    assert all(str(path) in skipped for path in bad.values())
+    assert '| lora |' in tables and 'broken' not in tables and '| a\\|b c |' in tables
+    assert '6 malformed results.json file(s) are not in the tables above' in skipped
+    assert all(str(path) in skipped for path in [*bad.values(), folder])
+    code, _, err = cli('train', *RUN, '--data-path', data, '--output', out, '--name', 'a|b')
+    one_line_error(code, err, "--name 'a|b' is invalid: a plain name is required (printable, no path separators")
 
 
 # ---- 11. a remote repo's config.json is data: checked before anything is built ----

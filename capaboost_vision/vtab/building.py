@@ -54,7 +54,13 @@ def model_errors(cfg: RunConfig, settings: Dict[str, Any]) -> Iterator[None]:
         raise RunError(f'bad model setting in {settings}: {e}') from None
     except ValueError as e:  # not a ViT/Swin, an unsupported block, a bad CapaBoost setting
         raise RunError(f'--model {cfg.model}: {str(e).splitlines()[0]}') from None
-    except (AssertionError, RuntimeError) as e:  # timm's shape asserts (e.g. an image smaller than a patch)
+    except RuntimeError as e:
+        if cfg.weights and 'state_dict' in str(e):  # load_state_dict: missing keys, unexpected keys, other shapes
+            raise RunError(f'--weights {cfg.weights} does not fit --model {cfg.model} (another architecture?): '
+                           f'{" ".join(str(e).split())[:300]}') from None
+        raise RunError(f'--model {cfg.model} cannot be built with --img-size {cfg.img_size}: '
+                       f'{str(e).splitlines()[0] or type(e).__name__}') from None
+    except AssertionError as e:  # timm's shape asserts (e.g. an image smaller than a patch)
         raise RunError(f'--model {cfg.model} cannot be built with --img-size {cfg.img_size}: '
                        f'{str(e).splitlines()[0] or type(e).__name__}') from None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .._io import atomic_path, write_text_atomic
+from .markdown import row
 from .run_config import RunError, identity_settings
 from .tasks import GROUPS, TASKS
 
@@ -197,24 +198,24 @@ def _count(value: Optional[float]) -> str:
 
 def comparisons_markdown(comparisons: List[Comparison]) -> str:
     """The headline table, the per-group table (VTAB tasks), per-task differences and the cost table."""
-    lines = ['| candidate - baseline | ' + ' | '.join(SUMMARY_HEADER) + ' |', '|---|' + '---|' * len(SUMMARY_HEADER)]
+    lines = [row(['candidate - baseline', *SUMMARY_HEADER]), '|---|' + '---|' * len(SUMMARY_HEADER)]
     for c in comparisons:
-        lines.append(f'| {c.candidate} - {c.baseline} | ' + ' | '.join(_summary_cells(c.overall)) + ' |')
+        lines.append(row([f'{c.candidate} - {c.baseline}', *_summary_cells(c.overall)]))
     if any(c.groups for c in comparisons):
         lines += ['', 'Per VTAB-1k group (the same statistics over the group\'s tasks):', '',
                   '| candidate - baseline | group | ' + ' | '.join(SUMMARY_HEADER) + ' |',
                   '|---|---|' + '---|' * len(SUMMARY_HEADER)]
         for c in comparisons:
             for group, s in c.groups.items():
-                lines.append(f'| {c.candidate} - {c.baseline} | {group} | ' + ' | '.join(_summary_cells(s)) + ' |')
+                lines.append(row([f'{c.candidate} - {c.baseline}', group, *_summary_cells(s)]))
     tasks = sorted({t for c in comparisons for t in c.per_task}, key=lambda t: (t not in TASKS, list(TASKS).index(t)
                                                                                if t in TASKS else 0, t))
     lines += ['', 'Per task: mean difference over the paired seeds (seeds):', '',
-              '| candidate - baseline | ' + ' | '.join(tasks) + ' |', '|---|' + '---|' * len(tasks)]
+              row(['candidate - baseline', *tasks]), '|---|' + '---|' * len(tasks)]
     for c in comparisons:
         cells = [f'{statistics.fmean(c.per_task[t]):+.1f} ({len(c.per_task[t])})' if t in c.per_task else '–'
                  for t in tasks]
-        lines.append(f'| {c.candidate} - {c.baseline} | ' + ' | '.join(cells) + ' |')
+        lines.append(row([f'{c.candidate} - {c.baseline}', *cells]))
     if all(v is None for c in comparisons for v in c.cost.values()):  # results that do not record their cost
         return '\n'.join(lines) + '\n'
     lines += ['', 'Cost (means over the paired runs; step time from each run\'s own last-epoch throughput, a rough '
@@ -223,9 +224,9 @@ def comparisons_markdown(comparisons: List[Comparison]) -> str:
               'baseline |', '|---|---|---|---|']
     for c in comparisons:
         ratio = '–' if c.cost['step_time_ratio'] is None else f'{c.cost["step_time_ratio"]:.2f}x'
-        lines.append(f'| {c.candidate} - {c.baseline} | {_count(c.cost["stored"])} vs '
-                     f'{_count(c.cost["stored_baseline"])} | {_count(c.cost["fixed"])} vs '
-                     f'{_count(c.cost["fixed_baseline"])} | {ratio} |')
+        lines.append(row([f'{c.candidate} - {c.baseline}',
+                          f'{_count(c.cost["stored"])} vs {_count(c.cost["stored_baseline"])}',
+                          f'{_count(c.cost["fixed"])} vs {_count(c.cost["fixed_baseline"])}', ratio]))
     return '\n'.join(lines) + '\n'
 
 

@@ -8,7 +8,6 @@ normalisation from the adapter's config), so ``eval`` on a run's own split repro
 import csv
 import glob
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -55,7 +54,16 @@ def _results_claims(folder: Path) -> Tuple[List[Any], Dict[str, Any]]:
     path = folder / 'results.json'
     if not path.is_file():
         return [], {}
-    results = json.loads(path.read_text())
+    from .report import read_results
+    try:
+        results = read_results(path)  # validated, naming the file
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    names = results.get('label_names')
+    if names is not None and not (isinstance(names, list) and len(names) == results.get('num_classes')
+                                  and all(isinstance(n, str) for n in names)):
+        raise RunError(f'{path}: label_names must be a list of its num_classes ({results.get("num_classes")!r}) '
+                       f'names')
     return [CardResult(dataset_name(results['task'], results.get('group')), results.get('eval_split'),
                        float(results['top1']))], results
 

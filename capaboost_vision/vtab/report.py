@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .._io import atomic_path, write_text_atomic
 from ..config import in_range
+from .markdown import row
 from .provenance import differing_fields
 from .tasks import GROUPS, TASKS
 
@@ -33,8 +34,10 @@ def read_results(path: Path) -> Dict[str, Any]:
     wrong type, a top-1 that is not a finite number in [0, 100])."""
     try:
         result = json.loads(path.read_text(encoding='utf-8'))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f'{path} is not valid JSON ({type(e).__name__}); delete it or rerun that run') from None
+    except OSError as e:  # a folder, or unreadable
+        raise ValueError(f'{path} cannot be read ({e.strerror or type(e).__name__})') from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(result, dict) or k not in result]
     if missing:
         raise ValueError(f'{path} is not a run result: missing {", ".join(missing)}')
@@ -165,7 +168,7 @@ def _table(rows: List[Dict[str, Any]], tasks: List[str], custom: bool) -> List[s
     averages_header = ['Mean (tasks)'] if custom else ['Natural', 'Specialized', 'Structured', 'Mean (3 groups)',
                                                        'Mean (tasks)']
     header = ['model', 'method', 'params (M)', 'fixed (M)', *tasks, *averages_header, 'seeds', 'lr']
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines = [row(header), '|' + '---|' * len(header)]
     for r in rows:
         complete = r['custom_complete'] if custom else r['vtab_complete']
         avg = [_fmt(r['custom_mean'])] if custom else [_fmt(r[g]) for g in GROUPS] + [_fmt(r['mean_of_groups']),
@@ -176,7 +179,7 @@ def _table(rows: List[Dict[str, Any]], tasks: List[str], custom: bool) -> List[s
         fixed = '–' if r['fixed_M'] is None else f'{r["fixed_M"]:.3f}'
         cells = [r['family'], r['method'], f'{r["params_M"]:.3f}', fixed,
                  *[_fmt(r['task'][t]) if t in r['task'] else '–' for t in tasks], *avg, str(r['seeds']), lr]
-        lines.append('| ' + ' | '.join(cells) + ' |')
+        lines.append(row(cells))
     return lines
 
 

@@ -19,7 +19,11 @@ from ..config import (METHODS, CapaBoostConfig, SettingError, check_given_settin
 
 
 def hf_task_name(spec: str) -> str:
-    """The run-folder name of the task ``hfds/<spec>``: 'hfds--org--name'."""
+    """The run-folder name of the task ``hfds/<spec>``: 'hfds--org--name'; RunError when ``spec`` names nothing
+    (``hfds/`` alone would read the working directory as a dataset)."""
+    if not spec.strip('/. '):
+        raise RunError(f"--task '{HF_PREFIX}{spec}' names no dataset"
+                       f': {HF_PREFIX}<local folder or Hub id> is required')
     return 'hfds--' + spec.strip('/').replace('/', '--')
 
 
@@ -148,10 +152,10 @@ class RunConfig:
             value = getattr(self, name)
             if name == 'task' and value.startswith(HF_PREFIX):
                 value = hf_task_name(value[len(HF_PREFIX):])
-            if value in ('.', '..') or any(c in value for c in ('/', '\\', '\0')):
+            if value in ('.', '..') or any(c in value for c in ('/', '\\', '|')) or not value.isprintable():
                 hint = '; a task folder is given as --task PATH/TO/FOLDER holding a task.yaml' if name == 'task' else ''
-                raise RunError(f'{where(name)} {value!r} is invalid: a plain name is required (no path separators '
-                               f'or ".."){hint}')
+                raise RunError(f'{where(name)} {value!r} is invalid: a plain name is required (printable, no path '
+                               f'separators, "|" or ".."; it names a folder and a report row){hint}')
         for f in fields(self):
             value = getattr(self, f.name)
             choices = f.metadata.get('choices')  # closed sets (protocol, amp): argparse checks flags, this YAML too
@@ -384,6 +388,8 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
     if not values.get('task'):
         raise RunError('--task is required (or a --config file that sets task)')
     task, data_path = values['task'], values.get('data_path', '')
+    if isinstance(task, str) and task.startswith(HF_PREFIX):
+        hf_task_name(task[len(HF_PREFIX):])  # RunError for a spec that names nothing
     folder = hf_folder(task, data_path) if task.startswith(HF_PREFIX) else task_folder(task, data_path)
     if folder is not None:  # a task folder: its parent is the data root, its name the task
         values['task'] = (HF_PREFIX if task.startswith(HF_PREFIX) else '') + folder.name
@@ -392,8 +398,8 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
         raise RunError('--data-path is required (or give --task as a task folder)')
     block = values.pop('capaboost', {})
     cfg = RunConfig(**values)
+    cfg.validate(merged.source)  # first: --epochs -1 is the culprit, not the warm-up it makes too long
     _clamp_warmup(cfg, merged.source)
-    cfg.validate(merged.source)
     if cfg.form == 'peft' and block:
         raise RunError(f'method {cfg.method!r} has form peft: CapaBoost settings ({", ".join(block)}) do not apply; '
                        f'PEFT arguments go in the peft block or --peft-args')

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from .._io import write_text_atomic
+from .markdown import row
 from .run_config import RunError
 
 RECORD_VERSION = 1
@@ -142,7 +143,7 @@ def records_markdown(records: List[Dict]) -> str:
     lines = ['| model | task | method | grid (val top-1) | chosen lr | |', '|---|---|---|---|---|---|']
     for r in records:
         grid = ', '.join(f'{lr}: {acc:.1f}' for lr, acc in r['val_top1'].items())
-        lines.append(f'| {r["family"]} | {r["task"]} | {r["method"]} | {grid} | {r["chosen_lr"]:g} | '
-                     f'{"at grid limit" if r["at_limit"] else ""} |')
+        lines.append(row([r['family'], r['task'], r['method'], grid, f'{r["chosen_lr"]:g}',
+                          'at grid limit' if r['at_limit'] else '']))
     return '\n'.join(lines) + '\n'
 
