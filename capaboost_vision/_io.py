@@ -3,10 +3,12 @@
 import contextlib
 import errno
 import fcntl
+import glob
 import os
 import resource
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,6 +91,26 @@ def atomic_path(path: Union[str, Path]) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def leftover_temps(path: Union[str, Path]) -> List[Path]:
+    """The temp files ``atomic_path(path)`` leaves when its process is killed between the write and the rename.
+    Remove them only while holding the lock that guards writing ``path`` (then no live writer owns them)."""
+    path = Path(path)
+    return sorted(p for p in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp') if p.is_file())
+
+
+def remove_leftovers(paths: List[Path], where: Path) -> None:
+    """Delete ``paths`` (files or folders a killed command left) and say so in one note naming ``where``."""
+    if not paths:
+        return
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    print(f'note: removed what an interrupted command left in {where}: {", ".join(p.name for p in paths)}',
+          file=sys.stderr)
 
 
 def write_text_atomic(path: Union[str, Path], text: str) -> None:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,28 @@ def test_each_error_names_its_real_culprit(data, tmp_path):
     one_line_error(code, err, f'{results} is not valid JSON')
     with pytest.raises(ValueError, match='config must be a CapaBoostConfig'):
         cv.apply_capaboost(timm.create_model('vit_tiny_patch16_224', img_size=32), None)
+
+
+def test_leftovers_of_a_killed_write_are_removed_by_the_next_command_that_takes_their_lock(data, tmp_path):
+    """A SIGKILL between an atomic write and its rename leaves its temp file (named as ``atomic_path`` names it),
+    and one during --overwrite half of the old folder; the next run of that folder, or the next build of that cache
+    file, removes them under the lock and says so."""
+    out = tmp_path / 'runs'
+    assert cli_module.main(['train', *RUN, '--data-path', str(data), '--output', str(out)]) == 0
+    run_dir = out / 'vit_tiny' / 'toy' / 'final' / 'lora' / 'seed0'
+    left = [Path(tempfile.mkstemp(dir=run_dir, prefix=f'.{name}.', suffix='.tmp')[1])
+            for name in ('checkpoint.pt', 'config.yaml')]
+    (run_dir.parent / '.seed0.overwritten' / 'splits').mkdir(parents=True)
+    cache = next((out / '.cache').glob('toy-train800val200-*.npy'))
+    cache_left = Path(tempfile.mkstemp(dir=cache.parent, prefix=f'.{cache.name}.', suffix='.tmp')[1])
+    code, _, err = cli('train', *RUN, '--data-path', data, '--output', out)  # skips the finished run
+    assert code == 0 and f'note: removed what an interrupted command left in {run_dir}: ' in err
+    assert not any(p.exists() for p in left) and not (run_dir.parent / '.seed0.overwritten').exists()
+    assert cache_left.exists()  # not this command's lock: a concurrent build could own it
+    cache.unlink()  # the next build of that cache file takes its lock
+    code, _, err = cli('train', *RUN, '--data-path', data, '--output', out, '--name', 'again')
+    assert code == 0 and f'note: removed what an interrupted command left in {cache.parent}: {cache_left.name}' in err
+    assert not cache_left.exists()
 
 
 # ---- 7. a full disk: one line, the previous checkpoint kept ----

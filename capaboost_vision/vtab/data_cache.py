@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from .._io import atomic_path, exclusive_lock, write_text_atomic
+from .._io import atomic_path, exclusive_lock, leftover_temps, remove_leftovers, write_text_atomic
 from .data import RESIZE_METHOD, ImageSplit, load_resized, to_float_normalized
 
 CACHE_VERSION = 3  # 3: keyed by the images' content, not their sizes and modification times
@@ -113,6 +113,7 @@ def build_cache(dataset: ImageSplit, cache_dir: Path, show_progress: bool = True
     path = Path(cache_dir) / f'{key}.npy'
     shape = (len(dataset), 3, dataset.img_size, dataset.img_size)
     with exclusive_lock(path.with_suffix('.lock'), wait=True):  # parallel runs build each file once
+        remove_leftovers(leftover_temps(path) + leftover_temps(_header_file(path)), path.parent)
         if path.is_file() or _header_file(path).is_file():
             problem = _cache_problem(path, key, shape)
             if problem is None:
@@ -140,6 +141,7 @@ def validate_split(dataset: ImageSplit, cache_dir: Path, show_progress: bool = T
     remembers it)."""
     stamp = Path(cache_dir) / f'{cache_key(dataset)}.ok'
     with exclusive_lock(stamp.with_suffix('.lock'), wait=True):
+        remove_leftovers(leftover_temps(stamp), stamp.parent)
         if stamp.is_file():
             return
         for _ in _decode_all(dataset, 'checking', show_progress):

@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import yaml
 
-from .._io import LockHeld, atomic_path, exclusive_lock, missing_folders, remove_empty_folders, write_text_atomic
+from .._io import (LockHeld, atomic_path, exclusive_lock, missing_folders, remove_empty_folders, remove_leftovers,
+                   write_text_atomic)
 from .building import family_of
 from .run_config import RunConfig, RunError, check_same_run
 from .tasks import task_folder_name
@@ -113,6 +114,9 @@ def folder_lock(run_dir: Path, main: bool):
                 held.enter_context(exclusive_lock(lock_file, wait=False))
             except LockHeld as e:
                 raise RunError(f'{run_dir} is being written by another run ({e})') from None
+            # a run killed mid-write (SIGKILL, power loss) left temp files, or half of an --overwrite's old folder
+            trash = run_dir.parent / f'.{run_dir.name}.overwritten'
+            remove_leftovers(sorted(run_dir.rglob('.*.tmp')) + ([trash] if trash.exists() else []), run_dir)
         try:
             yield
         except BaseException:
