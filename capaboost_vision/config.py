@@ -201,8 +201,11 @@ FORM_ONLY_KEYS = {'lora': ('rank', 'lora_alpha', 'lora_dropout', 'lora_init', 'u
 
 
 def check_given_settings(given: Any, config: CapaBoostConfig) -> None:
-    """SettingError for a setting given explicitly (``given``: its names) that ``config`` would ignore: another
-    form's setting, or N:M values without N:M masks. A default is never an error; only what someone wrote."""
+    """SettingError for a setting given explicitly (``given``: its names) with a value other than its default that
+    ``config`` would ignore: another form's setting, or N:M values without N:M masks. A default is never an error
+    (a resolved config.yaml records every setting); only a value someone chose."""
+    defaults = {f.name: field_default(f) for f in fields(CapaBoostConfig)}
+    given = [key for key in given if key in defaults and getattr(config, key) != defaults[key]]
     for form, keys in FORM_ONLY_KEYS.items():
         for key in keys:
             if key in given and form != config.method:

@@ -510,16 +510,6 @@ def test_report_skips_malformed_results_naming_them(data, tmp_path):
 
 # ---- 11. a remote repo's config.json is data: checked before anything is built ----
 
-def _repo_variant(tmp_path, name, edit):
-    model = timm.create_model('vit_tiny_capaboost_lora', img_size=32, num_classes=3)
-    folder = tmp_path / name
-    cv.save_adapter(model, folder)
-    config = json.loads((folder / 'config.json').read_text())
-    edit(config)
-    (folder / 'config.json').write_text(json.dumps(config))
-    return folder
-
-
 def _deeply_nested(config):
     config['model_args']['rank'] = json.loads('[' * 500 + ']' * 500)  # written below as 100,000 levels
     config['deep'] = True

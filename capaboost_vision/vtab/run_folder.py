@@ -144,8 +144,8 @@ def replace_run_folder(run_dir: Path, main: bool, overwrite: bool) -> None:
 def reusable_results(cfg: RunConfig, run_dir: Path, main: bool,
                      data: Callable[[], Dict[str, str]]) -> Optional[Dict[str, Any]]:
     """The results of the finished run in ``run_dir`` when it can be reused as it is (same settings, same
-    ``data()``); RunError when the folder holds
-    an unfinished run and neither --resume nor --overwrite says what to do with it."""
+    ``data()``); RunError when the folder holds an unfinished run and neither --resume nor --overwrite says what to
+    do with it."""
     if cfg.overwrite:
         return None
     results = finished_results(cfg, run_dir, data)
