@@ -8,6 +8,7 @@ import pytest
 
 from capaboost_vision.vtab import cli
 from capaboost_vision.vtab.compare import bootstrap_interval, compare, comparisons_markdown, sign_test, t_interval
+from capaboost_vision.vtab.curve import curve_points, pairs
 from capaboost_vision.vtab.report import collect
 from capaboost_vision.vtab.run_config import RunError
 from test_robustness import files_under
@@ -19,14 +20,14 @@ BASE_TOP1 = {'cifar': 50.0, 'dtd': 40.0, 'eurosat': 80.0, 'dsprites_loc': 30.0}
 GAIN = {'cifar': 1.0, 'dtd': 2.0, 'eurosat': 3.0, 'dsprites_loc': 6.0}  # per-task means 1, 2, 3, 6
 
 
-def write_result(runs: Path, method: str, task: str, seed: int, top1: float, **config) -> None:
+def write_result(runs: Path, method: str, task: str, seed: int, top1: float, stored: int = 1000, **config) -> None:
     run_dir = runs / 'vit_tiny' / task / 'final' / method / f'seed{seed}'
     run_dir.mkdir(parents=True)
     settings = {**dict(task=task, method=method, seed=seed, model='vit_tiny', epochs=10, img_size=32, lr=1e-3,
                        form='lora', capaboost={'rank': 4}, peft=None, protocol='final'), **config}
     (run_dir / 'results.json').write_text(json.dumps(dict(
         task=task, group=GROUP[task], method=method, family='vit_tiny', seed=seed, top1=top1, protocol='final',
-        trainable_params_excl_head=1000, fixed_params=2000 if method == 'cb' else 1000, lr=1e-3,
+        trainable_params_excl_head=stored, fixed_params=2000 if method == 'cb' else 1000, lr=1e-3,
         train_images_per_s=50.0 if method == 'cb' else 100.0, config=settings)))
 
 
@@ -107,3 +108,54 @@ def test_compare_on_a_real_tiny_search(tmp_path, capsys):
     validation = md.split('## Learning-rate sensitivity')[1]
     assert '| capaboost_lora | toy |' in validation and '**' in validation  # the chosen rate marked
     assert (tmp_path / 'runs' / 'report_compare_lr.png').stat().st_size > 0
+
+
+# ---- the accuracy-per-stored-parameter curve: known points, their front and both pairings ----
+
+CURVE = {  # row: (form, CapaBoost settings, stored params, test top-1 on cifar, on dtd)
+    'linear': ('linear', {}, 0, 30.0, 30.0),
+    'lora_r1': ('lora', dict(rank=1, num_masks=1, mask_density=1.0), 100, 50.0, 50.0),
+    'lora_r2': ('lora', dict(rank=2, num_masks=1, mask_density=1.0), 200, 60.0, 60.0),
+    'lora_r4': ('lora', dict(rank=4, num_masks=1, mask_density=1.0), 400, 62.0, 62.0),
+    'cb_r1': ('lora', dict(rank=1, num_masks=2, mask_density=0.5), 100, 54.0, 56.0),
+    'cb_r2': ('lora', dict(rank=2, num_masks=2, mask_density=0.5), 200, 58.0, 58.0),
+}
+
+
+@pytest.fixture
+def curve_runs(tmp_path):
+    for method, (form, capaboost, stored, *top1) in CURVE.items():
+        for task, acc in zip(('cifar', 'dtd'), top1):
+            write_result(tmp_path, method, task, 0, acc, stored, form=form, capaboost=capaboost)
+    return tmp_path
+
+
+def test_the_curve_finds_families_sizes_and_the_pareto_front(curve_runs):
+    points, left_out = curve_points(collect(curve_runs))
+    assert left_out == []
+    by_row = {p.method: p for p in points}
+    assert {m: (p.family, p.size, p.rank) for m, p in by_row.items()} == {
+        'linear': ('linear', None, None), 'lora_r1': ('LoRA', 1, 1), 'lora_r2': ('LoRA', 2, 2),
+        'lora_r4': ('LoRA', 4, 4), 'cb_r1': ('CapaBoost-LoRA d=2', 1, 2), 'cb_r2': ('CapaBoost-LoRA d=2', 2, 4)}
+    assert by_row['cb_r1'].mean == 55.0 and by_row['cb_r1'].spread == (54.0, 56.0)
+    assert {m for m, p in by_row.items() if p.front} == {'linear', 'cb_r1', 'lora_r2', 'lora_r4'}
+    assert pairs(points, 'equal-params') == [('cb_r1', 'lora_r1'), ('cb_r2', 'lora_r2')]
+    assert pairs(points, 'equal-rank') == [('cb_r1', 'lora_r2'), ('cb_r2', 'lora_r4')]
+
+
+def test_report_draws_the_curve_and_compares_at_the_pairing_it_names(curve_runs, capsys):
+    write_result(curve_runs, 'lora_r8', 'cifar', 0, 70.0, 800, form='lora',
+                 capaboost=dict(rank=8, num_masks=1, mask_density=1.0))  # one task short: listed, not drawn
+    assert cli.main(['report', str(curve_runs), '--compare-pairing', 'equal-rank']) == 0
+    report = (curve_runs / 'report.md').read_text()
+    table = report.split('## Accuracy per stored parameter (test)')[1]
+    assert '| CapaBoost-LoRA d=2 | 1 | cb_r1 | 100 |' in table and '- lora_r8: no test result on dtd' in table
+    assert (curve_runs / 'report_curve.png').stat().st_size > 0
+    compared = (curve_runs / 'report_compare.md').read_text()
+    assert compared.startswith('## Pairs at equal rank of the update: CapaBoost-LoRA (d masks, rank r) vs LoRA rank '
+                               'd*r')
+    assert '| cb_r1 - lora_r2 | -5.00 |' in compared and '| cb_r2 - lora_r4 | -4.00 |' in compared
+    capsys.readouterr()
+    assert cli.main(['report', str(curve_runs), '--compare-pairing', 'equal-params', '--compare', 'cb_r1',
+                     'lora_r1']) == 2
+    assert 'pass one of them' in capsys.readouterr().err

@@ -255,14 +255,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir)
     prefix = Path(args.prefix or runs_dir / 'report')
     check_output_file(prefix, '--prefix')  # the report rewrites its own files, never a run's
-    comparisons = None
+    comparisons, pairing = None, ''
+    if args.compare and args.compare_pairing:
+        raise RunError('--compare and --compare-pairing choose the pairs two ways: pass one of them')
     if args.compare:  # computed, and refused on bad pairs, before anything is written
         from .compare import compare
         comparisons = compare(collect(runs_dir), args.compare)
+    if args.compare_pairing:
+        from .compare import compare
+        from .curve import PAIRINGS, curve_points, pairs
+        results, pairing = collect(runs_dir), PAIRINGS[args.compare_pairing]
+        found = pairs(curve_points(results)[0], args.compare_pairing)
+        if not found:
+            raise RunError(f'--compare-pairing {args.compare_pairing}: no CapaBoost-LoRA row of {runs_dir} has its '
+                           f'LoRA partner (pairs at {pairing})')
+        comparisons = [c for candidate, baseline in found for c in compare(results, [candidate, baseline])]
     paths = write_report(runs_dir, prefix)
     if comparisons:
         from .compare import write_comparison
-        paths.update(write_comparison(comparisons, read_records(runs_dir), prefix))
+        paths.update(write_comparison(comparisons, read_records(runs_dir), prefix, pairing))
     for kind, path in paths.items():
         print(f'{kind}: {path}')
     return 0
@@ -485,6 +496,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help='candidate row (a method name of the report) then one or more baselines: paired test top-1 '
                         'differences over tasks (t-interval, bootstrap, sign test, per VTAB group), cost and lr '
                         'sensitivity, in <prefix>_compare.{md,csv} and <prefix>_compare_lr.png (default: none)')
+    p.add_argument('--compare-pairing', choices=['equal-params', 'equal-rank'],
+                   help='instead of --compare: pair every CapaBoost-LoRA row with its LoRA row at equal stored '
+                        'parameters (rank r vs r) or at equal rank of the update (rank r, d masks vs d*r); the '
+                        'output says which (default: none)')
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser('push', help="push a finished run's adapter and model card to the Hugging Face Hub",

@@ -301,12 +301,13 @@ def lr_plot(curves: Dict[str, Dict[str, Dict]], path: Path) -> bool:
     return True
 
 
-def write_comparison(comparisons: List[Comparison], records: List[Dict[str, Any]], prefix: Path) -> Dict[str, Path]:
+def write_comparison(comparisons: List[Comparison], records: List[Dict[str, Any]], prefix: Path,
+                     pairing: str = '') -> Dict[str, Path]:
     """``<prefix>_compare.{md,csv,png}``: the comparisons (``compare``'s), then the lr sensitivity of their methods
-    (validation numbers, apart)."""
-    names = [comparisons[0].candidate, *(c.baseline for c in comparisons)]
-    md = (f'## {names[0]} vs {", ".join(names[1:])}: test top-1 differences (train800val200 -> test)\n\n'
-          + comparisons_markdown(comparisons))
+    (validation numbers, apart). ``pairing``: how the pairs were chosen (``curve.PAIRINGS``), said in the title."""
+    names = list(dict.fromkeys(n for c in comparisons for n in (c.candidate, c.baseline)))
+    title = f'Pairs at {pairing}' if pairing else f'{names[0]} vs {", ".join(names[1:])}'
+    md = (f'## {title}: test top-1 differences (train800val200 -> test)\n\n' + comparisons_markdown(comparisons))
     curves = lr_sensitivity(records, names)
     out = {'compare_markdown': Path(f'{prefix}_compare.md'), 'compare_csv': Path(f'{prefix}_compare.csv')}
     if curves:

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .._io import atomic_path, write_text_atomic
 from ..config import in_range
+from .curve import curve_markdown, curve_points, plot_curve
 from .markdown import row
 from .provenance import differing_fields
 from .tasks import GROUPS, TASKS
@@ -286,6 +287,11 @@ def write_report(runs_dir: Path, prefix: Optional[Path] = None) -> Dict[str, Pat
         md += ('\n## Provenance\n\nThe results above were not all made with the same software and hardware '
                '(versions or machine kind differ; each results.json records its own):\n\n'
                + ''.join(f'- {key}: {", ".join(values)}\n' for key, values in differing.items()))
+    points, left_out = curve_points(results)
+    if len(points) > 1:
+        md += ('\n## Accuracy per stored parameter (test)\n\nEach method family across its sizes, in '
+               f'`{prefix.name}_curve.png` (mean over tasks, then one panel per task).\n\n'
+               + curve_markdown(points, left_out))
     records = read_records(Path(runs_dir))
     if records:
         md += ('\n## Learning-rate search (on val; the chosen rate trains the final runs)\n\n'
@@ -295,6 +301,9 @@ def write_report(runs_dir: Path, prefix: Optional[Path] = None) -> Dict[str, Pat
     out = {'markdown': prefix.with_suffix('.md'), 'csv': prefix.with_suffix('.csv')}
     if plot(rows, prefix.with_suffix('.png')):
         out['png'] = prefix.with_suffix('.png')
+    curve_png = prefix.parent / f'{prefix.name}_curve.png'
+    if len(points) > 1 and plot_curve(points, curve_png):
+        out['curve_png'] = curve_png
     print(md)
     return out
 
