@@ -64,20 +64,20 @@ METHODS: Dict[str, Tuple[str, List[str], List[float], str]] = {
     'full': ('full', [], [1e-5, 3e-5, 1e-4], 'full fine-tuning'),
     # HF PEFT's own methods (peft_*.yaml) at LoRA r=4's 73,728 stored parameters on ViT-S/14 qkv, where the method
     # allows (DoRA adds its 13,824-entry magnitude; VeRA's trainable size is r + out per layer, so it stays small)
-    **{name: (name, ['--peft-args', *args], LORA_GRID, family) for name, args, family in (
-        ('peft_dora', ['r=4', 'lora_alpha=4'], 'PEFT DoRA'),
-        ('peft_loha', ['r=2', 'alpha=4'], 'PEFT LoHa'),
-        ('peft_lokr', ['r=32', 'alpha=32', 'decompose_factor=8'], 'PEFT LoKr'),
-        ('peft_hira', ['r=4'], 'PEFT HiRA'),
-        ('peft_randlora', ['r=26'], 'PEFT RandLoRA'),
-        ('peft_vera', ['r=256'], 'PEFT VeRA'),
-        ('peft_fourierft', ['n_frequency=6144'], 'PEFT FourierFT'),
+    **{name: (config, ['--peft-args', *args], LORA_GRID, family) for name, config, args, family in (
+        ('peft_dora', 'peft_dora', ['r=4', 'lora_alpha=4'], 'PEFT DoRA'),
+        ('peft_loha', 'peft_loha', ['r=2', 'alpha=4'], 'PEFT LoHa'),
+        ('peft_lokr', 'peft_lokr', ['r=32', 'alpha=32', 'decompose_factor=8'], 'PEFT LoKr'),
+        ('peft_hira', 'peft_hira', ['r=4'], 'PEFT HiRA'),
+        ('peft_randlora', 'peft_randlora', ['r=26'], 'PEFT RandLoRA'),
+        ('peft_vera', 'peft_vera', ['r=256'], 'PEFT VeRA'),
+        ('peft_fourierft', 'peft_fourierft', ['n_frequency=6144'], 'PEFT FourierFT'),
         # two more sizes each for the accuracy-per-parameter curve, at LoRA r=2's and r=8's stored parameters
         # (LoHa 36,864 and 147,456: matched; LoKr 37,632 and 148,224: its nearest sizes)
-        ('peft_loha_r1', ['r=1', 'alpha=2'], 'PEFT LoHa'),
-        ('peft_loha_r4', ['r=4', 'alpha=8'], 'PEFT LoHa'),
-        ('peft_lokr_r16', ['r=16', 'alpha=16', 'decompose_factor=8'], 'PEFT LoKr'),
-        ('peft_lokr_r64', ['r=64', 'alpha=64', 'decompose_factor=8'], 'PEFT LoKr'),
+        ('peft_loha_r1', 'peft_loha', ['r=1', 'alpha=2'], 'PEFT LoHa'),
+        ('peft_loha_r4', 'peft_loha', ['r=4', 'alpha=8'], 'PEFT LoHa'),
+        ('peft_lokr_r16', 'peft_lokr', ['r=16', 'alpha=16', 'decompose_factor=8'], 'PEFT LoKr'),
+        ('peft_lokr_r64', 'peft_lokr', ['r=64', 'alpha=64', 'decompose_factor=8'], 'PEFT LoKr'),
     )},
 }
 PEFT_ROWS = [name for name in METHODS if name.startswith('peft_')]
