@@ -134,8 +134,14 @@ def main() -> None:
         build_task(task, data, test_size=1000)
 
     def run_in_process(requests: List[Request]) -> List[str]:
-        argvs = [run_argv(args, weights, data, r) for r in requests]
-        return [' '.join(argv) for argv in argvs if cli.main(argv)]
+        failed = []
+        for argv in (run_argv(args, weights, data, r) for r in requests):
+            code = cli.main(argv)
+            if code in (130, 143):  # SIGINT/SIGTERM stopped the run: stop the suite too (rerun it to resume)
+                raise SystemExit(code)
+            if code:
+                failed.append(' '.join(argv))
+        return failed
 
     def results(request: Request) -> Dict[str, Any]:
         parsed = cli.make_parser().parse_args(run_argv(args, weights, data, request))
