@@ -16,7 +16,7 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._io import atomic_path
 from .markdown import row
@@ -102,10 +102,16 @@ def curve_points(results: List[Dict[str, Any]]) -> Tuple[List[Point], List[str]]
         means = list(p.task_means.values())
         p.mean, p.spread = statistics.fmean(means), (min(means), max(means))
         drawn.append(p)
+    front = pareto_front(drawn, lambda p: p.mean)
     for p in drawn:
-        p.front = not any(q is not p and q.stored <= p.stored and q.mean >= p.mean
-                          and (q.stored < p.stored or q.mean > p.mean) for q in drawn)
+        p.front = p in front
     return sorted(drawn, key=lambda p: (p.family, p.stored)), left_out
+
+
+def pareto_front(points: List[Point], value: Callable[[Point], float]) -> List[Point]:
+    """The points that no other point beats or ties in ``value`` with no more stored parameters."""
+    return [p for p in points if not any(q is not p and q.stored <= p.stored and value(q) >= value(p)
+                                         and (q.stored < p.stored or value(q) > value(p)) for q in points)]
 
 
 def pairs(points: List[Point], pairing: str) -> List[Tuple[str, str]]:
@@ -151,7 +157,7 @@ def curve_markdown(points: List[Point], left_out: List[str]) -> str:
 
 def plot_curve(points: List[Point], path: Path) -> bool:
     """PNG: the mean over tasks against stored parameters (log axis), one line per family across its sizes, the
-    task spread as error bars, the Pareto front circled; then one small panel per task. False (with a note) when
+    task spread as error bars, the Pareto front circled; then one small panel per task, with that task's front. False (with a note) when
     matplotlib is missing or nothing can be drawn."""
     try:
         import matplotlib
@@ -178,9 +184,9 @@ def plot_curve(points: List[Point], path: Path) -> bool:
                 if spread else None
             ax.errorbar(xs, ys, yerr=err, fmt='-o', ms=4, capsize=2, color=colours[family], label=family,
                         alpha=0.9, elinewidth=0.6)
-        front = sorted((p for p in points if p.front), key=lambda p: p.stored)
+        front = pareto_front(points, value)  # of this panel's values: per task, its own front
         ax.plot([max(p.stored, 1.0) for p in front], [value(p) for p in front], 'o', ms=11, mfc='none', mec='k',
-                mew=1.0, label='Pareto front (mean)' if spread else None)
+                mew=1.0, label='Pareto front' if spread else None)
         ax.set_xscale('log')
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
