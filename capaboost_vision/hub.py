@@ -334,16 +334,20 @@ BASE_MODEL_ARGS: Dict[str, Callable[[Any], bool]] = {
 TOP_LEVEL_KEYS = ('architecture', 'num_classes', 'num_features', 'global_pool', 'label_names', 'label_descriptions',
                   'model_args', 'pretrained_cfg', 'capaboost')
 CAPABOOST_KEYS = ('format_version', 'weights', 'config', 'base_weights', 'base_fingerprint')
-_NUMBER = (int, float)
-_TEXT = lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+def _text(value: Any) -> bool:
+    """None, a string, or a list of strings (notes, paper ids)."""
+    return value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(x, str)
+                                                                                      for x in value))
+
+
 PRETRAINED_CFG_KEYS: Dict[str, Callable[[Any], bool]] = {
     **dict.fromkeys(('hf_hub_id', 'tag', 'interpolation', 'classifier', 'first_conv', 'license', 'description',
-                     'origin_url', 'paper_name', 'paper_ids', 'notes'), _TEXT),
+                     'origin_url', 'paper_name', 'paper_ids', 'notes'), _text),
     **dict.fromkeys(('input_size', 'test_input_size', 'min_input_size'),
                     lambda v: v is None or (isinstance(v, list) and len(v) == 3 and _sizes(1)(v))),
     **dict.fromkeys(('pool_size', 'test_pool_size'), lambda v: v is None or (isinstance(v, list) and _sizes(1)(v))),
     **dict.fromkeys(('mean', 'std'), lambda v: isinstance(v, list) and 0 < len(v) <= 64 and all(
-        isinstance(x, _NUMBER) and not isinstance(x, bool) and 0 <= x <= 1e4 for x in v)),
+        isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1e4 for x in v)),
     **dict.fromkeys(('crop_pct', 'test_crop_pct'), lambda v: v is None or in_range(v, '(0, 4]')),
     'crop_mode': lambda v: v in ('center', 'squash', 'border'),
     **dict.fromkeys(('fixed_input_size', 'custom_load'), lambda v: isinstance(v, bool)),
