@@ -12,9 +12,11 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
+import yaml
 from timm.data import create_transform
 
-from .hub import AdapterError, apply_adapter, check_adapter, check_repo_config, explain_hub_error, read_adapter
+from .hub import AdapterError, AdapterFile, apply_adapter, base_mismatch, check_adapter, check_repo_config, \
+    explain_hub_error, read_adapter
 from .tuner import merge
 
 
@@ -35,14 +37,50 @@ def squash_transform(img_size: int, mean: Tuple[float, ...], std: Tuple[float, .
     return create_transform(img_size, interpolation='bicubic', crop_pct=1.0, crop_mode='squash', mean=mean, std=std)
 
 
+def recorded_base_file(source: Union[str, Path]) -> Optional[Path]:
+    """The base weights file a finished run folder was trained with (its config.yaml's ``weights``), or None for
+    an adapter folder or repo, or a run on Hub weights."""
+    path = Path(str(source)) / 'config.yaml'
+    if str(source).startswith('hf-hub:') or not path.is_file():
+        return None
+    try:
+        weights = (yaml.safe_load(path.read_text()) or {}).get('weights')
+    except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+        raise AdapterError(f'{path} is not a readable run config') from None
+    return Path(weights) if isinstance(weights, str) and weights else None
+
+
+def _base_weights(source: Union[str, Path], adapter: AdapterFile, weights: Optional[Union[str, Path]]) -> Optional[Path]:
+    """The base weights file to build on (None: the Hub weights the adapter records), or AdapterError naming the
+    base the adapter was trained on when it cannot be had: never another base in silence."""
+    block = adapter.meta['capaboost']
+    recorded, fingerprint = block.get('base_weights') or '', block.get('base_fingerprint')
+    given = weights if weights is not None else recorded_base_file(source)
+    if given is not None:
+        if not Path(given).is_file():
+            what = 'base weights file' if weights is not None else f'the base weights file {source} was trained with'
+            raise AdapterError(f'{what} {given} does not exist (pass weights=<that file>)')
+        return Path(given)
+    if recorded == 'random-init':
+        raise AdapterError(f'{source} was trained on a randomly initialised base (pretrained=False), which no weights '
+                           f'file holds: only its run folder rebuilds it (`capaboost-vtab eval RUN_FOLDER` replays '
+                           f'its seed)')
+    if recorded.startswith('file:'):
+        raise AdapterError(f'{source} was trained on the local base weights file {recorded[5:]} (fingerprint '
+                           f'{fingerprint}), not on Hub weights: pass weights=<path to that file>')
+    return None
+
+
 def load_classifier(source: Union[str, Path], weights: Optional[Union[str, Path]] = None, merged: bool = True,
                     device: Union[str, torch.device] = 'cpu') -> Classifier:
     """The classifier of a CapaBoost adapter: a local adapter folder (a finished run folder is one) or
-    ``hf-hub:org/repo[@revision]``.
+    ``hf-hub:org/repo[@revision]``, on the base weights it was trained on.
 
-    The base weights load from the hub id the adapter records (the Hugging Face cache offline), or from ``weights``
-    (a local .safetensors/.pth of the base model). ``merged`` folds a LoRA update into the weights (adapter and
-    prompt forms are not linear and stay as they are). AdapterError (one line) for anything that does not fit.
+    The base weights load from the hub id the adapter records (the Hugging Face cache offline), from ``weights``
+    (a local .safetensors/.pth of the base model), or, for a run folder, from the file its config.yaml names. An
+    adapter trained on a local file needs that file; base weights other than the recorded ones (by fingerprint)
+    are an error, not a warning. ``merged`` folds a LoRA update into the weights (adapter and prompt forms are not
+    linear and stay as they are). AdapterError (one line) for anything that does not fit.
     """
     adapter = read_adapter(source)  # config.json schema, safetensors, finite values: before anything is built
     # what timm builds from the file's model_args: CapaBoost settings and bounded sizes only, never a path, overlay
@@ -51,16 +89,19 @@ def load_classifier(source: Union[str, Path], weights: Optional[Union[str, Path]
     meta = adapter.meta
     cfg = meta.get('pretrained_cfg') or {}
     kwargs = dict(meta.get('model_args') or {}, num_classes=meta['num_classes'])
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise AdapterError(f'base weights file {weights} does not exist')
-        kwargs['pretrained_cfg_overlay'] = dict(file=str(weights))
+    base_file = _base_weights(source, adapter, weights)
+    if base_file is not None:
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(base_file))
+    name = f'{meta["architecture"]}.{cfg["tag"]}' if cfg.get('tag') else meta['architecture']
     try:
-        model = timm.create_model(meta['architecture'], pretrained=True, **kwargs)
+        model = timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError) as e:
-            raise AdapterError(f'base weights of {source}: {explain_hub_error(e)}; pass a local base weights '
+        raise AdapterError(f'base weights of {source}: {explain_hub_error(e)}; pass a local base weights '
                            f'file (weights=...)') from None
-    check_adapter(model, adapter)
+    check_adapter(model, adapter, check_base=False)
+    mismatch = base_mismatch(model, adapter)
+    if mismatch:
+        raise AdapterError(f'{mismatch}: pass weights=<the base weights file it was trained on>')
     apply_adapter(model, adapter)
     if merged and adapter.config.method == 'lora':
         model = merge(model)

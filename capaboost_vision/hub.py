@@ -226,15 +226,18 @@ def save_adapter(model: nn.Module, folder: Union[str, Path], results: Optional[U
     if results and results.get('img_size'):  # and its squash-resize, so timm's resolve_data_config gives it
         model_config['pretrained_cfg'].update(input_size=(3, results['img_size'], results['img_size']),
                                               interpolation='bicubic', crop_pct=1.0, crop_mode='squash')
+    label_names = label_names or model.pretrained_cfg.get('label_names')  # a loaded adapter keeps its classes
     if label_names:
         model_config['label_names'] = list(label_names)
-    model_args = getattr(model, '_model_args', {})
+    model_args, pretrained_cfg = getattr(model, '_model_args', {}), model.pretrained_cfg
     model._model_args = {k: v for k, v in model_args.items() if k != 'adapter'}  # the repo IS the adapter
+    # class names travel at the top level (timm reads them from there into pretrained_cfg)
+    model.pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k not in BASE_ONLY_CFG_KEYS}
     try:
         with atomic_path(folder / CONFIG_NAME) as tmp:
             save_config_for_hf(model, tmp, model_config=model_config)
     finally:
-        model._model_args = model_args
+        model._model_args, model.pretrained_cfg = model_args, pretrained_cfg
     card = _model_card(model, repo_id or folder.name, results, (folder / WEIGHTS_NAME).stat().st_size)
     write_text_atomic(folder / 'README.md', str(card))
     return folder
@@ -526,23 +529,54 @@ def check_adapter(model: nn.Module, adapter: AdapterFile, check_base: bool = Tru
         if value.shape != expected[key].shape or value.dtype.is_floating_point != expected[key].dtype.is_floating_point:
             raise AdapterError(f'{weights_file}: {key} has shape {tuple(value.shape)} ({value.dtype}), '
                                f'the model expects {tuple(expected[key].shape)} ({expected[key].dtype})')
+    mismatch = base_mismatch(model, adapter) if check_base else None
+    if mismatch:
+        warnings.warn(f'{mismatch}: outputs will differ from the adapter\'s reported results', stacklevel=3)
+
+
+def base_mismatch(model: nn.Module, adapter: AdapterFile) -> Optional[str]:
+    """What differs when the model's base weights are not the ones the adapter was trained on (by fingerprint);
+    None when they are the same or the adapter records none."""
     block = adapter.meta['capaboost']
     trained_on, fingerprint = block.get('base_weights'), block.get('base_fingerprint')
-    current = base_fingerprint(model) if check_base and fingerprint else fingerprint
-    if current != fingerprint:
-        warnings.warn(f'adapter {adapter.source} was trained on base weights {trained_on!r} (fingerprint '
-                      f'{fingerprint}); this model has {base_weights_id(model)!r} (fingerprint {current}): outputs '
-                      f'will differ from the adapter\'s reported results', stacklevel=3)
+    current = base_fingerprint(model) if fingerprint else None
+    if current == fingerprint:
+        return None
+    return (f'adapter {adapter.source} was trained on base weights {trained_on!r} (fingerprint {fingerprint}); '
+            f'this model has {base_weights_id(model)!r} (fingerprint {current})')
+
+
+# timm's data config fields an adapter's config.json records (the preprocessing it was trained with)
+DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'crop_pct', 'crop_mode', 'mean', 'std')
+# fields of the base's pretrained_cfg that describe the base's own training and would be wrong for the adapter
+BASE_ONLY_CFG_KEYS = ('test_input_size', 'test_crop_pct', 'test_pool_size', 'label_offset', 'label_names',
+                      'label_descriptions')
+
+
+def adapter_pretrained_cfg(model: nn.Module, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The model's ``pretrained_cfg`` with the adapter's data config (input size, interpolation, crop, mean/std),
+    classes and class names: what timm's ``resolve_data_config`` and ``inference.py`` read. The base weights'
+    location fields stay (they say where the base came from)."""
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in BASE_ONLY_CFG_KEYS}
+    recorded = meta.get('pretrained_cfg') or {}
+    cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items() if k in DATA_CONFIG_KEYS})
+    cfg['num_classes'] = meta['num_classes']
+    if meta.get('label_names'):
+        cfg['label_names'] = tuple(meta['label_names'])
+        cfg['label_descriptions'] = meta.get('label_descriptions') or None
+    return cfg
 
 
 def apply_adapter(model: nn.Module, adapter: AdapterFile) -> nn.Module:
     """Copy the checked weights and masks in; the model's CapaBoost config becomes the file's (mask density,
-    seed, type travel with the masks), so a later save writes what the model really holds."""
+    seed, type travel with the masks), so a later save writes what the model really holds, and its
+    ``pretrained_cfg`` the adapter's data config and class names (timm's preprocessing then matches training)."""
     model.load_state_dict(adapter.state, strict=False)
     model.capaboost_config = adapter.config
     recorded = adapter.config.to_dict()
     recorded.pop('method')
     model._model_args = dict(getattr(model, '_model_args', {}), **recorded)
+    model.pretrained_cfg = model.default_cfg = adapter_pretrained_cfg(model, adapter.meta)
     return model
 
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from . import lora, adapter, prompt  # noqa: F401  (the forms CapaBoost ships register themselves)
 from .backbones import backbone_of, head_module, head_name, transformer_blocks  # noqa: F401  (re-exported)
-from .config import CapaBoostConfig
+from .config import CONFIG_KEYS, CapaBoostConfig
 from .forms import form_of
 from .lora import CapaBoostLoRALinear
 
@@ -47,7 +47,10 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     The result has exactly the base model's modules and state-dict keys, gives the same outputs, and is what
     ``timm.create_model(base)`` returns: every parameter trainable (the CapaBoost model's frozen backbone is a
-    PEFT setting, not part of the merged model).
+    PEFT setting, not part of the merged model). Its ``pretrained_cfg`` names the base architecture and tag
+    (a registered CapaBoost model's plain timm base) and keeps the data config and class names, and its recorded
+    constructor arguments are the base's only, so ``timm.models.push_to_hf_hub(merged, ...)`` gives a repo that
+    plain timm loads without this package.
     """
     config = getattr(model, 'capaboost_config', None)
     if config is None or config.method != 'lora':
@@ -61,6 +64,14 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
             setattr(model.get_submodule(parent_name), attr, module.to_linear())
     del model.capaboost_config
     model.requires_grad_(True)
+    base = model.__dict__.pop('capaboost_base_architecture', None)
+    if base:  # '<family>_capaboost_lora' -> the plain timm model it was built on
+        architecture, _, tag = base.partition('.')
+        note = f'{base} with a CapaBoost-LoRA update (arXiv:2407.01320) merged into its weights'
+        model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, architecture=architecture,
+                                                        tag=tag or None, notes=(note,))
+    model._model_args = {k: v for k, v in getattr(model, '_model_args', {}).items()
+                         if k not in CONFIG_KEYS and k != 'adapter'}
     return model
 
 

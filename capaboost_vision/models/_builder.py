@@ -58,10 +58,12 @@ def loaded_weights_id(model: nn.Module, pretrained: bool) -> str:
     return registered_base_id(model) or 'unknown'
 
 
-def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretrained: bool,
+def create_capaboost(create_base: Callable[..., nn.Module], variant: str, base_name: str, pretrained: bool,
                      **kwargs: Any) -> nn.Module:
     """Build ``variant`` = '<base>_capaboost_<method>': timm base model, then CapaBoost from the kwargs.
 
+    ``base_name`` is the plain timm model and tag the variant adds CapaBoost to ('vit_base_patch16_224.orig_in21k'):
+    ``merge`` gives that model back.
     CapaBoost settings (rank, num_masks, mask_density, ...) are keyword arguments; every setting, defaults
     included, lands in ``model._model_args`` so a pushed config.json rebuilds the same model.
     ``adapter='hf-hub:org/repo[@rev]'`` or a local folder loads trained adapter weights after the base weights.
@@ -92,6 +94,7 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, pretra
                          f'extraction uses feature_cls="getter" (forward_intermediates)')
     model = create_base(variant, pretrained=pretrained, **base_kwargs)
     model.capaboost_base_weights = loaded_weights_id(model, pretrained)
+    model.capaboost_base_architecture = base_name
     apply_capaboost(model, config)
     recorded = config.to_dict()
     recorded.pop('method')

@@ -95,15 +95,17 @@ _ARGS = {
     'swin_base': dict(patch_size=4, window_size=7, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
 }
 
+_BASE_WEIGHTS = {family: f'{family}_patch4_window7_224.ms_in22k' for family in _ARGS}
+
 default_cfgs = generate_default_cfgs({
-    f'{family}_capaboost_{form}.ms_in22k': base_cfg(f'{family}_patch4_window7_224.ms_in22k')
-    for family in _ARGS for form in FORMS
+    f'{family}_capaboost_{form}.ms_in22k': base_cfg(base) for family, base in _BASE_WEIGHTS.items() for form in FORMS
 })
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> SwinTransformer:
     family = variant.split('_capaboost_')[0]
-    return create_capaboost(_create_swin_transformer, variant, pretrained, **dict(_ARGS[family], **kwargs))
+    return create_capaboost(_create_swin_transformer, variant, _BASE_WEIGHTS[family], pretrained,
+                            **dict(_ARGS[family], **kwargs))
 
 
 # swin_tiny_capaboost_lora, ..., swin_base_capaboost_prompt: one per family and form

@@ -143,7 +143,8 @@ default_cfgs = generate_default_cfgs({
 
 def _create(variant: str, pretrained: bool, **kwargs) -> VisionTransformer:
     family = variant.split('_capaboost_')[0]
-    return create_capaboost(_create_vision_transformer, variant, pretrained, **dict(_ARGS[family], **kwargs))
+    return create_capaboost(_create_vision_transformer, variant, _BASE_WEIGHTS[family], pretrained,
+                            **dict(_ARGS[family], **kwargs))
 
 
 # vit_tiny_capaboost_lora, ..., vit_small_dinov2_capaboost_prompt: one per family and form
