@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import timm
 import torch
 import torch.nn as nn
-from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, hf_hub_download
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, \
     RepositoryNotFoundError, RevisionNotFoundError
 from safetensors import SafetensorError, safe_open
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from timm.models._hub import save_config_for_hf
 
 from ._io import atomic_path, write_text_atomic
+from .card import CardResult, adapter_card, results_of_card
 from .config import CONFIG_KEYS, MAX_CLASSES, CapaBoostConfig, in_range
 from .forms import COMMON_MATCHING_KEYS, FORMS
 from .tuner import head_module, head_name, is_capaboost_key
@@ -90,42 +91,6 @@ def refuse_non_finite(state: Dict[str, torch.Tensor], action: str, where: str = 
                            f'e.g. {bad[0]}): the training diverged')
 
 
-def _provenance_text(block: Optional[Dict[str, Any]]) -> str:
-    """The model card's account of what produced the result (results.json's ``provenance``)."""
-    if not isinstance(block, dict):
-        return ''
-    versions = ', '.join(f'{k} {v}' for k, v in (block.get('versions') or {}).items() if v)
-    hardware = block.get('hardware') or {}
-    where = hardware.get('gpu') or f'{hardware.get("cpu")} ({hardware.get("cpu_capability")}, ' \
-                                   f'{hardware.get("threads")} threads)'
-    data = ', '.join(f'{split} `{(digest or "?")[:16]}`' for split, digest in (block.get('data_sha256') or {}).items())
-    commit = f'; code at commit `{block["git_commit"]}`' if block.get('git_commit') else ''
-    return (f'\n## Provenance\n\nTrained with {versions}, on {where}, autocast {hardware.get("amp") or "off (fp32)"}'
-            f'{commit}. Data (SHA-256 of each split\'s list and image bytes): {data or "not recorded"}. The same '
-            f'command on the same machine kind gives bit-identical results; other hardware or thread counts give '
-            f'slightly different floats.\n')
-
-
-VTAB_GROUPS = ('natural', 'specialized', 'structured')
-
-
-def dataset_name(task: str, group: Optional[str]) -> str:
-    """How a card names the data a result is on: 'VTAB-1k cifar' for the 19 tasks' groups, else the task name."""
-    return f'VTAB-1k {task}' if group in VTAB_GROUPS else task
-
-
-def _dataset_type(results: Dict[str, Any]) -> str:
-    return 'vtab-1k' if results.get('group') in VTAB_GROUPS else 'custom'
-
-
-@dataclass
-class CardResult:
-    """A result a model card states: dataset name, split and top-1 (%)."""
-    dataset: str
-    split: Optional[str]
-    top1: float
-
-
 def card_results(source: Union[str, Path]) -> List[CardResult]:
     """The results the model card (README.md) of an adapter folder or ``hf-hub:`` repo states in its metadata; []
     when it has no card or states none."""
@@ -133,72 +98,7 @@ def card_results(source: Union[str, Path]) -> List[CardResult]:
         card = ModelCard.load(_fetch(str(source), 'README.md'))
     except (AdapterError, ValueError, OSError):
         return []
-    return [CardResult(r.dataset_name, r.dataset_split, float(r.metric_value))
-            for r in card.data.eval_results or [] if r.metric_type == 'accuracy']
-
-
-def _model_card(model: nn.Module, repo_id: str, results: Optional[Dict[str, Any]], size: int) -> ModelCard:
-    config = _capaboost_config(model)
-    arch = model.pretrained_cfg['architecture']
-    base = base_weights_id(model)
-    base_text = f'[`{base}`](https://huggingface.co/{base})' if '/' in base else f'`{base}`'
-    base = base if '/' in base else ''  # base_model takes a hub id only, not 'random-init' or 'file:...'
-    tags = ['capaboost', 'peft', 'vtab-1k', config.method, 'image-classification', 'timm']
-    eval_results = None
-    if results and results.get('top1') is not None:
-        from huggingface_hub import EvalResult
-        eval_results = [EvalResult(task_type='image-classification', dataset_type=_dataset_type(results),
-                                   dataset_name=dataset_name(results['task'], results.get('group')),
-                                   metric_type='accuracy', metric_value=float(results['top1']),
-                                   dataset_split=results.get('eval_split'))]
-    data = ModelCardData(library_name='timm', base_model=base or None, tags=tags, license='apache-2.0',
-                         model_name=repo_id.split('/')[-1], eval_results=eval_results)
-    settings = '\n'.join(f'| `{k}` | `{v}` |' for k, v in config.to_dict().items())
-    capaboost_params = sum(v.numel() for k, v in model.named_parameters() if is_capaboost_key(k))
-    result_text = ''
-    if results:
-        result_text = (f'\n## Evaluation\n\n{dataset_name(results["task"], results.get("group"))} '
-                       f'({results.get("protocol", "final")} '
-                       f'protocol, {results.get("eval_split", "test")} split, last epoch, seed {results.get("seed")}): '
-                       f'**{results["top1"]:.2f}%** top-1 after {results.get("epochs")} epochs.\n')
-        if results.get('norm'):
-            result_text += (f'\nInputs: squash-resized to {results.get("img_size")} px, normalised with '
-                            f'`--norm {results["norm"]}` (mean {results.get("mean")}, std {results.get("std")}; '
-                            f'recorded in config.json, so timm\'s `resolve_data_config` gives it).\n')
-        names = results.get('label_names') or []
-        if names:
-            shown = ', '.join(f'`{n}`' for n in names[:20])
-            shown += f' and {len(names) - 20} more' if len(names) > 20 else ''
-            result_text += f'\nClasses ({len(names)}, in output order; `label_names` in config.json): {shown}.\n'
-        if results.get('source'):
-            result_text += f'\nData: {results["source"]}, split sizes {results.get("split_sizes")}.\n'
-        result_text += _provenance_text(results.get('provenance'))
-    content = f"""---
-{data.to_yaml()}
----
-
-# {repo_id.split('/')[-1]}
-
-A CapaBoost-{config.method} adapter (ICLR 2024, "Increasing Model Capacity for Free") for the timm model
-`{arch}`, base weights {base_text}. The repo holds only the adapter:
-{capaboost_params:,} CapaBoost parameters plus the classifier head and the static masks, {size / 1e6:.2f} MB
-(`{WEIGHTS_NAME}`). The base weights load from their own source.
-
-## How to load
-
-```python
-import timm, capaboost_vision
-m = timm.create_model('hf-hub:{repo_id}', pretrained=True)
-# or: timm.create_model('{arch}', pretrained=True, adapter='hf-hub:{repo_id}', num_classes={model.num_classes})
-```
-
-## CapaBoost settings
-
-| setting | value |
-|---|---|
-{settings}
-{result_text}"""
-    return ModelCard(content)
+    return results_of_card(card)
 
 
 def save_adapter(model: nn.Module, folder: Union[str, Path], results: Optional[Union[str, Path, dict]] = None,
@@ -238,9 +138,15 @@ def save_adapter(model: nn.Module, folder: Union[str, Path], results: Optional[U
             save_config_for_hf(model, tmp, model_config=model_config)
     finally:
         model._model_args, model.pretrained_cfg = model_args, pretrained_cfg
-    card = _model_card(model, repo_id or folder.name, results, (folder / WEIGHTS_NAME).stat().st_size)
-    write_text_atomic(folder / 'README.md', str(card))
+    write_card(folder, repo_id or folder.name, results)
     return folder
+
+
+def write_card(folder: Path, repo_id: str, results: Optional[Dict[str, Any]] = None) -> None:
+    """README.md of an adapter folder: the card of what its config.json and weights hold, as ``repo_id``."""
+    adapter = read_adapter(folder)
+    card = adapter_card(adapter.meta, adapter.state, adapter.weights_file.stat().st_size, repo_id, results)
+    write_text_atomic(folder / 'README.md', str(card))
 
 
 def explain_hub_error(error: Exception) -> str:
@@ -636,21 +542,39 @@ def push_adapter_to_hub(model: nn.Module, repo_id: str, results: Optional[Union[
     return str(getattr(info, 'commit_url', info))
 
 
+def folder_results(folder: Union[str, Path]) -> Optional[Dict[str, Any]]:
+    """A run folder's results.json (what its card states), None when the folder has none; AdapterError naming the
+    file when it is not a result (not JSON, no task name, no top-1 accuracy in [0, 100])."""
+    path = Path(folder) / 'results.json'
+    if not path.is_file():
+        return None
+    results = _read_json(path)
+    if not (isinstance(results, dict) and isinstance(results.get('task'), str)
+            and in_range(results.get('top1'), '[0, 100]')):
+        raise AdapterError(f'{path} is not a run result (a task name and a top1 accuracy in [0, 100] are required)')
+    return results
+
+
 def push_folder_to_hub(folder: Union[str, Path], repo_id: str, private: bool = False,
                        revision: Optional[str] = None, token: Optional[str] = None,
                        commit_message: str = 'Upload CapaBoost adapter') -> str:
-    """Upload an adapter folder (e.g. a finished run folder) as it is: config.json, the weights and the model
-    card, after the same checks ``load_adapter`` makes (schema, finite values). Returns the commit URL."""
+    """Upload an adapter folder (e.g. a finished run folder) after the same checks ``load_adapter`` makes (schema,
+    finite values): its config.json and weights as they are, and a model card written for ``repo_id`` from them and
+    the folder's results.json (the folder's own README.md is not uploaded: it may name another repo). Returns the
+    commit URL."""
     adapter = read_adapter(folder)
     _refuse_unregistered(adapter.meta['architecture'])
-    files = [CONFIG_NAME, adapter.weights_file.name, 'README.md']
+    card = adapter_card(adapter.meta, adapter.state, adapter.weights_file.stat().st_size, repo_id,
+                        folder_results(folder))
+    operations = [CommitOperationAdd(CONFIG_NAME, str(adapter.config_file)),
+                  CommitOperationAdd(adapter.weights_file.name, str(adapter.weights_file)),
+                  CommitOperationAdd('README.md', str(card).encode())]
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                             commit_message=commit_message, allow_patterns=[f for f in files
-                                                                             if (Path(folder) / f).is_file()])
+    info = api.create_commit(repo_id=repo_id, operations=operations, revision=revision,
+                             commit_message=commit_message)
     return str(getattr(info, 'commit_url', info))
 
 

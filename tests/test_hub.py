@@ -199,7 +199,8 @@ def test_push_then_load_in_a_fresh_process_pinned_and_offline(hub, tmp_path):
     files = server.store.files('org/vit-t-capaboost', 'main')[1]
     assert sorted(files) == ['README.md', 'adapter.safetensors', 'config.json']
     assert len(files['adapter.safetensors']) < 400_000  # adapter only: LoRA 295 kB + head + packed masks; the ViT is 22 MB
-    assert '87.5' in files['README.md'].decode() and 'vtab-1k' in files['README.md'].decode()
+    card = files['README.md'].decode()  # a custom task ('toy', no VTAB group): no vtab-1k tag; the Hub base named
+    assert '87.5' in card and 'vtab-1k' not in card and f'base_model: {BASE_REPO}' in card
     kw = dict(img_size=32, num_classes=3, adapter='hf-hub:org/vit-t-capaboost')  # adapter= on the registered name
     _run(LOAD.format(loads=[('hf-hub:org/vit-t-capaboost', {}, str(tmp_path / 'main.st')),
                             (f'hf-hub:org/vit-t-capaboost@{first}', {}, str(tmp_path / 'pinned.st')),

@@ -319,7 +319,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     top1, top5 = topk_accuracy(logits, labels, 1), topk_accuracy(logits, labels, 5)
     print(f'{args.adapter} on {source.task.name} {args.split} ({len(labels)} images, {trained.img_size} px): '
           f'top-1 {top1:.2f}%  top-5 {top5:.2f}%')
-    from ..hub import dataset_name
+    from ..card import dataset_name
     names = {source.task.name, dataset_name(source.task.name, source.task.group)}
     for claim in trained.claims:
         if claim.dataset in names and claim.split == args.split:

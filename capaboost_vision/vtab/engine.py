@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -217,8 +217,8 @@ def resume(run: Run) -> None:
         print(f'resumed {run.run_dir} at epoch {run.start_epoch}')
 
 
-def evaluate_run(run: Run) -> float:
-    """Top-1 (%) on the protocol's evaluation split, sharded over ranks."""
+def evaluate_run(run: Run) -> Tuple[float, float]:
+    """(top-1, top-5) (%) on the protocol's evaluation split, sharded over ranks."""
     shard = range(run.env.rank, len(run.eval_data), run.env.world)
     loader = make_loader(run.eval_data, run.cfg.eval_batch_size, shard, run.env.device, run.mean, run.std,
                          run.cfg.workers)
@@ -269,7 +269,7 @@ def run_epochs(run: Run, on_epoch_end: Optional[Callable[[int], None]]) -> None:
     for epoch in range(run.start_epoch, cfg.epochs):
         row = train_epoch(run, epoch)
         if (epoch + 1) % eval_interval == 0 or epoch + 1 == cfg.epochs:
-            row['eval_acc'] = evaluate_run(run)
+            row['eval_acc'], row['eval_top5'] = evaluate_run(run)
         run.history.append(row)
         if env.main:
             if epoch == run.start_epoch:
@@ -298,6 +298,7 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
         'protocol': cfg.protocol, 'eval_split': run.eval_split, 'norm': cfg.norm,
         'mean': list(run.mean), 'std': list(run.std),
         'top1': run.history[-1]['eval_acc'],  # the LAST epoch, never the best-of-test
+        'top5': run.history[-1].get('eval_top5'),  # None for an epoch evaluated before top-5 was recorded
         'best_eval_top1': best['eval_acc'], 'best_epoch': best['epoch'], 'epochs': cfg.epochs,
         'trainable_params': sum(p.numel() for p in run.params),
         'trainable_params_excl_head': counts.trainable_excl_head, 'head_params': counts.head,

@@ -19,7 +19,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .._io import atomic_path
 from ..classifier import load_classifier
-from ..hub import CONFIG_NAME, card_results, dataset_name
+from ..card import CardResult, dataset_name
+from ..hub import CONFIG_NAME, card_results
 from .data import ImageSplit, Sample
 from .data_cache import make_loader, prepare_split
 from .run_config import RunConfig, RunError
@@ -50,7 +51,6 @@ def _run_config(folder: Path) -> Optional[RunConfig]:
 
 
 def _results_claims(folder: Path) -> Tuple[List[Any], Dict[str, Any]]:
-    from ..hub import CardResult
     path = folder / 'results.json'
     if not path.is_file():
         return [], {}

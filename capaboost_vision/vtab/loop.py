@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -142,16 +142,19 @@ def train_one_epoch(epoch: int, net: nn.Module, loader: Any, optimizer: torch.op
         raise NonFinite('the weights became non-finite')
     loss_sum, correct, seen = env.all_sum([loss_sum, correct, seen])
     return {'epoch': epoch + 1, 'lr': optimizer.param_groups[0]['lr'], 'train_loss': loss_sum / seen,
-            'train_acc': 100 * correct / seen, 'eval_acc': None, 'images_per_s': seen / elapsed, 'epoch_s': elapsed}
+            'train_acc': 100 * correct / seen, 'eval_acc': None, 'eval_top5': None, 'images_per_s': seen / elapsed, 'epoch_s': elapsed}
 
 
-def evaluate(model: nn.Module, loader: Any, env: Distributed, autocast: Callable[[], Any]) -> float:
-    """Top-1 accuracy (%) over ``loader`` (this rank's shard of the split), summed over ranks."""
+def evaluate(model: nn.Module, loader: Any, env: Distributed, autocast: Callable[[], Any]) -> Tuple[float, float]:
+    """(top-1, top-5) accuracy (%) over ``loader`` (this rank's shard of the split), summed over ranks."""
     model.eval()
-    correct = total = 0
+    correct = correct5 = total = 0
     with torch.no_grad(), autocast():
         for x, y in tqdm(loader, desc='eval', leave=False, disable=None if env.main else True):
-            correct += int((model(x).argmax(-1) == y).sum())
+            logits = model(x)
+            correct += int((logits.argmax(-1) == y).sum())  # argmax, not topk's first: ties resolve as before
+            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices  # (B, min(5, C))
+            correct5 += int((top == y[:, None]).any(dim=-1).sum())
             total += len(y)
-    correct, total = env.all_sum([correct, total])
-    return 100.0 * correct / max(total, 1)
+    correct, correct5, total = env.all_sum([correct, correct5, total])
+    return 100.0 * correct / max(total, 1), 100.0 * correct5 / max(total, 1)

@@ -49,6 +49,8 @@ def read_results(path: Path) -> Dict[str, Any]:
         raise ValueError(f'{path}: seed {result["seed"]!r} is not an integer')
     if not in_range(result['top1'], '[0, 100]'):
         raise ValueError(f'{path}: top1 {result["top1"]!r} is not a finite accuracy in [0, 100]')
+    if result.get('top5') is not None and not in_range(result['top5'], '[0, 100]'):
+        raise ValueError(f'{path}: top5 {result["top5"]!r} is not a finite accuracy in [0, 100]')
     if not in_range(result['trainable_params_excl_head'], '[0, inf)'):
         raise ValueError(f'{path}: trainable_params_excl_head {result["trainable_params_excl_head"]!r} is not a '
                          f'parameter count')
