@@ -59,7 +59,7 @@ def _base_weights(source: Union[str, Path], adapter: AdapterFile, weights: Optio
     if given is not None:
         if not Path(given).is_file():
             what = 'base weights file' if weights is not None else f'the base weights file {source} was trained with'
-            raise AdapterError(f'{what} {given} does not exist (pass weights=<that file>)')
+            raise AdapterError(f'{what} {given} does not exist (pass it: weights=PATH, --weights PATH)')
         return Path(given)
     if recorded == 'random-init':
         raise AdapterError(f'{source} was trained on a randomly initialised base (pretrained=False), which no weights '
@@ -67,7 +67,7 @@ def _base_weights(source: Union[str, Path], adapter: AdapterFile, weights: Optio
                            f'its seed)')
     if recorded.startswith('file:'):
         raise AdapterError(f'{source} was trained on the local base weights file {recorded[5:]} (fingerprint '
-                           f'{fingerprint}), not on Hub weights: pass weights=<path to that file>')
+                           f'{fingerprint}), not on Hub weights: pass that file (weights=PATH, --weights PATH)')
     return None
 
 
@@ -101,7 +101,7 @@ def load_classifier(source: Union[str, Path], weights: Optional[Union[str, Path]
     check_adapter(model, adapter, check_base=False)
     mismatch = base_mismatch(model, adapter)
     if mismatch:
-        raise AdapterError(f'{mismatch}: pass weights=<the base weights file it was trained on>')
+        raise AdapterError(f'{mismatch}: pass the base weights it was trained on (weights=PATH, --weights PATH)')
     apply_adapter(model, adapter)
     if merged and adapter.config.method == 'lora':
         model = merge(model)

@@ -218,11 +218,13 @@ def test_eval_reproduces_the_run_and_the_pushed_adapter(own, trained_run, hub, t
     assert stored['commits'][stored['branches']['main']]['model.safetensors'] == base.read_bytes()
     code, out, err = cli('push', run_dir, '--repo-id', 'org/digits', env=env)
     assert code == 0, err[-2000:]
-    code, out, err = cli('eval', 'hf-hub:org/digits', '--task', own / 'digits', env=env)
+    one_line_error(*cli('eval', 'hf-hub:org/digits', '--task', own / 'digits', env=env),
+                   'trained on the local base weights file base.safetensors', '--weights')  # never the Hub's in silence
+    code, out, err = cli('eval', 'hf-hub:org/digits', '--task', own / 'digits', '--weights', base, env=env)
     assert code == 0, err[-2000:]
     assert f'top-1 {results["top1"]:.2f}%' in out and 'stated: ' in out and 'difference +0.00' in out, out
     one_line_error(*cli('eval', 'hf-hub:org/digits', '--task', 'toy', '--data-path', _three_class_task(tmp_path),
-                        env=env), 'has 10 classes', 'task toy has 3')
+                        '--weights', base, env=env), 'has 10 classes', 'task toy has 3')
 
 
 def _three_class_task(root: Path) -> Path:
@@ -262,12 +264,49 @@ def test_load_classifier_transform_gives_the_training_pixels(own, trained_run):
     import capaboost_vision as cv
     from capaboost_vision.vtab.data import load_resized, to_float_normalized
     run_dir, results, base = trained_run
-    clf = cv.load_classifier(run_dir, weights=base)
+    clf = cv.load_classifier(run_dir)  # the base file the run's config.yaml records
     image = sorted((own / 'digits' / 'test' / 'five').iterdir())[0]
     pipeline = to_float_normalized(torch.from_numpy(load_resized(image, clf.img_size)), clf.mean, clf.std)
     with Image.open(image) as img:
         assert torch.equal(clf.transform(img.convert('RGB')), pipeline)
     assert clf.label_names == tuple(sorted(NAMES)) and type(clf.model).__name__ == 'VisionTransformer'  # merged
+
+
+def test_timm_preprocessing_of_a_loaded_adapter_reproduces_the_run(own, trained_run, tmp_path):
+    """timm's own resolve_data_config on the loaded model gives the training preprocessing: on the run's real test
+    images its predictions are load_classifier's and its top-1 is the run's recorded one."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    import capaboost_vision as cv
+    from capaboost_vision.card import load_kwargs
+    run_dir, results, base = trained_run
+    meta = json.loads((run_dir / 'config.json').read_text())
+    model = timm.create_model(meta['architecture'], pretrained=True, adapter=str(run_dir),
+                              pretrained_cfg_overlay=dict(file=str(base)), **load_kwargs(meta)).eval()
+    assert model.pretrained_cfg['label_names'] == tuple(sorted(NAMES))
+    transform = create_transform(**resolve_data_config({}, model=model))
+    images = sorted((own / 'digits' / 'test').rglob('*.png'))
+    clf = cv.load_classifier(run_dir)
+    with torch.no_grad():
+        x = torch.stack([transform(Image.open(f).convert('RGB')) for f in images])
+        mine, theirs = model(x).argmax(-1), clf.model(torch.stack([clf.transform(Image.open(f).convert('RGB'))
+                                                                  for f in images])).argmax(-1)
+    labels = torch.tensor([sorted(NAMES).index(f.parent.name) for f in images])
+    assert torch.equal(mine, theirs)
+    assert 100.0 * int((mine == labels).sum()) / len(images) == results['top1']
+    # the recorded base is used or named: an adapter folder alone (no config.yaml) needs the file, another is refused
+    alone = tmp_path / 'alone'
+    alone.mkdir()
+    for name in ('config.json', 'adapter.safetensors'):
+        shutil.copy(run_dir / name, alone / name)
+    with pytest.raises(cv.hub.AdapterError, match='trained on the local base weights file base.safetensors'):
+        cv.load_classifier(alone)
+    other = tmp_path / 'other.safetensors'
+    from safetensors.torch import save_file
+    save_file(timm.create_model('vit_tiny_patch16_224', num_classes=0).state_dict(), str(other))
+    with pytest.raises(cv.hub.AdapterError, match=r"trained on base weights 'file:base.safetensors' .* this model has "
+                                                  r"'file:other.safetensors'"):
+        cv.load_classifier(alone, weights=other)
 
 
 def test_eval_of_a_peft_run_folder(own, tmp_path):

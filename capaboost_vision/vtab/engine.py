@@ -292,6 +292,7 @@ def finish(run: Run, started: float) -> Dict[str, Any]:
     results = {
         'task': run.task.name, 'group': run.task.group, 'num_classes': run.task.num_classes,
         'label_names': list(run.source.label_names), 'source': run.source.describe_layout(),
+        **({'hub_dataset': run.source.hub_dataset} if run.source.hub_dataset else {}),
         'split_sizes': {split: len(run.source.samples(split)) for split in run.source.lists},
         'method': cfg.name or cfg.method, 'method_config': cfg.method, 'form': cfg.form, 'lr': cfg.lr,
         'model': cfg.model, 'family': family_of(cfg.model), 'seed': cfg.seed,

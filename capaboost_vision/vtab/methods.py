@@ -125,7 +125,7 @@ class CapaBoostKind(MethodKind):
 
     def save(self, model: nn.Module, run_dir: Path, results: Dict[str, Any], cfg: RunConfig) -> Path:
         save_adapter(model, run_dir, results=results, label_names=results.get('label_names'),
-                     repo_id=f'{run_dir.parent.parent.name}-{cfg.method}')
+                     repo_id=f'{results["task"]}-{cfg.name or cfg.method}')  # push writes the card anew
         return run_dir / WEIGHTS_NAME
 
 

@@ -85,6 +85,7 @@ class TaskSource:
     hf: Optional[Dict[str, Any]] = None  # HF split name -> datasets.Dataset (kind 'hfds')
     carved: Tuple[str, ...] = ()  # splits carved by --split-seed
     image_column: str = 'image'  # kind 'hfds'
+    hub_dataset: Optional[str] = None  # the Hugging Face Hub dataset id (kind 'hfds' loaded from the Hub)
 
     @property
     def split_names(self) -> Tuple[str, ...]:
@@ -277,7 +278,7 @@ def _hf_source(spec: str, root: Optional[Path], settings: SplitSettings, cache_d
     task = Task(hf_task_name(spec), len(names), 'custom')
     return TaskSource('hfds', task, tuple(names), Path(where), dict(sorted(lists.items(), key=_split_order)),
                       hf={name: splits[name] for name in mapping.values()}, carved=carved,
-                      image_column=image_col)
+                      image_column=image_col, hub_dataset=None if Path(where).is_dir() else where)
 
 
 class HFSplit(ImageSplit):
