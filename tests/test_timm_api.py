@@ -201,3 +201,37 @@ def test_entry_points_document_themselves_and_their_weights():
         assert fn.__doc__ and len(fn.__doc__.splitlines()) == 1, name
         cfg = timm.models.get_pretrained_cfg(name)
         assert 'arXiv:2407.01320' in cfg.paper_ids and cfg.license and 'base weights: timm/' in cfg.notes[0]
+
+
+def test_timm_scripts_run_through_the_wrapper_and_their_checkpoint_becomes_an_adapter(tmp_path, monkeypatch, capsys):
+    """timm's scripts build models with create_model(args.model, ..., **args.model_kwargs): through
+    ``python -m capaboost_vision.timm_script`` a stand-in train.py trains exactly the CapaBoost weights and the head
+    and saves train.py's checkpoint; ``from-checkpoint`` turns it into an adapter that reproduces the model the
+    stand-in validate.py loads from the checkpoint."""
+    import sys
+    from pathlib import Path
+    from safetensors.torch import save_file
+    from capaboost_vision import timm_script
+    from capaboost_vision.vtab import cli
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    monkeypatch.setattr(sys, 'path', list(sys.path))
+    script = str(Path(__file__).parent / 'fixtures' / 'timm_train_standin.py')
+    args = ['--model', 'vit_tiny_capaboost_lora', '--model-kwargs', 'img_size=32', 'rank=4']
+    assert timm_script.main([script, *args]) == 0
+    assert 'trained 37443 of' in capsys.readouterr().out  # 36,864 LoRA + 579 head parameters: nothing else
+    assert cli.main(['from-checkpoint', 'checkpoint-0.pth.tar', '--output', 'adapter']) == 0
+    assert (tmp_path / 'adapter' / 'adapter.safetensors').stat().st_size < 200_000  # the checkpoint: 22 MB + Adam
+    assert timm_script.main([script, *args, '--checkpoint', 'checkpoint-0.pth.tar']) == 0
+    state = torch.load('checkpoint-0.pth.tar', weights_only=False)['state_dict']
+    model = timm.create_model('vit_tiny_capaboost_lora', img_size=32, num_classes=3, rank=4)
+    model.load_state_dict({k: v for k, v in state.items() if not cv.is_capaboost_key(k)}, strict=False)  # its base
+    cv.load_adapter(model, 'adapter')
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.eval()(x), torch.load('validate_logits.pt'))
+    save_file(timm.create_model('vit_tiny_patch16_224', img_size=32).state_dict(), 'plain.safetensors')
+    assert cli.main(['from-checkpoint', 'plain.safetensors', '--output', 'other']) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: plain.safetensors: model None is not a registered CapaBoost model (pass model_name= / --model; "
+        'timm.list_models("*_capaboost_*"))']
+    assert not (tmp_path / 'other').exists()

@@ -390,6 +390,30 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_from_checkpoint(args: argparse.Namespace) -> int:
+    """A state dict or timm train.py checkpoint of a CapaBoost model, written as an adapter folder."""
+    import yaml
+    from ..checkpoint import model_from_checkpoint
+    from ..hub import save_adapter
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise RunError(f'--output {output} exists and is not an empty folder: choose a new folder')
+    kwargs = {}
+    for item in args.model_kwargs or []:
+        key, sep, value = item.partition('=')
+        try:
+            kwargs[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            sep = ''
+        if not sep or not key.isidentifier():
+            raise RunError(f'--model-kwargs {item!r}: expected KEY=VALUE, e.g. img_size=224')
+    model = model_from_checkpoint(args.checkpoint, args.model, args.num_classes, **kwargs)
+    save_adapter(model, output, repo_id=output.name)
+    print(f'adapter: {output} ({(output / "adapter.safetensors").stat().st_size / 1e6:.2f} MB, '
+          f'{model.pretrained_cfg["architecture"]}, {model.num_classes} classes, base {model.capaboost_base_weights})')
+    return 0
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     """Singular values and effective rank of ΔW per LoRA layer, printed and plotted."""
     from ..rank import rank_table, singular_values
@@ -509,6 +533,19 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--private', action='store_true', help='create the repo private')
     p.add_argument('--revision', help='branch to push to, created if missing (default: main)')
     p.set_defaults(fn=cmd_push)
+
+    p = sub.add_parser('from-checkpoint', help='turn a state dict or timm train.py checkpoint of a CapaBoost model '
+                                               'into an adapter folder', formatter_class=fmt)
+    p.add_argument('checkpoint', help='a .safetensors state dict, or a torch checkpoint (timm train.py\'s '
+                                      'checkpoint-N.pth.tar / model_best.pth.tar, read with weights_only=True)')
+    p.add_argument('--output', required=True, help='a new (or empty) folder for config.json, adapter.safetensors '
+                                                   'and the model card')
+    p.add_argument('--model', help='the CapaBoost model name (default: the checkpoint\'s arch)')
+    p.add_argument('--num-classes', type=int, help='classes of the head (default: the checkpoint\'s args)')
+    p.add_argument('--model-kwargs', nargs='+', metavar='KEY=VALUE',
+                   help='create_model keywords it was trained with, e.g. img_size=224 rank=4 (default: the '
+                        'checkpoint\'s args.model_kwargs)')
+    p.set_defaults(fn=cmd_from_checkpoint)
 
     p = sub.add_parser('eval', help='top-1/top-5 of an adapter on a task split, beside the result its model card '
                                     'or run states')
