@@ -266,3 +266,18 @@ def test_fetch_fills_the_cache_that_offline_jobs_read(hub, tmp_path):
     check = subprocess.run([sys.executable, '-c', f'import timm; timm.create_model("{model}", pretrained=True, num_classes=0)'],
                            capture_output=True, text=True, env=offline, timeout=120)
     assert check.returncode == 0, check.stderr[-2000:]
+
+
+def test_a_missing_extra_is_one_line_naming_what_to_install(data, tmp_path, monkeypatch, capsys):
+    from capaboost_vision.extras import EXTRAS
+    out = tmp_path / 'runs'
+    for package, argv in (('submitit', sweep_args(data, out) + ['--launcher', 'slurm']),
+                          ('ray', sweep_args(data, out) + ['--launcher', 'ray']),
+                          ('datasets', ['check', '--tasks', 'hfds/org/images', '--data-path', str(tmp_path)])):
+        monkeypatch.setitem(sys.modules, package, None)  # as if not installed
+        code = cli.main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, lines
+        assert lines[0].startswith('error: ') and lines[0].endswith(
+            f'needs the {package} package: pip install "capaboost-vision[{EXTRAS[package]}]"'), lines
+        assert not out.exists()

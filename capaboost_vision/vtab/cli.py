@@ -181,17 +181,12 @@ def make_launcher(settings: LaunchSettings, output: Path, in_process: Callable[[
     if settings.launcher == 'local':
         from .launch import LocalLauncher
         return LocalLauncher(settings, in_process)
-    extra = {'slurm': 'submitit', 'ray': 'ray'}[settings.launcher]
-    try:
-        if settings.launcher == 'slurm':
-            from .slurm import SlurmLauncher as launcher_class
-        else:
-            from .ray_runs import RayLauncher as launcher_class
-    except ImportError as e:
-        if e.name != extra:
-            raise
-        raise RunError(f"--launcher {settings.launcher} needs {extra}: pip install "
-                       f"'capaboost-vision[{settings.launcher}]'") from None
+    from ..extras import require
+    require({'slurm': 'submitit', 'ray': 'ray'}[settings.launcher], f'--launcher {settings.launcher}')
+    if settings.launcher == 'slurm':
+        from .slurm import SlurmLauncher as launcher_class
+    else:
+        from .ray_runs import RayLauncher as launcher_class
     return launcher_class(settings, output)
 
 
@@ -596,7 +591,8 @@ def _one_line(error: Exception, network: bool) -> str:
 def _user_errors() -> tuple:
     """Exception types that are the user's input, shown as one line (imported only once a command runs)."""
     from huggingface_hub.errors import HfHubHTTPError
-    return RunError, ValueError, OSError, HfHubHTTPError
+    from ..extras import MissingExtra
+    return RunError, ValueError, OSError, HfHubHTTPError, MissingExtra
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -27,6 +27,7 @@ from .._io import atomic_path, write_text_atomic
 from .markdown import row
 from .run_config import RunError, identity_settings
 from .tasks import GROUPS, TASKS
+from ..extras import install_hint
 
 BOOTSTRAP_DRAWS = 10_000
 # what may differ between the runs of a comparison: the method itself (and the rate its own search chose)
@@ -271,7 +272,7 @@ def lr_plot(curves: Dict[str, Dict[str, Dict]], path: Path) -> bool:
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('note: matplotlib is not installed, so no lr plot was written (pip install matplotlib)')
+        print(f'note: matplotlib is not installed, so no lr plot was written ({install_hint("matplotlib")})')
         return False
     tasks = sorted({t for by_task in curves.values() for t in by_task})
     cols = min(4, len(tasks))

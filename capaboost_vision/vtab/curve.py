@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .._io import atomic_path
 from .markdown import row
+from ..extras import install_hint
 
 PAIRINGS = {'equal-params': 'equal stored parameters: CapaBoost-LoRA (d masks, rank r) vs LoRA rank r',
             'equal-rank': 'equal rank of the update: CapaBoost-LoRA (d masks, rank r) vs LoRA rank d*r (1/d of '
@@ -164,7 +165,7 @@ def plot_curve(points: List[Point], path: Path) -> bool:
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('note: matplotlib is not installed, so no curve was written (pip install matplotlib)')
+        print(f'note: matplotlib is not installed, so no curve was written ({install_hint("matplotlib")})')
         return False
     if not points:
         return False

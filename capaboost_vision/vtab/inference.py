@@ -25,6 +25,7 @@ from .data import ImageSplit, Sample
 from .data_cache import make_loader, prepare_split
 from .run_config import RunConfig, RunError
 from .sources import TaskSource
+from ..extras import require
 
 
 @dataclass
@@ -87,8 +88,7 @@ def _rebuilt_run(folder: Path, cfg: RunConfig, weights: Optional[str], merged: b
         model = load_adapter(kind.build(cfg, results['num_classes']), folder)
         model = merge(model) if merged and cfg.form == 'lora' else model
     elif (folder / 'adapter_config.json').is_file():
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(create(cfg, base_of(cfg), results['num_classes']), str(folder))
+        model = require('peft', f'{folder} (an HF PEFT run)').PeftModel.from_pretrained(create(cfg, base_of(cfg), results['num_classes']), str(folder))
         model = model.merge_and_unload() if merged else model
     else:
         raise RunError(f'{folder} is a {cfg.form!r} run: only CapaBoost and HF PEFT runs are adapters')

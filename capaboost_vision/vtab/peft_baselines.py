@@ -16,13 +16,11 @@ from typing import Any, Dict
 
 import torch.nn as nn
 
+from ..extras import require
+
 
 def _peft():
-    try:
-        import peft
-    except ImportError:
-        raise ValueError("HF PEFT methods need the peft package: pip install 'capaboost-vision[peft]'") from None
-    return peft
+    return require('peft', 'HF PEFT methods')
 
 
 def peft_types() -> Dict[str, type]:

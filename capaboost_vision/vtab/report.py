@@ -23,6 +23,7 @@ from .curve import curve_markdown, curve_points, plot_curve
 from .markdown import row
 from .provenance import differing_fields
 from .tasks import GROUPS, TASKS
+from ..extras import install_hint, require
 
 
 SECTIONS = {'final': 'Test accuracy (train800val200 -> test; other task sources: train+val -> test)',
@@ -238,7 +239,7 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('note: matplotlib is not installed, so no plot was written (pip install matplotlib)')
+        print(f'note: matplotlib is not installed, so no plot was written ({install_hint("matplotlib")})')
         return False
     protocol = 'final' if any(r['protocol'] == 'final' for r in rows) else 'val'
     rows = [r for r in rows if r['protocol'] == protocol]  # one protocol per figure: test, else validation
@@ -312,7 +313,7 @@ def write_report(runs_dir: Path, prefix: Optional[Path] = None) -> Dict[str, Pat
 
 def save_singular_value_plot(values: Dict[str, Any], path: Path, title: str = '') -> None:
     """Normalised singular values of ΔW, one line per layer (log scale)."""
-    import matplotlib
+    matplotlib = require('matplotlib', '--plot')
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..extras import require
 from .data import (PROTOCOL_SPLITS, SPLITS, DataError, ImageSplit, Sample, SplitCheck, UnsupportedImage, VTABDataset,
                    check_image, check_task, split_warnings)
 from .run_config import HF_PREFIX, TASK_INFO_FILE, RunError, hf_task_name, load_yaml
@@ -216,10 +217,7 @@ def parse_split_map(text: str) -> Dict[str, str]:
 def _load_hf(spec: str, root: Optional[Path], cache_dir: Optional[Path]) -> Tuple[Dict[str, Any], str]:
     """Every split of the HF dataset ``spec`` (a local folder under ``root`` or the working directory, or a Hub id)
     with images left encoded; (splits, what it is) for messages."""
-    try:
-        import datasets
-    except ImportError:
-        raise RunError(f'{HF_PREFIX}{spec} needs the datasets package: pip install "capaboost-vision[hf]"') from None
+    datasets = require('datasets', f'{HF_PREFIX}{spec}')
     datasets.disable_progress_bars()
     local = next((p for p in ([root / spec] if root else []) + [Path(spec)] if p.is_dir()), None)
     try:
@@ -237,7 +235,7 @@ def _load_hf(spec: str, root: Optional[Path], cache_dir: Optional[Path]) -> Tupl
 
 
 def _hf_source(spec: str, root: Optional[Path], settings: SplitSettings, cache_dir: Optional[Path]) -> TaskSource:
-    import datasets
+    datasets = require('datasets', f'{HF_PREFIX}{spec}')
     splits, where = _load_hf(spec, root, cache_dir)
     mapping = parse_split_map(settings.split_map)
     if not mapping:  # the default: train, the first of validation/val/valid, test (those present)
