@@ -134,7 +134,8 @@ def _evaluation_text(results: Dict[str, Any]) -> str:
             f'seed {results.get("seed")}): **{results["top1"]:.2f}%** top-1{top5} after {results.get("epochs")} '
             f'epochs.\n')
     if results.get('img_size') and results.get('mean'):
-        text += (f'\nInputs: squash-resized to {results["img_size"]} px (bicubic, no crop), normalised with mean '
+        norm = f'`--norm {results["norm"]}`, ' if results.get('norm') else ''
+        text += (f'\nInputs: squash-resized to {results["img_size"]} px (bicubic, no crop), normalised with {norm}mean '
                  f'{results["mean"]} and std {results.get("std")}; recorded in config.json, so timm\'s '
                  f'`resolve_data_config` on the loaded model gives this preprocessing.\n')
     names = results.get('label_names') or []

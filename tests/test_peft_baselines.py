@@ -197,5 +197,5 @@ def test_core_package_imports_and_trains_without_peft(setup, tmp_path):
             f'{str(setup[0])!r}, "--output", {str(tmp_path)!r}, "--no-pretrained", *{SMALL!r}]))\n')
     proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ('error: HF PEFT methods need the peft package: '
+    assert proc.stderr.strip().splitlines()[-1] == ('error: an HF PEFT method needs the peft package: '
                                                     'pip install "capaboost-vision[peft]"'), proc.stderr

@@ -20,7 +20,7 @@ from ..extras import require
 
 
 def _peft():
-    return require('peft', 'HF PEFT methods')
+    return require('peft', 'an HF PEFT method')
 
 
 def peft_types() -> Dict[str, type]:
