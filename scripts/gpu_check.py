@@ -139,7 +139,11 @@ def main() -> None:
         check.write()
 
         # 5. the offline study at GPU scale, then report --compare (what finished within its time budget)
-        study(check, py, Path(tmp), Path(args.carry) if args.carry else None, dry)
+        carry = Path(args.carry) if args.carry else None
+        study(check, py, Path(tmp), carry, dry)
+
+        # 6. accuracy per stored parameter at 224 px: a small LoRA / CapaBoost-LoRA size sweep, then report's curve
+        curve(check, py, Path(tmp), carry, dry)
     print(f'all steps passed; results in {out}')
 
 
@@ -190,10 +194,36 @@ def study(check: 'Check', py: str, tmp: Path, carry: Path, dry: bool) -> None:
         '--output', str(runs), '--model', 'vit_tiny' if dry else 'vit_small_dinov2', '--max-extensions', '0',
         '--norm', 'imagenet',
         *(['--weights', str(weights)] if weights else ['--no-pretrained']), *size],
-        timeout=None if dry else 270, allow_timeout=True)
+        timeout=None if dry else 220, allow_timeout=True)
     check.run('offline study: report --compare', [py, '-m', 'capaboost_vision.cli', 'report', str(runs),
                                                   '--prefix', str(check.out / 'study'), '--compare', *methods])
     check.steps[-1]['results'] = {'compare': (check.out / 'study_compare.md').read_text()}
+    check.write()
+
+
+CURVE_METHODS = ('lora_r1', 'lora_r4', 'lora_r16', 'capaboost_lora_r1', 'capaboost_lora_r4', 'capaboost_lora_r4_d4')
+
+
+def curve(check: 'Check', py: str, tmp: Path, carry: Path, dry: bool) -> None:
+    """Accuracy against stored parameters at a realistic resolution: LoRA r = 1, 4, 16 and CapaBoost-LoRA d = 2 at
+    r = 1, 4 and d = 4 at r = 4 (``scripts/offline_suite.py``'s rows, each its own name), DINOv2 ViT-S/14 at 224 px,
+    10 epochs, lr fixed at 3e-3 (no search), seed 0, on three of the study's tasks, one run after another; then
+    ``report`` draws the curve (and the equal-params pairing) from what finished within the time budget. The dry
+    run: one generated task, three rows, a random ViT-Tiny at 32 px."""
+    runs = tmp / 'curve'
+    tasks = ['dsprites_loc'] if dry else ['mnist', 'dsprites_loc', 'clevr_count']
+    methods = ['lora_r1', 'lora_r4', 'capaboost_lora_r4'] if dry else list(CURVE_METHODS)
+    weights = carry / BACKBONE_FP16 if carry is not None and (carry / BACKBONE_FP16).is_file() else None
+    size = (['--model', 'vit_tiny', '--img-size', '32', '--epochs', '1', '--device', 'cpu'] if dry else
+            ['--img-size', '224', '--epochs', '10', '--device', 'cuda', '--amp', 'bf16'])
+    check.run('accuracy per stored parameter: size sweep (224 px)', [
+        py, 'scripts/offline_suite.py', '--tasks', *tasks, '--methods', *methods, '--seeds', '0', '--fixed-lr', '3e-3',
+        '--data', str(tmp / 'study_data'), '--work-dir', str(runs), '--weights', str(weights) if weights else 'none',
+        '--output', str(check.out / 'curve_suite'), *size], timeout=None if dry else 150, allow_timeout=True)
+    check.run('accuracy per stored parameter: report', [
+        py, '-m', 'capaboost_vision.cli', 'report', str(runs / 'runs'), '--prefix', str(check.out / 'curve'),
+        '--compare-pairing', 'equal-params'])
+    check.steps[-1]['results'] = {'report': (check.out / 'curve.md').read_text()}
     check.write()
 
 

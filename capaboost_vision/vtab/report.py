@@ -233,7 +233,8 @@ def _custom_mean(row: Dict[str, Any]) -> Optional[float]:
 
 def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
     """PNG of mean accuracy vs trainable parameters: one panel for the VTAB mean of group means, one for custom
-    tasks when there are any (never a blank figure). False (with a message) when matplotlib is missing."""
+    tasks when there are any (never a blank figure). False (with a message) when matplotlib is missing or no row
+    has a mean to draw."""
     try:
         import matplotlib
         matplotlib.use('Agg')
@@ -249,6 +250,9 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> bool:
                        [(r, r['mean_of_groups']['mean'], r['mean_of_groups']['std'] or 0) for r in rows]))
     if any(_custom_mean(r) is not None for r in rows):
         panels.append(('custom tasks: mean over tasks', [(r, _custom_mean(r), 0) for r in rows]))
+    if not panels:  # no row has a mean to draw (e.g. VTAB task names outside the VTAB groups)
+        print('note: no plot was written: no row has a VTAB mean of group means or a custom-task mean')
+        return False
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, (title, points) in zip(axes[0], panels):
         for r, y, err in points:
