@@ -281,3 +281,109 @@ def test_a_missing_extra_is_one_line_naming_what_to_install(data, tmp_path, monk
         assert lines[0].startswith('error: ') and lines[0].endswith(
             f'needs the {package} package: pip install "capaboost-vision[{EXTRAS[package]}]"'), lines
         assert not out.exists()
+
+
+# ---- a real one-node Slurm (tests/conftest.py's real_slurm: no accounting, so no sacct) ----
+
+def _slurm_sweep(data, output, env, *extra):
+    return [sys.executable, '-m', 'capaboost_vision.cli', *sweep_args(data, output, '--launcher', 'slurm',
+                                                                       '--gpus-per-run', 0, '--cpus-per-run', 1,
+                                                                       '--mem-gb', 1, '--poll-s', 0.5, *extra)]
+
+
+def _wait_for(condition, seconds=120, what=''):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f'timed out waiting for {what}'
+        time.sleep(0.2)
+
+
+def test_real_slurm_requeue_is_waited_for_and_the_runs_equal_local(real_slurm, data, local_sweep, tmp_path):
+    """On a real Slurm: `scontrol requeue` of a running job (what preemption with PreemptMode=REQUEUE does) is not
+    a failure: the driver keeps waiting, the job resumes from its checkpoint, and the runs equal the local
+    launcher's bit for bit."""
+    env, out = real_slurm, tmp_path / 'slurm'
+    driver = subprocess.Popen(_slurm_sweep(data, out, env), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        run = out / 'vit_tiny/toy/final/lora/seed0'
+        _wait_for(lambda: (run / 'checkpoint.pt').is_file(), what='the first epoch')
+        job = json.loads((run / 'launch.json').read_text())['job_id']
+        subprocess.run(['scontrol', 'requeue', job], env=env, check=True)
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0 and 'failed' not in output, output[-3000:]
+    assert_same_runs(local_sweep, out, 2)
+
+
+def test_real_slurm_rerun_reattaches_to_live_jobs_without_accounting(real_slurm, data, tmp_path):
+    """No slurmdbd, so no sacct: a rerun after the driver was killed reattaches to the jobs still queued (asked of
+    squeue/scontrol) instead of submitting them again."""
+    env, out = real_slurm, tmp_path / 'slurm'
+    first = subprocess.Popen(_slurm_sweep(data, out, env, '--slurm-extra', 'begin=now+600'), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # held back: still queued
+    records = [out / f'vit_tiny/toy/final/{m}/seed0/launch.json' for m in ('lora', 'capaboost_lora')]
+    try:
+        _wait_for(lambda: all(r.is_file() for r in records), what='the submission')
+    finally:
+        first.kill()
+        first.wait()
+    jobs = [json.loads(r.read_text())['job_id'] for r in records]
+    second = subprocess.Popen(_slurm_sweep(data, out, env), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    try:
+        time.sleep(3)  # the rerun has looked at the queue
+        for job in jobs:
+            subprocess.run(['scontrol', 'update', f'JobId={job}', 'StartTime=now'], env=env, check=True)
+        output, _ = second.communicate(timeout=300)
+    finally:
+        second.kill()
+    assert second.returncode == 0 and output.count('attach: ') == 2 and 'submitted' not in output, output[-3000:]
+    assert len(list(out.rglob('results.json'))) == 2
+    assert subprocess.run(['squeue', '-h'], env=env, capture_output=True, text=True).stdout.strip() == ''
+
+
+def test_real_slurm_refusals_are_one_line_and_leave_nothing(real_slurm, data, tmp_path):
+    """sbatch's refusals name the flag and Slurm's reason, with nothing submitted and no planned config left; a job
+    Slurm accepts but could never start (more CPUs than any node) is cancelled and told, never waited for."""
+    env, out = real_slurm, tmp_path / 'runs'
+    for extra, says in ((['--partition', 'nosuch'], 'check --partition'),
+                        (['--mem-gb', 100000], 'check --mem-gb')):
+        proc = subprocess.run(_slurm_sweep(data, out, env, *extra), env=env, capture_output=True, text=True,
+                              timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and says in lines[0], lines
+        assert not list(out.rglob('config.yaml')) and not list(out.rglob('launch.json'))
+    for extra in (['--cpus-per-run', 64], ['--nodes', 2]):  # --nodes reaches sbatch: this cluster has one node
+        proc = subprocess.run(_slurm_sweep(data, out, env, *extra), env=env, capture_output=True, text=True,
+                              timeout=120)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and 'could never start' in said and 'PartitionConfig' in said, said
+    assert subprocess.run(['squeue', '-h'], env=env, capture_output=True, text=True).stdout.strip() == ''
+
+
+def test_ray_unreachable_cluster_is_one_line_in_bounded_time_and_defaults_fit_the_cluster(data, tmp_path,
+                                                                                          monkeypatch, capsys):
+    ray = pytest.importorskip('ray')
+    monkeypatch.setenv('RAY_ADDRESS', '127.0.0.1:9')  # nothing listens there
+    tic = time.time()
+    code = cli.main(sweep_args(data, tmp_path / 'r', '--launcher', 'ray', '--ray-connect-timeout-s', 2))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and 'RAY_ADDRESS=127.0.0.1:9' in lines[0] and time.time() - tic < 30, lines
+    assert not (tmp_path / 'r').exists()  # refused before anything was planned
+    monkeypatch.delenv('RAY_ADDRESS')
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:  # no resource flags on a CPU-only Ray of 2 cores: the defaults (1 GPU, 8 CPUs) are cut to fit, and said
+        from capaboost_vision.vtab.ray_runs import RayLauncher
+        from capaboost_vision.vtab.cli import _launch_settings, make_parser
+        launcher = RayLauncher(_launch_settings(make_parser().parse_args(sweep_args(data, tmp_path / 'r',
+                                                                                    '--launcher', 'ray'))),
+                               tmp_path / 'r')
+        out = capsys.readouterr().out
+        assert (launcher.gpus, launcher.cpus) == (0, 2)
+        assert 'ray: --gpus-per-run 0 (the default 1' in out and 'ray: --cpus-per-run 2 (the default 8' in out
+        code = cli.main(sweep_args(data, tmp_path / 'r', '--launcher', 'ray', '--cpus-per-run', 4))  # asked: refused
+        assert code == 2 and '--cpus-per-run 4: the Ray cluster has 2 CPUs' in capsys.readouterr().err
+    finally:
+        ray.shutdown()

@@ -74,7 +74,9 @@ def _launch_settings(args: argparse.Namespace):
     """The launcher settings of sweep/search flags (checked: RunError naming the flag)."""
     from .launch_settings import LAUNCH_FIELDS
     given = {name: getattr(args, name) for name in LAUNCH_FIELDS if getattr(args, name) is not None}
-    return LaunchSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}).check()
+    settings = LaunchSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}).check()
+    settings.given = frozenset(given)  # what the user chose (a launcher may fit the others to its cluster)
+    return settings
 
 
 def _add_method_flags(p: argparse.ArgumentParser) -> None:

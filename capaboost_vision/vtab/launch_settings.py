@@ -37,7 +37,9 @@ class LaunchSettings:
                                        ('slurm', 'ray'), range='[0, 64]')
     cpus_per_run: int = launch_setting(8, 'CPU cores per run (per task under DDP)', ('slurm', 'ray'),
                                        range='[1, 1024]')
-    mem_gb: float = launch_setting(32.0, 'memory per run in GB', ('slurm',), range='(0, 100000]')
+    nodes: int = launch_setting(1, 'nodes per run: one DDP run of --nodes x --gpus-per-run tasks (one task per GPU '
+                                   'on each node)', ('slurm',), range='[1, 1024]')
+    mem_gb: float = launch_setting(32.0, 'memory per run in GB (per node)', ('slurm',), range='(0, 100000]')
     slurm_setup: Tuple[str, ...] = launch_setting((), 'shell lines run before each job, e.g. "module load cuda" '
                                                       '"source ~/venv/bin/activate"', ('slurm',), nargs='+')
     slurm_extra: Tuple[str, ...] = launch_setting((), 'further sbatch options as KEY=VALUE, e.g. account=abc '
@@ -45,6 +47,10 @@ class LaunchSettings:
     array_parallelism: int = launch_setting(64, 'jobs of one array running at once', ('slurm',), range='[1, 100000]')
     signal_delay_s: int = launch_setting(120, 'seconds before the time limit at which a job is told to requeue',
                                          ('slurm',), range='[1, 3600]')
+    poll_s: float = launch_setting(30.0, 'seconds between two looks of the driver at its jobs\' states',
+                                   ('slurm',), range='[0.1, 3600]')
+    ray_connect_timeout_s: float = launch_setting(10.0, 'seconds to reach the Ray cluster RAY_ADDRESS names before '
+                                                        'giving up with one line', ('ray',), range='[0.1, 3600]')
     max_requeues: int = launch_setting(3, 'times a run is started again: slurm after reaching the time limit '
                                           '(preemptions do not count), ray after its worker or node died',
                                        ('slurm', 'ray'), range='[0, 100]')
