@@ -317,9 +317,9 @@ def test_real_slurm_requeue_is_waited_for_and_the_runs_equal_local(real_slurm, d
     assert_same_runs(local_sweep, out, 2)
 
 
-def test_real_slurm_rerun_reattaches_to_live_jobs_without_accounting(real_slurm, data, tmp_path):
-    """No slurmdbd, so no sacct: a rerun after the driver was killed reattaches to the jobs still queued (asked of
-    squeue/scontrol) instead of submitting them again."""
+def test_real_slurm_rerun_reattaches_to_live_jobs_and_resubmits_a_cancelled_one_without_accounting(real_slurm, data, tmp_path):
+    """No slurmdbd, so no sacct: a rerun after the driver was killed reattaches to the job still queued (asked of
+    squeue/scontrol) instead of submitting it again, and submits again only the job that was scancel-ed."""
     env, out = real_slurm, tmp_path / 'slurm'
     first = subprocess.Popen(_slurm_sweep(data, out, env, '--slurm-extra', 'begin=now+600'), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # held back: still queued
@@ -329,17 +329,18 @@ def test_real_slurm_rerun_reattaches_to_live_jobs_without_accounting(real_slurm,
     finally:
         first.kill()
         first.wait()
-    jobs = [json.loads(r.read_text())['job_id'] for r in records]
+    lost, kept = [json.loads(r.read_text())['job_id'] for r in records]
+    subprocess.run(['scancel', lost], env=env, check=True)  # this one is gone: the rerun submits it again
     second = subprocess.Popen(_slurm_sweep(data, out, env), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     try:
-        time.sleep(3)  # the rerun has looked at the queue
-        for job in jobs:
-            subprocess.run(['scontrol', 'update', f'JobId={job}', 'StartTime=now'], env=env, check=True)
+        _wait_for(lambda: json.loads(records[0].read_text())['job_id'] != lost, what='the resubmission')
+        subprocess.run(['scontrol', 'update', f'JobId={kept}', 'StartTime=now'], env=env, check=True)
         output, _ = second.communicate(timeout=300)
     finally:
         second.kill()
-    assert second.returncode == 0 and output.count('attach: ') == 2 and 'submitted' not in output, output[-3000:]
+    assert second.returncode == 0, output[-3000:]
+    assert output.count('attach: ') == 1 and f'is job {kept}' in output and 'submitted 1 job(s)' in output, output
     assert len(list(out.rglob('results.json'))) == 2
     assert subprocess.run(['squeue', '-h'], env=env, capture_output=True, text=True).stdout.strip() == ''
 
