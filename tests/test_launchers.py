@@ -169,6 +169,7 @@ def test_recording_executor_one_array_per_wave_finished_runs_skipped_resources_m
     monkeypatch.setenv('PATH', f'{bin_dir}:{os.environ["PATH"]}')
     monkeypatch.setattr(slurm, 'make_executor', lambda settings, job_folder: RecordingExecutor(
         str(job_folder), settings.max_requeues))
+    monkeypatch.setattr(slurm, 'slurm_state', lambda job_id: 'COMPLETED')  # what Slurm would say of its jobs
     RecordingExecutor.arrays = []
     out = tmp_path / 'runs'
     resources = ['--launcher', 'slurm', '--partition', 'gpu', '--timeout-min', '90.5', '--gpus-per-run', '2',

@@ -37,7 +37,7 @@ from .run_config import RunError
 
 LAUNCH_RECORD = 'launch.json'
 ACTIVE_STATES = {'PENDING', 'RUNNING', 'REQUEUED', 'CONFIGURING', 'COMPLETING', 'SUSPENDED', 'RESIZING',
-                 'REQUEUE_HOLD', 'REQUEUE_FED', 'SIGNALING', 'STAGE_OUT'}
+                 'REQUEUE_HOLD', 'REQUEUE_FED', 'SIGNALING', 'STAGE_OUT', 'UNREACHABLE'}
 """Slurm job states in which a job will still run (or is running): such a job is reattached, not resubmitted."""
 LOCAL_POLL_S = 0.5  # submitit's local executor: jobs are processes of this machine
 STOPPED_CODES = (130, 143)  # train's exit codes after SIGINT / SIGTERM: stopped at a step, checkpointed
@@ -45,15 +45,20 @@ STOPPED_CODES = (130, 143)  # train's exit codes after SIGINT / SIGTERM: stopped
 
 def slurm_state(job_id: str) -> str:
     """The job's Slurm state, asked in the order that needs no accounting: ``squeue`` (queued, running, requeued),
-    ``scontrol show job`` (ended less than MinJobAge ago), then ``sacct``; 'UNKNOWN' when none of them knows it."""
+    ``scontrol show job`` (ended less than MinJobAge ago), then ``sacct``; 'UNKNOWN' when none of them knows it, and
+    'UNREACHABLE' (counted as still running: never resubmitted, never failed) while the controller does not answer."""
     queries = ((['squeue', '-h', '-j', job_id, '-o', '%T'], r'^\s*([A-Z_]+)\s*$'),
                (['scontrol', 'show', 'job', job_id], r'JobState=([A-Z_]+)'),
                (['sacct', '-n', '-X', '-P', '-o', 'State', '-j', job_id], r'^\s*([A-Z_]+)'))
-    for argv, pattern in queries:
+    for i, (argv, pattern) in enumerate(queries):
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
+            if i == 0:
+                return 'UNREACHABLE'
             continue
+        if i == 0 and out.returncode != 0 and 'invalid job id' not in out.stderr.lower():
+            return 'UNREACHABLE'  # squeue fails for another reason than not knowing the job: the controller
         found = re.search(pattern, out.stdout, re.M) if out.returncode == 0 else None
         if found:
             return found.group(1)
