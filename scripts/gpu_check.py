@@ -209,10 +209,10 @@ def curve(check: 'Check', py: str, tmp: Path, carry: Path, dry: bool) -> None:
     r = 1, 4 and d = 4 at r = 4 (``scripts/offline_suite.py``'s rows, each its own name), DINOv2 ViT-S/14 at 224 px,
     10 epochs, lr fixed at 3e-3 (no search), seed 0, on three of the study's tasks, one run after another; then
     ``report`` draws the curve (and the equal-params pairing) from what finished within the time budget. The dry
-    run: one generated task, three rows, a random ViT-Tiny at 32 px."""
+    run: one generated task, two rows, a random ViT-Tiny at 32 px."""
     runs = tmp / 'curve'
     tasks = ['dsprites_loc'] if dry else ['mnist', 'dsprites_loc', 'clevr_count']
-    methods = ['lora_r1', 'lora_r4', 'capaboost_lora_r4'] if dry else list(CURVE_METHODS)
+    methods = ['lora_r4', 'capaboost_lora_r4'] if dry else list(CURVE_METHODS)  # dry: one equal-params pair
     weights = carry / BACKBONE_FP16 if carry is not None and (carry / BACKBONE_FP16).is_file() else None
     size = (['--model', 'vit_tiny', '--img-size', '32', '--epochs', '1', '--device', 'cpu'] if dry else
             ['--img-size', '224', '--epochs', '10', '--device', 'cuda', '--amp', 'bf16'])
