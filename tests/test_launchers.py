@@ -316,6 +316,11 @@ def test_real_slurm_requeue_is_waited_for_and_the_runs_equal_local(real_slurm, d
         _wait_for(lambda: (run / 'checkpoint.pt').is_file(), what='the first epoch')
         job = json.loads((run / 'launch.json').read_text())['job_id']
         subprocess.run(['scontrol', 'requeue', job], env=env, check=True)
+        state = lambda: subprocess.run(['squeue', '-h', '-j', job, '-o', '%T'], env=env, capture_output=True,  # noqa
+                                       text=True).stdout.strip()
+        _wait_for(lambda: state() == 'PENDING', what='the requeued job to be queued again')
+        # Slurm holds a requeued job back for a while (its begin time); release it now to keep the test short
+        subprocess.run(['scontrol', 'update', f'JobId={job}', 'StartTime=now'], env=env, check=True)
         output, _ = driver.communicate(timeout=300)
     finally:
         driver.kill()
