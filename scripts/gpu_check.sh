@@ -4,7 +4,7 @@
 # the folder given as first argument, after every step. Runs on the lent GPU machine as it is (its own
 # torch/timm/peft, no network, no install): the package is used from this tree through PYTHONPATH.
 #
-#   bash scripts/gpu_check.sh docs/results/gpu_check_h100        # on the GPU machine (<= 8 minutes)
+#   bash scripts/gpu_check.sh docs/results/gpu_check_h100        # on the GPU machine (~10 minutes, budgeted)
 #   bash scripts/gpu_check.sh /tmp/gpu_dry --dry-run             # every step at tiny sizes, on CPU (tested)
 set -euo pipefail
 cd "$(dirname "$0")/.."
