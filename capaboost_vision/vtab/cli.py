@@ -106,22 +106,22 @@ def _overrides(args: argparse.Namespace, task: str, method: Optional[str], seed:
     if capaboost:
         out['capaboost'] = capaboost
     if args.peft_args:
-        out['peft'] = _peft_args(args.peft_args)
+        out['peft'] = _key_values(args.peft_args, '--peft-args', 'r=4')
     return out
 
 
-def _peft_args(items: List[str]) -> Dict[str, Any]:
-    """``--peft-args r=4 alpha=8`` -> {'r': 4, 'alpha': 8} (each value read as YAML)."""
+def _key_values(items: List[str], flag: str, example: str) -> Dict[str, Any]:
+    """``r=4 alpha=8`` -> {'r': 4, 'alpha': 8} (each value read as YAML); RunError naming ``flag``."""
     import yaml
     out = {}
     for item in items:
         key, sep, value = item.partition('=')
         if not sep or not key:
-            raise RunError(f'--peft-args {item!r}: expected KEY=VALUE, e.g. r=4')
+            raise RunError(f'{flag} {item!r}: expected KEY=VALUE, e.g. {example}')
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise RunError(f'--peft-args {item!r}: the value is not valid YAML') from None
+            raise RunError(f'{flag} {item!r}: the value is not valid YAML') from None
     return out
 
 
@@ -389,21 +389,15 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_from_checkpoint(args: argparse.Namespace) -> int:
     """A state dict or timm train.py checkpoint of a CapaBoost model, written as an adapter folder."""
-    import yaml
     from ..checkpoint import model_from_checkpoint
     from ..hub import save_adapter
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise RunError(f'--output {output} exists and is not an empty folder: choose a new folder')
-    kwargs = {}
-    for item in args.model_kwargs or []:
-        key, sep, value = item.partition('=')
-        try:
-            kwargs[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            sep = ''
-        if not sep or not key.isidentifier():
-            raise RunError(f'--model-kwargs {item!r}: expected KEY=VALUE, e.g. img_size=224')
+    kwargs = _key_values(args.model_kwargs or [], '--model-kwargs', 'img_size=224')
+    bad = next((key for key in kwargs if not key.isidentifier()), None)
+    if bad is not None:
+        raise RunError(f'--model-kwargs {bad!r}: a keyword argument name is required, e.g. img_size=224')
     model = model_from_checkpoint(args.checkpoint, args.model, args.num_classes, **kwargs)
     save_adapter(model, output, repo_id=output.name)
     print(f'adapter: {output} ({(output / "adapter.safetensors").stat().st_size / 1e6:.2f} MB, '
