@@ -215,6 +215,22 @@ def test_slurm_without_sbatch_is_one_error_line_and_writes_nothing(data, tmp_pat
         assert not out.exists()
 
 
+def test_a_slurm_job_trains_on_its_own_cpus_only(monkeypatch):
+    """Without cgroups a job sees every core of the node: torch is held to --cpus-per-run (SLURM_CPUS_PER_TASK),
+    unless the user exported OMP_NUM_THREADS."""
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv('SLURM_CPUS_PER_TASK', '1')
+        monkeypatch.setenv('OMP_NUM_THREADS', str(before))
+        slurm.limit_threads()
+        assert torch.get_num_threads() == before
+        monkeypatch.delenv('OMP_NUM_THREADS')
+        slurm.limit_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ray_sweep_equals_local(data, local_sweep, tmp_path):
     ray = pytest.importorskip('ray')
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -303,30 +319,39 @@ def _wait_for(condition, seconds=120, what=''):
         time.sleep(0.2)
 
 
-def test_real_slurm_requeue_is_waited_for_and_the_runs_equal_local(real_slurm, data, local_sweep, tmp_path):
-    """On a real Slurm: `scontrol requeue` of a running job (what preemption with PreemptMode=REQUEUE does) is not
-    a failure: the driver keeps waiting, the job resumes from its checkpoint, and the runs equal the local
-    launcher's bit for bit."""
+def test_real_slurm_preemption_and_time_limit_requeues_are_waited_for_and_the_runs_equal_local(real_slurm, data,
+                                                                                                  tmp_path):
+    """On a real Slurm, two jobs stopped mid-training: one by `scontrol requeue` (what preemption with
+    PreemptMode=REQUEUE does), one by the USR2 that Slurm sends before the time limit (`scancel --signal=USR2`,
+    the signal slurmctld delivers at `--signal-delay-s`; with a 1-minute limit submitit counts it as a time-out).
+    Neither is a failure: the driver keeps waiting, both jobs resume from their checkpoints, and the runs equal the
+    local launcher's bit for bit."""
     env, out = real_slurm, tmp_path / 'slurm'
-    argv = _slurm_sweep(data, out, env)
-    argv.remove('capaboost_lora')  # one job: the LoRA run
+    epochs = ['--epochs', 60]  # about 0.1 s each: a window of seconds to stop the jobs in after epoch 1
+    assert cli.main(sweep_args(data, tmp_path / 'local', *epochs)) == 0
+    argv = _slurm_sweep(data, out, env, *epochs, '--timeout-min', 1, '--signal-delay-s', 5)
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stops = {'lora': ['scontrol', 'requeue'], 'capaboost_lora': ['scancel', '--signal=USR2']}
+    runs = {m: out / f'vit_tiny/toy/final/{m}/seed0' for m in stops}
     try:
-        run = out / 'vit_tiny/toy/final/lora/seed0'
-        _wait_for(lambda: (run / 'checkpoint.pt').is_file(), what='the first epoch')
-        job = json.loads((run / 'launch.json').read_text())['job_id']
-        subprocess.run(['scontrol', 'requeue', job], env=env, check=True)
-        state = lambda: subprocess.run(['squeue', '-h', '-j', job, '-o', '%T'], env=env, capture_output=True,  # noqa
-                                       text=True).stdout.strip()
-        _wait_for(lambda: state() == 'PENDING', what='the requeued job to be queued again')
-        # Slurm holds a requeued job back for a while (its begin time); release it now to keep the test short
-        subprocess.run(['scontrol', 'update', f'JobId={job}', 'StartTime=now'], env=env, check=True)
+        _wait_for(lambda: all((r / 'checkpoint.pt').is_file() for r in runs.values()), what='the first epochs')
+        jobs = {m: json.loads((r / 'launch.json').read_text())['job_id'] for m, r in runs.items()}
+        for method, stop in stops.items():
+            subprocess.run([*stop, jobs[method]], env=env, check=True)
+        states = lambda: subprocess.run(['squeue', '-h', '-j', ','.join(jobs.values()), '-o', '%T'], env=env,  # noqa
+                                        capture_output=True, text=True).stdout.split()
+        _wait_for(lambda: states() == ['PENDING', 'PENDING'], what='both jobs to be queued again')
+        # Slurm holds a requeued job back for a while (its begin time); release them now to keep the test short
+        for job in jobs.values():
+            subprocess.run(['scontrol', 'update', f'JobId={job}', 'StartTime=now'], env=env, check=True)
         output, _ = driver.communicate(timeout=300)
     finally:
         driver.kill()
     assert driver.returncode == 0 and 'failed' not in output, output[-3000:]
-    (ma, ra, ta), (mb, rb, tb) = numbers(local_sweep / run.relative_to(out)), numbers(run)
-    assert ma == mb and ra == rb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    logs = {m: ''.join(p.read_text() for p in (out / 'submitit').rglob(f'{job}_*_log.*')) for m, job in jobs.items()}
+    assert 'DUE TO JOB REQUEUE' in logs['lora'] and 'this job is timed-out' in logs['capaboost_lora'], logs
+    assert all('resumed ' in log for log in logs.values()), logs
+    assert_same_runs(tmp_path / 'local', out, 2)
 
 
 def test_real_slurm_rerun_reattaches_to_live_jobs_and_resubmits_a_cancelled_one_without_accounting(real_slurm, data, tmp_path):

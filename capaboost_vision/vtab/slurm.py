@@ -65,12 +65,23 @@ def slurm_state(job_id: str) -> str:
     return 'UNKNOWN'
 
 
+def limit_threads() -> None:
+    """Torch's CPU threads to the job's ``--cpus-per-run``: where Slurm does not confine a job to its cores
+    (``TaskPlugin=task/none``, no cgroups) torch starts one thread per core of the node, and jobs sharing a node then
+    slow each other down many times over. An ``OMP_NUM_THREADS`` the user exports wins."""
+    cpus = os.environ.get('SLURM_CPUS_PER_TASK')
+    if cpus and 'OMP_NUM_THREADS' not in os.environ:
+        import torch  # the job's process trains anyway; the driver never imports torch for this
+        torch.set_num_threads(int(cpus))
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """One planned run as a submitit job. Under ``--gpus-per-run N > 1`` the job has N tasks and each exports
     submitit's torch.distributed environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) before training, so
     the run is the DDP run torchrun would start (no torchrun nested inside the job)."""
 
     def __call__(self, config_file: str) -> int:
+        limit_threads()
         if submitit.JobEnvironment().num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         code = cli_main()(train_command(Path(config_file)))
