@@ -76,8 +76,8 @@ def install_adapter(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backb
     """Give every block's MLP a CapaBoostAdapter (all built first) and the block the class that runs it."""
     planned = []
     for block_name, block in blocks:
-        ref = block.mlp.fc1.weight
-        planned.append(CapaBoostAdapter(block.mlp.fc1.in_features, config, f'{block_name}.mlp.capaboost_adapter',
+        ref = next(block.mlp.parameters())
+        planned.append(CapaBoostAdapter(backbone.width(block), config, f'{block_name}.mlp.capaboost_adapter',
                                         device=ref.device, dtype=ref.dtype))
     for (_, block), adapter in zip(blocks, planned):
         block.mlp.capaboost_adapter = adapter

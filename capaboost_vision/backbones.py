@@ -13,6 +13,25 @@ import torch.nn as nn
 from .config import CapaBoostConfig
 
 
+def same_linear(block: nn.Module, target: str) -> Tuple[str, ...]:
+    """A LoRA target names one linear of the block, under that name (ViT, Swin)."""
+    return (target,)
+
+
+def mlp_input_width(block: nn.Module) -> int:
+    """The width of the block's residual stream, read from its MLP's first linear (ViT, Swin)."""
+    return block.mlp.fc1.in_features
+
+
+def nothing_to_prepare(block: nn.Module) -> None:
+    """The block calls every linear a LoRA target names as a module (ViT, Swin)."""
+
+
+def stock_peft_runs(model: nn.Module) -> str:
+    """'' : stock PEFT's LoRA layers at the same linears run in the plain base model (ViT, Swin)."""
+    return ''
+
+
 @dataclass(frozen=True)
 class Backbone:
     """One timm model family as CapaBoost sees it.
@@ -20,6 +39,12 @@ class Backbone:
     ``adapter_blocks`` maps every supported block type (exact types: a subclass may have a forward of its own) to
     the subclass whose forward is timm's with the MLP's ``capaboost_adapter`` in it; its keys are the blocks
     CapaBoost supports in this family. ``install_prompt`` builds the deep prompts and installs them in every block.
+    ``lora_linears(block, target)`` says which linears of a block a LoRA target ('attn.qkv', 'mlp.fc1', ...) is in
+    this family: the same name, or the family's own split (separate q/k/v projections, a SwiGLU's two input
+    linears). ``prepare_lora(block)`` runs before a block's linears are replaced, so that the block calls them as
+    modules (a forward that reads ``qkv.weight`` directly would bypass LoRA). ``width(block)`` is the width of the
+    block's residual stream (the adapter's input). ``peft_blocker(model)`` says why stock PEFT's LoRA at those
+    linears would not run in the plain base model ('' when it would), so ``export_peft`` refuses instead.
     """
     name: str
     model_class: type
@@ -27,6 +52,10 @@ class Backbone:
     adapter_blocks: Mapping[type, type]
     install_prompt: Callable[[nn.Module, CapaBoostConfig], None]
     description: str
+    lora_linears: Callable[[nn.Module, str], Tuple[str, ...]] = same_linear
+    prepare_lora: Callable[[nn.Module], None] = nothing_to_prepare
+    width: Callable[[nn.Module], int] = mlp_input_width
+    peft_blocker: Callable[[nn.Module], str] = stock_peft_runs
 
 
 BACKBONES: Dict[str, Backbone] = {}

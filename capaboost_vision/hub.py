@@ -28,6 +28,7 @@ from ._io import atomic_path, write_text_atomic
 from .card import CardResult, adapter_card, results_of_card
 from .config import CONFIG_KEYS, MAX_CLASSES, CapaBoostConfig, in_range
 from .forms import COMMON_MATCHING_KEYS, FORMS
+from .backbones import backbone_of, transformer_blocks
 from .tuner import head_module, head_name, is_capaboost_key
 from .lora import CapaBoostLoRALinear
 from .masks import pack_mask, unpack_mask
@@ -587,6 +588,13 @@ def export_peft(model: nn.Module, folder: Union[str, Path]) -> Path:
     config = _capaboost_config(model)
     if config.method != 'lora':
         raise AdapterError(f'export_peft needs method="lora", the model has method={config.method!r}')
+    backbone = backbone_of(model)
+    blocker = backbone.peft_blocker(model)
+    if blocker:
+        raise AdapterError(f'export_peft: {type(model).__name__} cannot be served by stock PEFT: {blocker}')
+    # PEFT's target_modules: the linears each target is in this family ('attn.qkv', or 'attn.q_proj', 'mlp.fc1_g')
+    targets = list(dict.fromkeys(linear for _, block in transformer_blocks(model)
+                                 for target in config.target_modules for linear in backbone.lora_linears(block, target)))
     folder = Path(folder)
     state: Dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
@@ -603,7 +611,7 @@ def export_peft(model: nn.Module, folder: Union[str, Path]) -> Path:
     adapter_config = {
         'peft_type': 'LORA', 'task_type': None, 'base_model_name_or_path': registered_base_id(model) or None,
         'r': peft_rank, 'lora_alpha': config.scaling * peft_rank, 'lora_dropout': config.lora_dropout,
-        'target_modules': list(config.target_modules), 'modules_to_save': [head], 'bias': 'none',
+        'target_modules': targets, 'modules_to_save': [head], 'bias': 'none',
         'fan_in_fan_out': False, 'init_lora_weights': True, 'inference_mode': True, 'use_rslora': False,
         'use_dora': config.use_dora,
     }

@@ -111,13 +111,18 @@ class CapaBoostLoRALinear(nn.Linear):
 
 def install_lora(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
                  config: CapaBoostConfig) -> None:
-    """Replace every target linear of every block by a CapaBoostLoRALinear sharing its weight (all built first)."""
+    """Replace every target linear of every block (the family's ``lora_linears`` of each target) by a
+    CapaBoostLoRALinear sharing its weight (all built first)."""
     planned = []
     for block_name, block in blocks:
         for target in config.target_modules:
-            parent_name, attr = target.rsplit('.', 1)
-            parent = block.get_submodule(parent_name)
-            planned.append((parent, attr, CapaBoostLoRALinear(getattr(parent, attr), config, f'{block_name}.{target}')))
+            for linear in backbone.lora_linears(block, target):
+                parent_name, attr = linear.rsplit('.', 1)
+                parent = block.get_submodule(parent_name)
+                planned.append((parent, attr, CapaBoostLoRALinear(getattr(parent, attr), config,
+                                                                  f'{block_name}.{linear}')))
+    for _, block in blocks:
+        backbone.prepare_lora(block)
     for parent, attr, layer in planned:
         setattr(parent, attr, layer)
 

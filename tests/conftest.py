@@ -23,6 +23,14 @@ def tiny_vit(**kwargs):
     return timm.create_model('vit_tiny_patch16_224', **args)
 
 
+def tiny_eva(arch='eva02_tiny_patch14_224', **kwargs):
+    """A tiny member of timm's Eva family: EVA-02 (fused qkv with q/v biases, GluMlp) unless ``arch`` names another
+    (DINOv3, EVA-02 base with separate q/k/v and SwiGLU, Perception Encoder)."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    args.update(kwargs)
+    return timm.create_model(arch, **args)
+
+
 def tiny_swin(**kwargs):
     args = dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
                 num_classes=5)

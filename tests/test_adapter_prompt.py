@@ -7,7 +7,7 @@ from capaboost_vision import CapaBoostConfig, apply_capaboost
 from capaboost_vision.adapter import CapaBoostAdapter
 from capaboost_vision.models.swin_transformer_capaboost import PromptedWindowAttention
 from capaboost_vision.prompt import PromptBank
-from conftest import tiny_swin, tiny_vit
+from conftest import tiny_eva, tiny_swin, tiny_vit
 from reference import naive_adapter, naive_prompts, naive_vpt_deep_vit, window_attention_with_prompts
 
 
@@ -24,7 +24,7 @@ def test_adapter_equals_naive_branch_sum_float64(cfg):
         assert torch.allclose(adapter(x), naive_adapter(adapter, x), atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
+@pytest.mark.parametrize('make', [tiny_vit, tiny_swin, tiny_eva])
 @pytest.mark.parametrize('placement', ['parallel', 'sequential'])
 def test_adapter_model_equals_base_at_init_and_learns(make, placement):
     base = make().eval()
@@ -80,7 +80,7 @@ def test_swin_prompted_window_attention_equals_explicit_softmax_float64():
     assert torch.allclose(attn(x), window_attention_with_prompts(attn, x, prompt), atol=1e-10)
 
 
-@pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
+@pytest.mark.parametrize('make', [tiny_vit, tiny_swin, tiny_eva])
 def test_prompt_cache_is_invalidated_by_an_optimizer_step(make):
     model = apply_capaboost(make(), CapaBoostConfig(method='prompt', prompt_length=2, prompt_rank=2))
     x = torch.randn(2, 3, 32, 32)
@@ -107,7 +107,7 @@ def test_swin_prompt_model_trains_only_prompts_and_head():
     assert all(model.get_parameter(n).grad is not None for n in trainable)
 
 
-@pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
+@pytest.mark.parametrize('make', [tiny_vit, tiny_swin, tiny_eva])
 def test_prompt_banks_are_tied_to_their_blocks_and_saved_once(make):
     model = apply_capaboost(make(), CapaBoostConfig(method='prompt', prompt_length=2, prompt_rank=2))
     prompted = [m for m in model.modules() if hasattr(m, 'capaboost_prompt_index')]

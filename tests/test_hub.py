@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 import capaboost_vision as cv
 from capaboost_vision.hub import AdapterError
@@ -82,13 +82,17 @@ def test_create_model_adapter_kwarg_local_folder(tmp_path):
     assert torch.equal(loaded(X), model(X))
 
 
-@pytest.mark.parametrize('make', ['vit_tiny_capaboost_lora', 'swin_tiny_capaboost_lora'])
+EXPORT_BASES = {'vit_tiny_capaboost_lora': 'vit_tiny_patch16_224', 'swin_tiny_capaboost_lora': 'swin_tiny_patch4_window7_224',
+                'eva02_base_capaboost_lora': 'eva02_base_patch14_224'}  # Eva: separate q/k/v, SwiGLU
+
+
+@pytest.mark.parametrize('make', EXPORT_BASES)
 def test_export_peft_loads_in_stock_peft(make, tmp_path):
     from peft import PeftModel
-    kwargs = dict(window_size=4) if make.startswith('swin') else {}
-    model = trained(make, target_modules=('attn.qkv', 'mlp.fc2'), rank=4, num_masks=3, **kwargs)
+    kwargs = dict(window_size=4) if make.startswith('swin') else dict(depth=2, patch_size=8) if 'eva' in make else {}
+    model = trained(make, target_modules=('attn.qkv', 'mlp.fc1'), rank=4, num_masks=3, **kwargs)
     cv.export_peft(model, tmp_path)
-    base_name = 'vit_tiny_patch16_224' if make.startswith('vit') else 'swin_tiny_patch4_window7_224'
+    base_name = EXPORT_BASES[make]
     plain = timm.create_model(base_name, **SMALL, **kwargs)
     base_state = {k: v for k, v in model.state_dict().items() if not cv.is_capaboost_key(k)}
     plain.load_state_dict(base_state)
@@ -96,6 +100,14 @@ def test_export_peft_loads_in_stock_peft(make, tmp_path):
     cfg = json.loads((tmp_path / 'adapter_config.json').read_text())
     assert cfg['r'] == 12 and cfg['lora_alpha'] == pytest.approx(2.0 * 12)
     assert (peft_model(X) - model(X)).abs().max() <= 1e-5
+
+
+def test_export_peft_refuses_where_stock_peft_would_never_run(tmp_path):
+    """EVA-02's attention reads qkv.weight in F.linear (q/v biases): a PEFT LoRA there would be silently dead."""
+    model = trained('eva02_tiny_capaboost_lora', depth=1, patch_size=8)
+    with pytest.raises(AdapterError, match='stock PEFT.s LoRA at attn.qkv would never run.*merge'):
+        cv.export_peft(model, tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_merged_checkpoint_loads_in_plain_timm(tmp_path):
@@ -212,6 +224,44 @@ def test_push_then_load_in_a_fresh_process_pinned_and_offline(hub, tmp_path):
               for k in ('v1', 'v2', 'main', 'pinned', 'kw', 'offline')}
     assert torch.equal(logits['pinned'], logits['v1']) and not torch.equal(logits['v1'], logits['v2'])
     assert all(torch.equal(logits[k], logits['v2']) for k in ('main', 'kw', 'offline'))
+
+
+EVA_BASE = 'timm/eva02_tiny_patch14_224.mim_in22k'
+EVA = dict(img_size=32, patch_size=8, depth=2, num_classes=3)
+EVA_PUSH = """
+import timm, torch, capaboost_vision as cv
+from safetensors.torch import save_file
+torch.manual_seed(0)
+m = timm.create_model('eva02_tiny_capaboost_lora', pretrained=True, **{eva!r})
+with torch.no_grad():
+    for p in m.parameters():
+        if p.requires_grad:
+            p.normal_(0, 0.05)
+cv.push_adapter_to_hub(m.eval(), 'org/eva02-t-capaboost')
+x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+merged = cv.merge(m)
+timm.models.push_to_hf_hub(merged, 'org/eva02-t-merged')
+save_file({{'logits': m(x), 'merged': merged(x)}}, {out!r})
+"""
+
+
+def test_eva_adapter_round_trips_through_the_hub_and_merges_to_plain_timm(hub, tmp_path):
+    """timm's Eva family (EVA-02: q/v biases, the F.linear trap; RoPE): a CapaBoost-LoRA adapter pushed, then loaded by
+    timm's `hf-hub:` name in a fresh process; its merged model pushed with timm's own push_to_hf_hub loads as a plain
+    timm EVA-02 in a process that never imports this package."""
+    server, env = hub
+    server.store.create(EVA_BASE)
+    repo = server.store.repos[EVA_BASE]
+    base = timm.create_model('eva02_tiny_patch14_224', **dict(EVA, num_classes=0))
+    repo['commits'][repo['branches']['main']]['model.safetensors'] = save(base.state_dict())
+    _run(EVA_PUSH.format(eva=EVA, out=str(tmp_path / 'pushed.st')), env)
+    _run(LOAD.format(loads=[('hf-hub:org/eva02-t-capaboost', {}, str(tmp_path / 'loaded.st'))]), env)
+    _run(LOAD.replace('capaboost_vision', 'sys').format(
+        loads=[('hf-hub:org/eva02-t-merged', {}, str(tmp_path / 'plain.st'))]), env)
+    pushed, loaded, plain = (load_file(str(tmp_path / f'{k}.st')) for k in ('pushed', 'loaded', 'plain'))
+    assert torch.equal(loaded['logits'], pushed['logits'])
+    assert (pushed['merged'] - pushed['logits']).abs().max() < 1e-5
+    assert (plain['logits'] - pushed['merged']).abs().max() < 1e-6  # timm adds the q/v biases in F.linear
 
 
 BAD_LOAD = """

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 from capaboost_vision import CapaBoostConfig, apply_capaboost, merge, parameter_report
 from capaboost_vision.lora import CapaBoostLoRALinear
-from conftest import tiny_swin, tiny_vit
+from capaboost_vision.backbones import BACKBONES
+from capaboost_vision.config import LORA_TARGETS
+from conftest import tiny_eva, tiny_swin, tiny_vit
 from reference import naive_lora_delta, naive_lora_forward
 
 
@@ -35,7 +37,36 @@ def test_one_full_mask_is_plain_lora():
     assert torch.allclose(layer(x), plain, atol=1e-12)
 
 
-@pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
+EVA_KINDS = {  # every attention / MLP layout of timm's Eva family
+    'dinov3': lambda: tiny_eva('vit_small_patch16_dinov3'),  # fused qkv with its bias, Mlp, register tokens
+    'dinov3_qkvb': lambda: tiny_eva('vit_small_patch16_dinov3_qkvb'),  # q/k/v biases: timm's F.linear trap
+    'eva02': tiny_eva,  # q/v biases, GluMlp (packed fc1)
+    'eva02_base': lambda: tiny_eva('eva02_base_patch14_224'),  # separate q/k/v projections, SwiGLU (fc1_g, fc1_x)
+    'pe_core': lambda: tiny_eva('vit_pe_core_tiny_patch16_384'),  # AttentionRope
+}
+FAMILY_MODELS = {'vit': {'vit': tiny_vit}, 'swin': {'swin': tiny_swin}, 'eva': EVA_KINDS}
+
+
+def test_every_lora_linear_of_every_family_is_on_the_forward_path():
+    """For every registered family (a new one fails here until it has a case) and every LoRA target: each layer
+    CapaBoost installs changes the logits once its B is non-zero. A layer the block never calls (timm's Eva computes
+    F.linear(x, qkv.weight, q/k/v biases) where it has q_bias) would leave them exactly equal."""
+    assert FAMILY_MODELS.keys() == BACKBONES.keys()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for family, kinds in FAMILY_MODELS.items():
+        for kind, make in kinds.items():
+            model = apply_capaboost(make(), CapaBoostConfig(rank=2, target_modules=LORA_TARGETS)).eval()
+            layers = {n: m for n, m in model.named_modules() if isinstance(m, CapaBoostLoRALinear)}
+            assert len(layers) >= len(LORA_TARGETS) * 2, (kind, list(layers))  # 2 blocks (Swin: 4)
+            with torch.no_grad():
+                base = model(x)
+                for name, layer in layers.items():
+                    layer.lora_B.normal_()
+                    assert not torch.equal(model(x), base), f'{kind}: {name} is never called'
+                    layer.lora_B.zero_()
+
+
+@pytest.mark.parametrize('make', [tiny_vit, tiny_swin, tiny_eva, EVA_KINDS['eva02_base']])
 def test_merge_equals_unmerged_and_is_plain_timm(make):
     model = apply_capaboost(make(), CapaBoostConfig(rank=4, target_modules=('attn.qkv', 'mlp.fc2')))
     for m in model.modules():

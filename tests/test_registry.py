@@ -10,7 +10,10 @@ NAMES = timm.list_models('*capaboost*')
 
 def test_all_names_registered_with_pretrained_tags():
     expected = {f'{f}_capaboost_{m}' for f in ('vit_tiny', 'vit_small', 'vit_base', 'vit_large', 'vit_small_dinov2',
-                                              'swin_tiny', 'swin_small', 'swin_base')
+                                              'swin_tiny', 'swin_small', 'swin_base', 'vit_small_dinov3',
+                                              'vit_small_dinov3_qkvb', 'vit_base_dinov3', 'vit_base_dinov3_qkvb',
+                                              'eva02_tiny', 'eva02_small', 'eva02_base', 'vit_pe_core_tiny',
+                                              'vit_pe_core_small', 'vit_pe_core_base')
                 for m in ('lora', 'adapter', 'prompt')}
     assert set(NAMES) == expected
     tags = set(timm.list_pretrained('*capaboost*'))
@@ -18,8 +21,12 @@ def test_all_names_registered_with_pretrained_tags():
     assert 'vit_tiny_capaboost_prompt.augreg_in21k' in tags
     assert 'swin_base_capaboost_adapter.ms_in22k' in tags
     assert 'vit_small_dinov2_capaboost_lora.lvd142m' in tags
+    assert 'vit_base_dinov3_capaboost_lora.lvd1689m' in tags and 'eva02_base_capaboost_prompt.mim_in22k' in tags
+    assert 'vit_pe_core_tiny_capaboost_adapter.fb' in tags
     cfg = timm.models.get_pretrained_cfg('vit_base_capaboost_lora.orig_in21k')
     assert cfg.hf_hub_id == 'timm/vit_base_patch16_224.orig_in21k'
+    cfg = timm.models.get_pretrained_cfg('eva02_base_capaboost_lora.mim_in22k')
+    assert cfg.hf_hub_id == 'timm/eva02_base_patch14_224.mim_in22k' and 'arXiv:2303.11331' in cfg.paper_ids
 
 
 def _small_kwargs(name):
@@ -27,7 +34,7 @@ def _small_kwargs(name):
     weights costs seconds and proves nothing more about the entry point."""
     if name.startswith('swin'):
         return dict(img_size=32, window_size=4, num_classes=3, depths=(1, 1, 1, 1))
-    return dict(img_size=28 if 'dinov2' in name else 32, num_classes=3, depth=2)
+    return dict(img_size=28 if 'dinov2' in name or 'eva02' in name else 32, num_classes=3, depth=2)
 
 
 @pytest.mark.parametrize('name', NAMES)

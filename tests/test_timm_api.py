@@ -1,4 +1,4 @@
-"""timm's model APIs on CapaBoost models, ViT and Swin, in every form, against the plain base model."""
+"""timm's model APIs on CapaBoost models, ViT, Swin and Eva (EVA-02), in every form, against the plain base model."""
 import copy
 
 import pytest
@@ -12,7 +12,8 @@ from conftest import tiny_swin, tiny_vit
 KW = {'vit': dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5),
       'swin': dict(img_size=32, patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
                    num_classes=5)}
-BASE = {'vit': 'vit_tiny_patch16_224', 'swin': 'swin_tiny_patch4_window7_224'}
+KW['eva02'] = KW['vit']  # timm's Eva class (EVA-02: RoPE, q/v biases, GluMlp)
+BASE = {'vit': 'vit_tiny_patch16_224', 'swin': 'swin_tiny_patch4_window7_224', 'eva02': 'eva02_tiny_patch14_224'}
 FORMS = {'lora': {}, 'adapter': {}, 'prompt': dict(prompt_length=2, prompt_rank=2)}
 CASES = [(family, form) for family in KW for form in FORMS]
 
@@ -24,6 +25,8 @@ def capaboost(family, form, **kwargs):
         for name, p in model.named_parameters():
             if name.endswith(('lora_B', 'up_weight')):
                 p.normal_(0, 0.5)
+        if family == 'eva02':  # Eva's head starts at 1/1000 of ViT's scale (head_init_scale): outputs of ViT's scale
+            model.head.weight.mul_(1000)
     return model
 
 
@@ -48,7 +51,7 @@ def test_features_only_has_the_base_models_shapes(family, form, out_indices):
 @pytest.mark.parametrize('family, form', CASES)
 def test_forward_intermediates_shapes_and_values(family, form):
     model, base = capaboost(family, form).eval(), timm.create_model(BASE[family], **KW[family]).eval()
-    fmts = ['NCHW', 'NLC'] if family == 'vit' else ['NCHW']
+    fmts = ['NCHW', 'NLC'] if family != 'swin' else ['NCHW']
     for fmt in fmts:
         for kwargs in (dict(indices=2), dict(indices=[0]), dict(indices=1, stop_early=True)):
             ours = model.forward_intermediates(x(), output_fmt=fmt, intermediates_only=True, **kwargs)
@@ -105,7 +108,7 @@ def test_fx_trace_compile_fullgraph_and_export(family, form):
     assert torch.allclose(exported.module()(x()), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize('family, form', CASES + [('vit', 'adapter-sequential'), ('swin', 'adapter-sequential')])
+@pytest.mark.parametrize('family, form', CASES + [(f, 'adapter-sequential') for f in KW])
 def test_jit_script_equals_eager_saves_and_trains(family, form, tmp_path):
     extra = dict(adapter_placement='sequential') if form == 'adapter-sequential' else {}
     model = capaboost(family, form.split('-')[0], **extra).eval()

@@ -54,6 +54,22 @@ def run_cli(*argv):
     return cli.main([str(a) for a in argv])
 
 
+@pytest.mark.parametrize('method', ['capaboost_lora', 'capaboost_adapter', 'capaboost_prompt'])
+def test_the_eva_family_trains_through_the_cli(method, data_root, tmp_path):
+    """timm's Eva class (here EVA-02, with RoPE and q/v biases) trains in every form from --model, its CapaBoost
+    weights trained and saved."""
+    tiny = ['--no-pretrained', '--batch-size', 100, '--workers', 0, '--warmup-epochs', 0]  # 28 px: 14-px patches
+    assert run_cli('train', '--task', 'toy', '--method', method, '--data-path', data_root, '--output', tmp_path,
+                   '--epochs', 1, '--model', 'eva02_tiny', '--img-size', 28,
+                   *(['--prompt-length', 2] if method == 'capaboost_prompt' else []), *tiny) == 0
+    run_dir = tmp_path / 'eva02_tiny' / 'toy' / 'final' / method / 'seed0'
+    results = json.loads((run_dir / 'results.json').read_text())
+    adapter = load_file(str(run_dir / results['adapter_file']))
+    assert results['epochs'] == 1 and results['trainable_params_excl_head'] > 0 and 'head.weight' in adapter
+    assert sum(v.numel() for k, v in adapter.items() if not k.startswith('head.') and 'mask' not in k) == \
+        results['trainable_params_excl_head']
+
+
 @pytest.mark.parametrize('method', ['capaboost_lora', 'lora', 'capaboost_dora', 'capaboost_adapter', 'adapter',
                                     'capaboost_prompt', 'vpt', 'linear', 'full'])
 def test_one_epoch_of_every_method_config(method, data_root, tmp_path):

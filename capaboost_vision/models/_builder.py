@@ -1,7 +1,7 @@
 """Shared helpers for the CapaBoost model entry points: the base model is built (and its pretrained weights
 loaded) by timm itself, then CapaBoost is applied and its settings recorded for ``push_to_hf_hub``."""
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, Sequence
 
 import torch.nn as nn
 from timm.models import PretrainedCfg, get_pretrained_cfg, register_model
@@ -16,16 +16,15 @@ from ..tuner import apply_capaboost
 
 
 CAPABOOST_PAPER = 'arXiv:2407.01320'
-BASE_PAPERS = {'vit': 'arXiv:2010.11929', 'dinov2': 'arXiv:2304.07193', 'swin': 'arXiv:2103.14030'}
 
 
-def base_cfg(name_tag: str, **overrides: Any) -> Dict[str, Any]:
+def base_cfg(name_tag: str, base_papers: Sequence[str], **overrides: Any) -> Dict[str, Any]:
     """A pretrained cfg that loads the base weights ``name_tag`` (with its full hub id) for our architecture, with
-    the CapaBoost and base papers, the base weights' license and a note naming them."""
+    the CapaBoost and base papers (the family file names its own), the base weights' license and a note naming
+    them."""
     cfg = get_pretrained_cfg(name_tag).to_dict()
     for key in ('architecture', 'tag'):
         cfg.pop(key, None)
-    base_papers = [p for key, p in BASE_PAPERS.items() if key in name_tag.split('.')[0]]
     cfg.update(paper_ids=', '.join([CAPABOOST_PAPER, *base_papers]),
                notes=(f'base weights: timm/{name_tag} ({cfg.get("license") or "see the base model"}); CapaBoost '
                       f'weights start untrained (zero update) and are the only trainable part with the head',))

@@ -98,7 +98,7 @@ _ARGS = {
 _BASE_WEIGHTS = {family: f'{family}_patch4_window7_224.ms_in22k' for family in _ARGS}
 
 default_cfgs = generate_default_cfgs({
-    f'{family}_capaboost_{form}.ms_in22k': base_cfg(base) for family, base in _BASE_WEIGHTS.items() for form in FORMS
+    f'{family}_capaboost_{form}.ms_in22k': base_cfg(base, ['arXiv:2103.14030']) for family, base in _BASE_WEIGHTS.items() for form in FORMS
 })
 
 

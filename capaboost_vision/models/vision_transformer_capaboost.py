@@ -135,8 +135,14 @@ _BASE_WEIGHTS = {
     'vit_small_dinov2': 'vit_small_patch14_dinov2.lvd142m',
 }
 
+
+def _papers(family: str) -> List[str]:
+    """The base's papers: ViT, and DINOv2 for the DINOv2 family."""
+    return ['arXiv:2010.11929'] + (['arXiv:2304.07193'] if 'dinov2' in family else [])
+
+
 default_cfgs = generate_default_cfgs({
-    f'{family}_capaboost_{form}.{base.split(".")[1]}': base_cfg(base)
+    f'{family}_capaboost_{form}.{base.split(".")[1]}': base_cfg(base, _papers(family))
     for family, base in _BASE_WEIGHTS.items() for form in FORMS
 })
 
