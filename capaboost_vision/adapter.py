@@ -29,11 +29,13 @@ import torch.nn.functional as F
 from .backbones import Backbone
 from .config import CapaBoostConfig
 from .forms import Form, register_form
-from .masks import adapter_dtype, apply_masks, make_masks
+from .masks import adapter_dtype, apply_masks, make_masks, masks_needed
 
 
 class CapaBoostAdapter(nn.Module):
     """Masked-branch bottleneck adapter with one shared (W_down, b_down, W_up, b_up)."""
+
+    __constants__ = ['masked']  # TorchScript compiles only the branch this adapter takes
 
     def __init__(self, dim: int, config: CapaBoostConfig, name: str, device=None, dtype=None) -> None:
         super().__init__()
@@ -49,15 +51,19 @@ class CapaBoostAdapter(nn.Module):
         self.up_bias = nn.Parameter(torch.zeros(dim, **dd))
         nn.init.kaiming_uniform_(self.down_weight, a=math.sqrt(5))
         self.act = nn.ReLU()
-        masks = dict(num_masks=d, density=config.mask_density, mask_type=config.mask_type, nm=config.nm,
-                     seed=config.seed)
-        mask_down = make_masks((b, dim), name=f'{name}.down_weight', **masks)  # (d, b, dim)
-        mask_up = make_masks((dim, b), name=f'{name}.up_weight', **masks)  # (d, dim, b)
-        self.register_buffer('mask_down', mask_down.to(device))  # (d, b, dim)
-        self.register_buffer('mask_up', mask_up.permute(1, 0, 2).contiguous().to(device))  # (dim, d, b)
+        self.masked = masks_needed(d, config.mask_density)  # the plain adapter (d = 1, rho = 1): no masks
+        if self.masked:
+            masks = dict(num_masks=d, density=config.mask_density, mask_type=config.mask_type, nm=config.nm,
+                         seed=config.seed)
+            mask_down = make_masks((b, dim), name=f'{name}.down_weight', **masks)  # (d, b, dim)
+            mask_up = make_masks((dim, b), name=f'{name}.up_weight', **masks)  # (d, dim, b)
+            self.register_buffer('mask_down', mask_down.to(device))  # (d, b, dim)
+            self.register_buffer('mask_up', mask_up.permute(1, 0, 2).contiguous().to(device))  # (dim, d, b)
 
     def masked_weights(self):
-        """(W_down_cat (d*b, dim), b_down_cat (d*b,), W_up_cat (dim, d*b))."""
+        """(W_down_cat (d*b, dim), b_down_cat (d*b,), W_up_cat (dim, d*b)); the plain adapter's own weights."""
+        if not self.masked:
+            return self.down_weight, self.down_bias, self.up_weight
         down = (self.down_weight.unsqueeze(0) * self.mask_down).flatten(0, 1)  # (d, b, dim) -> (d*b, dim)
         return down, self.down_bias.repeat(self.num_masks), apply_masks(self.up_weight, self.mask_up)
 
@@ -86,7 +92,7 @@ def install_adapter(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backb
 
 def adapter_max_rank(model: nn.Module) -> int:
     """The largest width the summed bottleneck reaches: d*b."""
-    return max((m.mask_down.shape[0] * m.down_weight.shape[0] for m in model.modules()
+    return max((m.num_masks * m.down_weight.shape[0] for m in model.modules()
                 if isinstance(m, CapaBoostAdapter)), default=0)
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .hub import AdapterError, registered_base_id, refuse_non_finite
+from .hub import AdapterError, drop_all_ones_masks, registered_base_id, refuse_non_finite
 from .tuner import is_capaboost_key
 
 
@@ -73,6 +73,7 @@ def model_from_checkpoint(path: Union[str, Path], model_name: Optional[str] = No
         kwargs['num_classes'] = classes
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
+        drop_all_ones_masks(state, model.state_dict())  # a plain LoRA/adapter checkpoint of an older version
         model.load_state_dict(state, strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         raise AdapterError(f'{path} does not fit {name} with {kwargs}: {str(e).splitlines()[0]} (pass the model '

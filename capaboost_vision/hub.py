@@ -31,7 +31,7 @@ from .forms import COMMON_MATCHING_KEYS, FORMS
 from .backbones import backbone_of, transformer_blocks
 from .tuner import head_module, head_name, is_capaboost_key
 from .lora import CapaBoostLoRALinear
-from .masks import pack_mask, unpack_mask
+from .masks import is_all_ones_mask, pack_mask, unpack_mask
 
 FORMAT_VERSION = 1
 CONFIG_NAME = 'config.json'
@@ -411,6 +411,13 @@ def read_adapter(source: Union[str, Path]) -> AdapterFile:
     return AdapterFile(source, config_file, weights_file, meta, config, state)
 
 
+def drop_all_ones_masks(state: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> None:
+    """Plain LoRA and adapter files written before plain forms held no masks carry one all-ones mask per factor:
+    nothing to apply, so they are dropped; any other mask the model lacks stays an unexpected key."""
+    for key in [k for k in state if k not in expected and is_all_ones_mask(state[k])]:
+        del state[key]
+
+
 def check_adapter(model: nn.Module, adapter: AdapterFile, check_base: bool = True) -> None:
     """Architecture, classes, every setting that shapes the model, and every key and shape; warns when the base
     weights differ from the ones the adapter was trained on."""
@@ -428,6 +435,7 @@ def check_adapter(model: nn.Module, adapter: AdapterFile, check_base: bool = Tru
     if diffs:
         raise AdapterError('adapter settings do not match the model: ' + '; '.join(diffs))
     expected = adapter_state_dict(model)
+    drop_all_ones_masks(adapter.state, expected)
     state, weights_file = adapter.state, adapter.weights_file
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from .backbones import Backbone
 from .config import CapaBoostConfig
 from .forms import Form, register_form
-from .masks import adapter_dtype, apply_masks, make_masks
+from .masks import adapter_dtype, apply_masks, make_masks, masks_needed
 
 
 class CapaBoostLoRALinear(nn.Linear):
     """LoRA linear layer with ``num_masks`` static masked branches of one shared rank-r pair (A, B)."""
 
-    __constants__ = ['use_dora']  # TorchScript compiles only the branch this layer takes
+    __constants__ = ['use_dora', 'masked']  # TorchScript compiles only the branches this layer takes
 
     def __init__(self, base: nn.Linear, config: CapaBoostConfig, name: str) -> None:
         out_features, in_features = base.weight.shape
@@ -48,19 +48,23 @@ class CapaBoostLoRALinear(nn.Linear):
         else:  # the official CapaBoost code: U(+-1/sqrt(r)), ~sqrt(in/r) times larger
             nn.init.uniform_(self.lora_A, -1 / math.sqrt(config.rank), 1 / math.sqrt(config.rank))
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        masks = dict(num_masks=config.num_masks, density=config.mask_density, mask_type=config.mask_type,
-                     nm=config.nm, seed=config.seed)
-        # each factor's masks have its reduction dim last (N:M groups run along it): A (r, in), B (out, r)
-        mask_a = make_masks((config.rank, in_features), name=f'{name}.lora_A', **masks)  # (d, r, in)
-        mask_b = make_masks((out_features, config.rank), name=f'{name}.lora_B', **masks)  # (d, out, r)
-        self.register_buffer('lora_mask_A', mask_a.to(dd['device']))  # (d, r, in)
-        self.register_buffer('lora_mask_B', mask_b.permute(1, 0, 2).contiguous().to(dd['device']))  # (out, d, r)
+        self.masked = masks_needed(config.num_masks, config.mask_density)  # plain LoRA (d = 1, rho = 1): no masks
+        if self.masked:
+            masks = dict(num_masks=config.num_masks, density=config.mask_density, mask_type=config.mask_type,
+                         nm=config.nm, seed=config.seed)
+            # each factor's masks have its reduction dim last (N:M groups run along it): A (r, in), B (out, r)
+            mask_a = make_masks((config.rank, in_features), name=f'{name}.lora_A', **masks)  # (d, r, in)
+            mask_b = make_masks((out_features, config.rank), name=f'{name}.lora_B', **masks)  # (d, out, r)
+            self.register_buffer('lora_mask_A', mask_a.to(dd['device']))  # (d, r, in)
+            self.register_buffer('lora_mask_B', mask_b.permute(1, 0, 2).contiguous().to(dd['device']))  # (out, d, r)
         self.use_dora = config.use_dora
         if self.use_dora:  # ||W0|| per output row: the model starts as the base model
             self.lora_magnitude = nn.Parameter(torch.linalg.vector_norm(base.weight.detach().to(dd['dtype']), dim=1))
 
     def masked_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(A_cat, B_cat): A_cat (d*r, in), B_cat (out, d*r), the concatenated masked branches."""
+        """(A_cat, B_cat): A_cat (d*r, in), B_cat (out, d*r), the concatenated masked branches (plain LoRA: A, B)."""
+        if not self.masked:
+            return self.lora_A, self.lora_B
         a_cat = (self.lora_A.unsqueeze(0) * self.lora_mask_A).flatten(0, 1)  # (d, r, in) -> (d*r, in)
         b_cat = apply_masks(self.lora_B, self.lora_mask_B)  # (out, d*r)
         return a_cat, b_cat

@@ -82,6 +82,17 @@ def make_masks(
     return torch.stack(masks)
 
 
+def masks_needed(num_masks: int, density: float) -> bool:
+    """False for one branch at density 1 (plain LoRA, plain adapter): its one mask would be all ones, so the layer
+    holds no mask at all (no buffer, no entry in the adapter file, no "fixed tensors" in the cost table)."""
+    return num_masks > 1 or density < 1.0
+
+
+def is_all_ones_mask(tensor: torch.Tensor) -> bool:
+    """A bool tensor with every entry set: what plain forms stored as their mask before they held none."""
+    return tensor.dtype == torch.bool and bool(tensor.all())
+
+
 def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
     """float32 for CapaBoost weights on a float16/bfloat16 base (PEFT's policy: small trainable weights keep full
     precision), else the base's dtype."""

@@ -33,13 +33,13 @@ import torch.nn as nn
 from .backbones import Backbone
 from .config import CapaBoostConfig
 from .forms import Form, register_form
-from .masks import adapter_dtype, apply_masks, make_masks
+from .masks import adapter_dtype, apply_masks, make_masks, masks_needed
 
 
 class PromptBank(nn.Module):
     """The stacked prompts of ``num_blocks`` blocks of width ``dim``: plain, or CapaBoost-factorised."""
 
-    __constants__ = ['factorised']  # TorchScript compiles only the form this bank has
+    __constants__ = ['factorised', 'masked']  # TorchScript compiles only the form this bank has
 
     def __init__(self, num_blocks: int, dim: int, config: CapaBoostConfig, name: str, init_bound: float,
                  device=None, dtype=None) -> None:
@@ -47,6 +47,8 @@ class PromptBank(nn.Module):
         self.num_blocks, self.length, self.dim = num_blocks, config.prompt_length, dim
         rows = num_blocks * config.prompt_length
         self.factorised, self.branch_scale = config.prompt_rank > 0, config.branch_scale
+        self.num_masks = config.num_masks
+        self.masked = self.factorised and masks_needed(config.num_masks, config.mask_density)  # d = 1, rho = 1: none
         self.dropout = nn.Dropout(config.prompt_dropout) if config.prompt_dropout > 0 else nn.Identity()
         dd = dict(device=device, dtype=adapter_dtype(dtype or torch.get_default_dtype(), config.autocast_adapter_dtype))
         if not self.factorised:  # plain VPT-deep: uniform init as in VPT
@@ -61,19 +63,26 @@ class PromptBank(nn.Module):
         std = (init_bound ** 2 / 3 / (self.branch_scale ** 2 * d * r * rho * rho)) ** 0.25
         self.prompt_U = nn.Parameter(torch.randn(rows, r, **dd) * std)
         self.prompt_V = nn.Parameter(torch.randn(dim, r, **dd) * std)
-        masks = dict(num_masks=d, density=rho, mask_type=config.mask_type, nm=config.nm, seed=config.seed)
-        mask_u = make_masks((rows, r), name=f'{name}.prompt_U', **masks)  # (d, rows, r)
-        mask_v = make_masks((dim, r), name=f'{name}.prompt_V', **masks)  # (d, dim, r)
-        self.register_buffer('mask_U', mask_u.permute(1, 0, 2).contiguous().to(device))  # (rows, d, r)
-        self.register_buffer('mask_V', mask_v.permute(1, 0, 2).contiguous().to(device))  # (dim, d, r)
+        if self.masked:
+            masks = dict(num_masks=d, density=rho, mask_type=config.mask_type, nm=config.nm, seed=config.seed)
+            mask_u = make_masks((rows, r), name=f'{name}.prompt_U', **masks)  # (d, rows, r)
+            mask_v = make_masks((dim, r), name=f'{name}.prompt_V', **masks)  # (d, dim, r)
+            self.register_buffer('mask_U', mask_u.permute(1, 0, 2).contiguous().to(device))  # (rows, d, r)
+            self.register_buffer('mask_V', mask_v.permute(1, 0, 2).contiguous().to(device))  # (dim, d, r)
+
+    def masked_factors(self, start: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(U_cat rows start:end (end - start, d*r), V_cat (dim, d*r)); unmasked U and V where nothing is masked."""
+        if not self.masked:
+            return self.prompt_U[start:end], self.prompt_V
+        return apply_masks(self.prompt_U[start:end], self.mask_U[start:end]), apply_masks(self.prompt_V, self.mask_V)
 
     def materialize(self) -> torch.Tensor:
         """The prompts, shape (num_blocks, n, dim)."""
         if not self.factorised:
             prompts = self.prompt
         else:
-            # (rows, d*r) @ (d*r, dim) -> (rows, dim)
-            prompts = apply_masks(self.prompt_U, self.mask_U) @ apply_masks(self.prompt_V, self.mask_V).t()
+            u, v = self.masked_factors(0, self.num_blocks * self.length)
+            prompts = u @ v.t()  # (rows, d*r) @ (d*r, dim) -> (rows, dim)
             if self.branch_scale != 1.0:
                 prompts = prompts * self.branch_scale
         return prompts.view(self.num_blocks, self.length, self.dim)
@@ -82,7 +91,7 @@ class PromptBank(nn.Module):
         rows = self.num_blocks * self.length
         if not self.factorised:
             return min(rows, self.dim)
-        return min(self.mask_U.shape[1] * self.prompt_U.shape[1], rows, self.dim)
+        return min(self.num_masks * self.prompt_U.shape[1], rows, self.dim)
 
     def block_prompts(self, index: int) -> torch.Tensor:
         """The (n, dim) prompts of block ``index`` (prompt dropout applied): its own rows of P, computed from
@@ -90,9 +99,8 @@ class PromptBank(nn.Module):
         start, end = index * self.length, (index + 1) * self.length
         if not self.factorised:
             return self.dropout(self.prompt[start:end])
-        # (n, d*r) @ (d*r, dim) -> (n, dim)
-        prompts = apply_masks(self.prompt_U[start:end], self.mask_U[start:end]) @ apply_masks(self.prompt_V,
-                                                                                            self.mask_V).t()
+        u, v = self.masked_factors(start, end)
+        prompts = u @ v.t()  # (n, d*r) @ (d*r, dim) -> (n, dim)
         return self.dropout(prompts * self.branch_scale if self.branch_scale != 1.0 else prompts)
 
 

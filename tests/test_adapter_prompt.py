@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from capaboost_vision import CapaBoostConfig, apply_capaboost
+from capaboost_vision import CapaBoostConfig, apply_capaboost, is_capaboost_key, parameter_report
 from capaboost_vision.adapter import CapaBoostAdapter
 from capaboost_vision.models.swin_transformer_capaboost import PromptedWindowAttention
 from capaboost_vision.prompt import PromptBank
@@ -133,3 +133,14 @@ def test_vit_prompt_model_refuses_an_attention_mask_it_cannot_fit():
     for kwargs in (dict(attn_mask=torch.zeros(1, 1, tokens, tokens)), dict(is_causal=True)):
         with pytest.raises(ValueError, match='do not support attn_mask/is_causal'):
             model(x, **kwargs)
+
+
+@pytest.mark.parametrize('form', [dict(method='lora'), dict(method='adapter'), dict(method='prompt', prompt_rank=2)])
+def test_a_form_with_nothing_masked_holds_no_masks_and_scripts(form):
+    """One branch at density 1 (plain LoRA, the plain adapter, unmasked prompt factors): no all-ones masks held,
+    counted or saved, and TorchScript compiles the unmasked branch only."""
+    model = apply_capaboost(tiny_vit(), CapaBoostConfig(**form, num_masks=1, mask_density=1.0)).eval()
+    assert not [n for n, _ in model.named_buffers() if is_capaboost_key(n)]
+    assert parameter_report(model).mask_entries == 0 and parameter_report(model).max_rank > 0
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(torch.jit.script(model)(x), model(x), atol=1e-6)

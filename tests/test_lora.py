@@ -1,12 +1,16 @@
 import copy
+import json
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from capaboost_vision import CapaBoostConfig, apply_capaboost, merge, parameter_report
+from capaboost_vision.hub import AdapterError, load_adapter, save_adapter
 from capaboost_vision.lora import CapaBoostLoRALinear
+from capaboost_vision.masks import pack_mask
 from capaboost_vision.backbones import BACKBONES
 from capaboost_vision.config import LORA_TARGETS
 from conftest import tiny_eva, tiny_swin, tiny_vit
@@ -30,11 +34,32 @@ def test_batched_forward_equals_naive_branch_sum_float64(cfg):
     assert torch.allclose(layer.delta_weight(), naive_lora_delta(layer), atol=1e-10, rtol=0)
 
 
-def test_one_full_mask_is_plain_lora():
+def test_one_full_mask_is_plain_lora_and_holds_no_masks(tmp_path):
     layer = _layer(num_masks=1, mask_density=1.0)
     x = torch.randn(4, 24, dtype=torch.float64)
     plain = F.linear(x, layer.weight, layer.bias) + layer.scaling * x @ layer.lora_A.t() @ layer.lora_B.t()
     assert torch.allclose(layer(x), plain, atol=1e-12)
+    assert not list(layer.buffers())  # nothing masked: no all-ones mask per factor
+    # an adapter file written when plain LoRA still carried all-ones masks loads; another mask is refused
+    torch.manual_seed(0)
+    model = apply_capaboost(tiny_vit(), CapaBoostConfig(rank=2, num_masks=1, mask_density=1.0)).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.lora_B.normal_()
+    save_adapter(model, tmp_path)
+    state, shape = load_file(str(tmp_path / 'adapter.safetensors')), [2, 32]
+    for bits, keep in ((torch.ones(shape, dtype=torch.bool), True), (torch.eye(2, 32, dtype=torch.bool), False)):
+        extra = {'blocks.0.attn.qkv.lora_mask_A': pack_mask(bits)}
+        save_file({**state, **extra}, str(tmp_path / 'adapter.safetensors'),
+                  metadata={'format': 'capaboost', 'version': '1',
+                            'packed_masks': json.dumps({'blocks.0.attn.qkv.lora_mask_A': [1, *shape]})})
+        torch.manual_seed(0)  # the same backbone
+        fresh = apply_capaboost(tiny_vit(), CapaBoostConfig(rank=2, num_masks=1, mask_density=1.0)).eval()
+        if keep:
+            load_adapter(fresh, tmp_path, check_base=False)
+            assert torch.equal(fresh(torch.ones(1, 3, 32, 32)), model(torch.ones(1, 3, 32, 32)))
+        else:
+            with pytest.raises(AdapterError, match='unexpected'):
+                load_adapter(fresh, tmp_path, check_base=False)
 
 
 EVA_KINDS = {  # every attention / MLP layout of timm's Eva family
