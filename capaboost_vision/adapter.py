@@ -97,4 +97,6 @@ def adapter_max_rank(model: nn.Module) -> int:
 
 
 register_form(Form('adapter', install_adapter, adapter_max_rank,
-                   ('adapter_bottleneck', 'adapter_scale', 'adapter_placement'), 'CapaBoost-adapter'))
+                   ('adapter_bottleneck', 'adapter_scale', 'adapter_placement'), 'CapaBoost-adapter',
+                   cannot_fold='an adapter is a ReLU bottleneck, not linear in its input: it cannot be folded into '
+                               'the weights'))

@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .config import FORM_ONLY_KEYS, CapaBoostConfig, field_default
-from .forms import COMMON_MATCHING_KEYS, FORMS
+from .forms import COMMON_MATCHING_KEYS, FORMS, can_merge
 from .tuner import is_capaboost_key
 
 VTAB_GROUPS = ('natural', 'specialized', 'structured')
@@ -76,7 +76,7 @@ def _arguments(kwargs: Dict[str, Any]) -> str:
 def _usage(meta: Dict[str, Any], repo_id: str) -> str:
     """The "how to use" code: every line runs as written once the base weights are where the card says."""
     arch, block = meta['architecture'], meta['capaboost']
-    base, lora = block.get('base_weights') or '', block['config']['method'] == 'lora'
+    base, mergeable = block.get('base_weights') or '', can_merge(block['config']['method'])
     local = base.startswith('file:')
     base_arg = ', pretrained_cfg_overlay=dict(file=BASE)' if local else ''
     lines = ['import timm, capaboost_vision  # pip install capaboost-vision (registers the CapaBoost models in timm)',
@@ -93,7 +93,7 @@ def _usage(meta: Dict[str, Any], repo_id: str) -> str:
     if base != 'random-init':  # a random base is rebuilt by its run only (capaboost-vtab eval)
         lines.append(f"clf = capaboost_vision.load_classifier('hf-hub:{repo_id}'" + (', weights=BASE)' if local else ')')
                      + '  # model, transform and class names in one')
-    if lora:
+    if mergeable:
         lines += ['merged = capaboost_vision.merge(model)  # a plain timm model: the update folded into the weights',
                   "# timm.models.push_to_hf_hub(merged, 'org/merged-model') ships it to users without this package"]
     return '\n'.join(lines)

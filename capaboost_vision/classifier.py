@@ -17,6 +17,7 @@ from timm.data import create_transform
 
 from .hub import AdapterError, AdapterFile, apply_adapter, base_mismatch, check_adapter, check_repo_config, \
     explain_hub_error, read_adapter
+from .forms import can_merge
 from .tuner import merge
 
 
@@ -103,7 +104,7 @@ def load_classifier(source: Union[str, Path], weights: Optional[Union[str, Path]
     if mismatch:
         raise AdapterError(f'{mismatch}: pass the base weights it was trained on (weights=PATH, --weights PATH)')
     apply_adapter(model, adapter)
-    if merged and adapter.config.method == 'lora':
+    if merged and can_merge(adapter.config.method):
         model = merge(model)
     img_size = int((cfg.get('input_size') or [3, 224, 224])[-1])
     mean = tuple(cfg.get('mean') or model.pretrained_cfg['mean'])

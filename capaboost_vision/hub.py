@@ -594,8 +594,9 @@ def export_peft(model: nn.Module, folder: Union[str, Path]) -> Path:
     lora_alpha / r_peft; with r_peft = d*r we set lora_alpha = (alpha / r) * d * r to reproduce alpha / r.
     """
     config = _capaboost_config(model)
-    if config.method != 'lora':
-        raise AdapterError(f'export_peft needs method="lora", the model has method={config.method!r}')
+    if FORMS[config.method].peft_type != 'LORA':
+        raise AdapterError(f'export_peft needs a form that stock PEFT serves as LoRA (method="lora"), the model has '
+                           f'method={config.method!r}')
     backbone = backbone_of(model)
     blocker = backbone.peft_blocker(model)
     if blocker:

@@ -137,5 +137,13 @@ def lora_max_rank(model: nn.Module) -> int:
                 if isinstance(m, CapaBoostLoRALinear)), default=0)
 
 
+def fold_lora(model: nn.Module) -> None:
+    """Replace every CapaBoostLoRALinear by the plain ``nn.Linear`` with its update folded in (``to_linear``)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CapaBoostLoRALinear):
+            parent_name, attr = name.rsplit('.', 1)
+            setattr(model.get_submodule(parent_name), attr, module.to_linear())
+
+
 register_form(Form('lora', install_lora, lora_max_rank, ('rank', 'lora_alpha', 'target_modules'),
-                   'CapaBoost-LoRA (attn.qkv by default)'))
+                   'CapaBoost-LoRA (attn.qkv by default)', fold=fold_lora, peft_type='LORA'))

@@ -163,4 +163,5 @@ def prompt_max_rank(model: nn.Module) -> int:
 
 
 register_form(Form('prompt', install_prompt, prompt_max_rank, ('prompt_length', 'prompt_rank'),
-                   'CapaBoost-prompt (factorised VPT-deep)'))
+                   'CapaBoost-prompt (factorised VPT-deep)',
+                   cannot_fold='prompts add tokens to every block: they cannot be folded into the weights'))

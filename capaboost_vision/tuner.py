@@ -11,7 +11,6 @@ from . import lora, adapter, prompt  # noqa: F401  (the forms CapaBoost ships re
 from .backbones import backbone_of, head_module, head_name, transformer_blocks  # noqa: F401  (re-exported)
 from .config import CONFIG_KEYS, CapaBoostConfig
 from .forms import form_of
-from .lora import CapaBoostLoRALinear
 
 
 def is_capaboost_key(key: str) -> bool:
@@ -43,7 +42,8 @@ def apply_capaboost(model: nn.Module, config: CapaBoostConfig) -> nn.Module:
 
 
 def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Fold every CapaBoost-LoRA update into its base weight and return a plain timm model.
+    """Fold the CapaBoost update into the base weights and return a plain timm model (a form that cannot be folded,
+    the adapter or prompts, is one ValueError saying why).
 
     The result has exactly the base model's modules and state-dict keys, gives the same outputs, and is what
     ``timm.create_model(base)`` returns: every parameter trainable (the CapaBoost model's frozen backbone is a
@@ -53,21 +53,19 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
     plain timm loads without this package.
     """
     config = getattr(model, 'capaboost_config', None)
-    if config is None or config.method != 'lora':
-        raise ValueError('merge() needs a model with CapaBoost method="lora" applied '
-                         f'(got {config.method if config else "a model without CapaBoost"}); adapters and '
-                         'prompts are not linear in the input and cannot be folded into the weights')
+    if config is None:
+        raise ValueError('merge() needs a model with CapaBoost applied (got a model without CapaBoost)')
+    form = form_of(config)
+    if form.fold is None:
+        raise ValueError(f'merge(): the {form.name} form cannot be merged: {form.cannot_fold}')
     model = model if inplace else copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, CapaBoostLoRALinear):
-            parent_name, attr = name.rsplit('.', 1)
-            setattr(model.get_submodule(parent_name), attr, module.to_linear())
+    form.fold(model)
     del model.capaboost_config
     model.requires_grad_(True)
     base = model.__dict__.pop('capaboost_base_architecture', None)
     if base:  # '<family>_capaboost_lora' -> the plain timm model it was built on
         architecture, _, tag = base.partition('.')
-        note = f'{base} with a CapaBoost-LoRA update (arXiv:2407.01320) merged into its weights'
+        note = f'{base} with a {form.summary.split(" (")[0]} update (arXiv:2407.01320) merged into its weights'
         model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, architecture=architecture,
                                                         tag=tag or None, notes=(note,))
     model._model_args = {k: v for k, v in getattr(model, '_model_args', {}).items()

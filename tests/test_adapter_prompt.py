@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from capaboost_vision import CapaBoostConfig, apply_capaboost, is_capaboost_key, parameter_report
+from capaboost_vision import CapaBoostConfig, apply_capaboost, is_capaboost_key, merge, parameter_report
 from capaboost_vision.adapter import CapaBoostAdapter
 from capaboost_vision.models.swin_transformer_capaboost import PromptedWindowAttention
 from capaboost_vision.prompt import PromptBank
@@ -144,3 +144,10 @@ def test_a_form_with_nothing_masked_holds_no_masks_and_scripts(form):
     assert parameter_report(model).mask_entries == 0 and parameter_report(model).max_rank > 0
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(torch.jit.script(model)(x), model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize('method, why', [('adapter', 'ReLU bottleneck'), ('prompt', 'add tokens')])
+def test_a_form_that_cannot_merge_says_so_in_one_line(method, why):
+    model = apply_capaboost(tiny_vit(), CapaBoostConfig(method=method))
+    with pytest.raises(ValueError, match=f'merge\\(\\): the {method} form cannot be merged: .*{why}'):
+        merge(model)

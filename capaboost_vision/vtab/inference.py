@@ -73,6 +73,7 @@ def _rebuilt_run(folder: Path, cfg: RunConfig, weights: Optional[str], merged: b
     """A finished run folder rebuilt as its run built it (same seed, base weights, random init included), then its
     trained weights loaded: a CapaBoost adapter, or an HF PEFT baseline's PEFT weights."""
     from ..hub import load_adapter
+    from ..forms import can_merge
     from ..tuner import merge
     from .building import base_of, create
     from .methods import kind_of
@@ -86,7 +87,7 @@ def _rebuilt_run(folder: Path, cfg: RunConfig, weights: Optional[str], merged: b
     torch.manual_seed(cfg.seed)  # as the engine does before building: a random-init base comes out the same
     if kind.has_capaboost_adapter:
         model = load_adapter(kind.build(cfg, results['num_classes']), folder)
-        model = merge(model) if merged and cfg.form == 'lora' else model
+        model = merge(model) if merged and can_merge(cfg.form) else model
     elif (folder / 'adapter_config.json').is_file():
         model = require('peft', f'{folder} (an HF PEFT run)').PeftModel.from_pretrained(create(cfg, base_of(cfg), results['num_classes']), str(folder))
         model = model.merge_and_unload() if merged else model
