@@ -322,8 +322,7 @@ def config_layers(overrides: Dict[str, Any], config_file: Optional[str]) -> Tupl
     task = overrides.get('task') or config_layer.get('task') or ''
     task_file = CONFIG_DIR / 'tasks' / f'{task}.yaml'
     if isinstance(task, str) and task and task_file.is_file():
-        layers.append((str(task_file), {k: v for k, v in load_yaml(task_file).items()
-                                        if k not in ('num_classes', 'group')}))
+        layers.append((str(task_file), load_yaml(task_file)))  # overrides only: classes and group are in TASKS
     if config_file:
         layers.append((str(config_file), config_layer))
     layers.append(('command line', {k: v for k, v in overrides.items() if v is not None}))
