@@ -4,12 +4,19 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 
+def branch_mask(module, name: str, *index):
+    """Branch ``index``'s mask of one factor (``mask[index]``); a layer with nothing masked (one branch at density 1)
+    holds no masks: its one branch keeps every entry."""
+    mask = getattr(module, name, None)
+    return 1 if mask is None else mask[index]
+
+
 def naive_lora_delta(layer) -> torch.Tensor:
     """ΔW = (alpha/r) * sum_i (B⊙M^B_i)(A⊙M^A_i), one branch at a time."""
     delta = torch.zeros_like(layer.weight)
     for i in range(layer.num_masks):
-        a = layer.lora_A * layer.lora_mask_A[i]  # (r, in)
-        b = layer.lora_B * layer.lora_mask_B[:, i]  # (out, r)
+        a = layer.lora_A * branch_mask(layer, 'lora_mask_A', i)  # (r, in)
+        b = layer.lora_B * branch_mask(layer, 'lora_mask_B', slice(None), i)  # (out, r)
         delta = delta + b @ a
     return layer.scaling * delta
 
@@ -17,8 +24,8 @@ def naive_lora_delta(layer) -> torch.Tensor:
 def naive_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
     out = F.linear(x, layer.weight, layer.bias)
     for i in range(layer.num_masks):
-        a = layer.lora_A * layer.lora_mask_A[i]
-        b = layer.lora_B * layer.lora_mask_B[:, i]
+        a = layer.lora_A * branch_mask(layer, 'lora_mask_A', i)
+        b = layer.lora_B * branch_mask(layer, 'lora_mask_B', slice(None), i)
         out = out + layer.scaling * (x @ a.t()) @ b.t()
     return out
 
@@ -26,8 +33,8 @@ def naive_lora_forward(layer, x: torch.Tensor) -> torch.Tensor:
 def naive_adapter(adapter, x: torch.Tensor) -> torch.Tensor:
     out = 0
     for i in range(adapter.num_masks):
-        down = adapter.down_weight * adapter.mask_down[i]
-        up = adapter.up_weight * adapter.mask_up[:, i]
+        down = adapter.down_weight * branch_mask(adapter, 'mask_down', i)
+        up = adapter.up_weight * branch_mask(adapter, 'mask_up', slice(None), i)
         out = out + torch.relu(x @ down.t() + adapter.down_bias) @ up.t()
     return adapter.scale * (out * adapter.branch_scale + adapter.up_bias)
 
@@ -36,8 +43,9 @@ def naive_prompts(bank) -> torch.Tensor:
     if not bank.factorised:
         return bank.prompt.view(bank.num_blocks, bank.length, bank.dim)
     p = 0
-    for i in range(bank.mask_U.shape[1]):
-        p = p + (bank.prompt_U * bank.mask_U[:, i]) @ (bank.prompt_V * bank.mask_V[:, i]).t()
+    for i in range(bank.num_masks):
+        u = bank.prompt_U * branch_mask(bank, 'mask_U', slice(None), i)
+        p = p + u @ (bank.prompt_V * branch_mask(bank, 'mask_V', slice(None), i)).t()
     return (p * bank.branch_scale).view(bank.num_blocks, bank.length, bank.dim)
 
 
