@@ -335,7 +335,8 @@ def test_real_slurm_preemption_and_time_limit_requeues_are_waited_for_and_the_ru
     Neither is a failure: the driver keeps waiting, both jobs resume from their checkpoints, and the runs equal the
     local launcher's bit for bit."""
     env, out = real_slurm, tmp_path / 'slurm'
-    epochs = ['--epochs', 30]  # about 0.1 s each: a window of seconds to stop the jobs in after epoch 1
+    # about 0.1 s each: seconds to stop both jobs in after the later one's first epoch (their starts differ too)
+    epochs = ['--epochs', 60]
     assert cli.main(sweep_args(data, tmp_path / 'local', *epochs)) == 0
     argv = _slurm_sweep(data, out, env, *epochs, '--timeout-min', 1, '--signal-delay-s', 5)
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
