@@ -15,12 +15,12 @@ W_up_cat = [W_up⊙M^up_1 | ...] (dim x d*b); b_up is added once. The adapter re
 
 The adapter is attached as ``mlp.capaboost_adapter``, so every base parameter name (``blocks.0.mlp.fc1.weight``...)
 stays as it was, and each block runs its own adapter: CapaBoost swaps the block's class for the subclass its family's
-``Backbone.adapter_blocks`` names (defined in the family's model file), whose forward is timm's with the adapter
-added. Nothing is carried between modules
+model file names (``adapter_installer({Block: AdapterBlock})``, registered for the family), whose forward is timm's
+with the adapter added. Nothing is carried between modules
 or calls, so the blocks script (TorchScript), trace (fx), compile and export as timm's do.
 """
 import math
-from typing import List, Tuple
+from typing import List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .backbones import Backbone
 from .config import CapaBoostConfig
-from .forms import Form, register_form
+from .forms import Form, Installer, register_form
 from .masks import adapter_dtype, apply_masks, make_masks, masks_needed
 
 
@@ -77,17 +77,27 @@ class CapaBoostAdapter(nn.Module):
         return f'dim={dim}, bottleneck={b}, num_masks={self.num_masks}, scale={self.scale}, placement={self.placement}'
 
 
-def install_adapter(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
-                    config: CapaBoostConfig) -> None:
-    """Give every block's MLP a CapaBoostAdapter (all built first) and the block the class that runs it."""
-    planned = []
-    for block_name, block in blocks:
-        ref = next(block.mlp.parameters())
-        planned.append(CapaBoostAdapter(backbone.width(block), config, f'{block_name}.mlp.capaboost_adapter',
-                                        device=ref.device, dtype=ref.dtype))
-    for (_, block), adapter in zip(blocks, planned):
-        block.mlp.capaboost_adapter = adapter
-        block.__class__ = backbone.adapter_blocks[type(block)]  # timm's forward with the adapter in it
+def adapter_installer(adapter_blocks: Mapping[type, type]) -> Installer:
+    """The adapter form's installer for a family whose blocks run the adapter in their own forward:
+    ``adapter_blocks`` maps each block type (exact: a subclass may have a forward of its own) to the subclass whose
+    forward is timm's with the MLP's ``capaboost_adapter`` in it. The family's model file registers the result
+    (``register_installer(family, 'adapter', adapter_installer({...}))``)."""
+    def install_adapter(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
+                        config: CapaBoostConfig) -> None:
+        """Give every block's MLP a CapaBoostAdapter (all built first) and the block the class that runs it."""
+        unknown = sorted({type(b).__name__ for _, b in blocks if type(b) not in adapter_blocks})
+        if unknown:
+            raise ValueError(f'the adapter form is not supported on {", ".join(unknown)} blocks: it runs in '
+                             f'{", ".join(c.__name__ for c in adapter_blocks)} blocks')
+        planned = []
+        for block_name, block in blocks:
+            ref = next(block.mlp.parameters())
+            planned.append(CapaBoostAdapter(backbone.width(block), config, f'{block_name}.mlp.capaboost_adapter',
+                                            device=ref.device, dtype=ref.dtype))
+        for (_, block), adapter in zip(blocks, planned):
+            block.mlp.capaboost_adapter = adapter
+            block.__class__ = adapter_blocks[type(block)]  # timm's forward with the adapter in it
+    return install_adapter
 
 
 def adapter_max_rank(model: nn.Module) -> int:
@@ -96,7 +106,7 @@ def adapter_max_rank(model: nn.Module) -> int:
                 if isinstance(m, CapaBoostAdapter)), default=0)
 
 
-register_form(Form('adapter', install_adapter, adapter_max_rank,
+register_form(Form('adapter', adapter_max_rank,
                    ('adapter_bottleneck', 'adapter_scale', 'adapter_placement'), 'CapaBoost-adapter',
                    cannot_fold='an adapter is a ReLU bottleneck, not linear in its input: it cannot be folded into '
                                'the weights'))

@@ -1,16 +1,15 @@
 """What CapaBoost needs to know about a timm model family, as one ``Backbone`` spec per family.
 
 A family's model file in ``models/`` (e.g. ``vision_transformer_capaboost.py``) defines its spec — where the
-transformer blocks are, the block subclasses that run an adapter, how prompts are installed — registers it here and
-generates its ``*_capaboost_<form>`` entry points. The forms (``lora``, ``adapter``, ``prompt``) and ``tuner`` only
-ever ask this registry, so supporting another timm family (EVA, ...) is one new model file.
+transformer blocks are, which linears a LoRA target names, its widths — registers it here, registers the installers
+of the forms that need its own block forward (``forms.register_installer``: adapter, prompts) and generates its
+``*_capaboost_<form>`` entry points. The forms and ``tuner`` only ever ask these registries, so supporting another
+timm family (EVA, ...) is one new model file, and the spec has no field for any one form.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch.nn as nn
-
-from .config import CapaBoostConfig
 
 
 def same_linear(block: nn.Module, target: str) -> Tuple[str, ...]:
@@ -36,11 +35,9 @@ def stock_peft_runs(model: nn.Module) -> str:
 class Backbone:
     """One timm model family as CapaBoost sees it.
 
-    ``adapter_blocks`` maps every supported block type (exact types: a subclass may have a forward of its own) to
-    the subclass whose forward is timm's with the MLP's ``capaboost_adapter`` in it; its keys are the blocks
-    CapaBoost supports in this family. ``install_prompt`` builds the deep prompts and installs them in every block.
-    ``lora_linears(block, target)`` says which linears of a block a LoRA target ('attn.qkv', 'mlp.fc1', ...) is in
-    this family: the same name, or the family's own split (separate q/k/v projections, a SwiGLU's two input
+    ``block_types`` are the block types CapaBoost supports in this family (exact types: a subclass may have a forward
+    of its own). ``lora_linears(block, target)`` says which linears of a block a LoRA target ('attn.qkv', 'mlp.fc1',
+    ...) is in this family: the same name, or the family's own split (separate q/k/v projections, a SwiGLU's two input
     linears). ``prepare_lora(block)`` runs before a block's linears are replaced, so that the block calls them as
     modules (a forward that reads ``qkv.weight`` directly would bypass LoRA). ``width(block)`` is the width of the
     block's residual stream (the adapter's input). ``peft_blocker(model)`` says why stock PEFT's LoRA at those
@@ -49,8 +46,7 @@ class Backbone:
     name: str
     model_class: type
     blocks: Callable[[nn.Module], List[Tuple[str, nn.Module]]]
-    adapter_blocks: Mapping[type, type]
-    install_prompt: Callable[[nn.Module, CapaBoostConfig], None]
+    block_types: Tuple[type, ...]
     description: str
     lora_linears: Callable[[nn.Module, str], Tuple[str, ...]] = same_linear
     prepare_lora: Callable[[nn.Module], None] = nothing_to_prepare
@@ -82,9 +78,9 @@ def transformer_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     spec = backbone_of(model)
     blocks = spec.blocks(model)
     for name, block in blocks:
-        if type(block) not in spec.adapter_blocks:
+        if type(block) not in spec.block_types:
             raise ValueError(f'not supported: {type(block).__name__} ({name}) in {type(model).__name__}; CapaBoost '
-                             f'applies to {", ".join(c.__name__ for c in spec.adapter_blocks)} blocks')
+                             f'applies to {", ".join(c.__name__ for c in spec.block_types)} blocks')
     return blocks
 
 

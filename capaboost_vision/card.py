@@ -7,18 +7,16 @@ weights are a Hub repo, ``pipeline_tag``, tags, ``datasets`` where known, a ``mo
 split's top-1 and top-5), then how to use it (every line runs as written), the settings of the adapter's form only,
 the evaluation and its provenance.
 """
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import timm
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .config import FORM_ONLY_KEYS, CapaBoostConfig, field_default
+from .config import VTAB_GROUPS, CapaBoostConfig, setting_defaults
 from .forms import COMMON_MATCHING_KEYS, FORMS, can_merge
 from .tuner import is_capaboost_key
-
-VTAB_GROUPS = ('natural', 'specialized', 'structured')
 
 
 def dataset_name(task: str, group: Optional[str]) -> str:
@@ -44,11 +42,9 @@ def results_of_card(card: ModelCard) -> List[CardResult]:
 
 
 def form_settings(config: CapaBoostConfig) -> Dict[str, Any]:
-    """The settings that mean something for ``config``'s form: none of another form's, N:M only for N:M masks."""
-    other = {key for form, keys in FORM_ONLY_KEYS.items() if form != config.method for key in keys}
-    if config.mask_type != 'nm':
-        other.add('nm')
-    return {k: v for k, v in config.to_dict().items() if k not in other}
+    """The settings that mean something for ``config``'s form: the shared ones and its own section (a config holds
+    no other), N:M only for N:M masks."""
+    return {k: v for k, v in config.to_dict().items() if k != 'nm' or config.mask_type == 'nm'}
 
 
 def load_kwargs(meta: Dict[str, Any]) -> Dict[str, Any]:
@@ -56,7 +52,7 @@ def load_kwargs(meta: Dict[str, Any]) -> Dict[str, Any]:
     its input size when not the architecture's default, and the shape-giving settings that are not defaults
     (mask density, seed and type travel with the masks in the file)."""
     config = meta['capaboost']['config']
-    defaults = {f.name: field_default(f) for f in fields(CapaBoostConfig)}
+    defaults = setting_defaults()
     kwargs: Dict[str, Any] = {'num_classes': meta['num_classes']}
     registered = timm.models.get_pretrained_cfg(meta['architecture'])
     size = list((meta.get('pretrained_cfg') or {}).get('input_size') or [])[1:]
@@ -152,7 +148,7 @@ def adapter_card(meta: Dict[str, Any], state: Dict[str, torch.Tensor], weights_s
     """The model card of the adapter whose config.json is ``meta`` and whose tensors are ``state``, pushed as
     ``repo_id``; ``results`` (a run's results.json) adds the evaluation."""
     block = meta['capaboost']
-    config = CapaBoostConfig(**block['config'])
+    config = CapaBoostConfig.from_record(block['config'])
     arch = meta['architecture']
     base, fingerprint = block.get('base_weights') or 'unknown', block.get('base_fingerprint')
     hub_base = base if '/' in base and not base.startswith('file:') else None  # base_model takes a Hub id only

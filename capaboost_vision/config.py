@@ -1,21 +1,25 @@
-"""The one configuration object for every CapaBoost form (LoRA, adapter, prompt).
+"""The one configuration object for every CapaBoost form: shared mask settings plus the active form's own section.
 
-Each setting is defined once, here: a dataclass field with its help text (and choices where the set is closed) in
-``metadata``, from which ``create_model`` kwargs, the CLI flags, the YAML keys and the model card derive.
-This module imports no torch, so the CLI can build its parser before the heavy imports.
+Each setting is defined once: a dataclass field with its help text (and choices where the set is closed) in
+``metadata``, from which ``create_model`` kwargs, the CLI flags, the YAML keys and the model card derive. The shared
+settings are ``CapaBoostConfig``'s fields; each form's own settings are a section (``LoRASettings``, ...) registered
+under the form's name with ``register_form_settings``, so a run, an adapter file and a card hold only the settings
+their form reads, and a form added from outside the package brings its own section. This module imports no torch,
+so the CLI can build its parser before the heavy imports.
 """
+import dataclasses
 import math
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from numbers import Real
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
-METHODS = ('lora', 'adapter', 'prompt')
 MASK_TYPES = ('random', 'nm')
 LORA_TARGETS = ('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2')
 ADAPTER_PLACEMENTS = ('parallel', 'sequential')
 MASK_SCALINGS = ('none', 'expected')
 LORA_INITS = ('peft', 'official')
 MAX_CLASSES = 1_000_000  # a class count above this is a typo or a hostile file, not a head to allocate
+VTAB_GROUPS = ('natural', 'specialized', 'structured')  # VTAB-1k's groups: cards' vtab-1k tag, report columns
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:
@@ -79,26 +83,8 @@ def check_setting(f: Field, value: Any) -> None:
 
 
 @dataclass
-class CapaBoostConfig:
-    """CapaBoost settings. Defaults follow the official code: d=2 masks of density 0.5, scaling alpha/r.
-
-    ``num_masks=1, mask_density=1.0`` turns each form into its plain baseline (LoRA, adapter, low-rank prompt);
-    ``prompt_rank=0`` gives plain, unfactorised VPT-deep prompts (0, not None: timm's create_model drops
-    None-valued keyword arguments).
-    """
-    method: str = setting('lora', 'CapaBoost form', choices=METHODS, cli=False)
-    num_masks: int = setting(2, 'number d of masked branches of the shared weights (1 = the plain method)',
-                             range='[1, 64]')
-    mask_density: float = setting(0.5, 'fraction rho of entries each static mask keeps, in (0, 1]', range='(0, 1]')
-    mask_type: str = setting('random', 'random: exact-count uniform masks; nm: N:M structured masks',
-                              choices=MASK_TYPES)
-    nm: Tuple[int, int] = setting((2, 4), 'N and M for mask_type=nm (N of every M entries kept)', nargs=2)
-    mask_scaling: str = setting('none', "none: the d masked branches are summed unscaled (official code); expected: "
-                                         "the sum is divided by d*rho^2, so the expected update equals the plain "
-                                         "form's at the same alpha and lr", choices=MASK_SCALINGS)
-    seed: int = setting(0, 'mask seed (the CLI uses the run seed unless --mask-seed is given)', flag='mask_seed',
-                         range='[0, inf)')
-    # LoRA
+class LoRASettings:
+    """The LoRA form's own settings."""
     rank: int = setting(8, 'LoRA rank r of the shared factors', range='[1, 65536]')
     lora_alpha: float = setting(8.0, 'LoRA alpha: the update is scaled by alpha / r (must be > 0)', range='(0, inf)',
                                  range_help='must be > 0 and finite (alpha = 0 makes the update zero: nothing '
@@ -112,62 +98,194 @@ class CapaBoostConfig:
                                      'when CapaBoost is applied')
     target_modules: Tuple[str, ...] = setting(('attn.qkv',), 'LoRA target linears in every block',
                                                choices=LORA_TARGETS, nargs='+', flag='targets')
-    # adapter
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (str, list)):
+            self.target_modules = (self.target_modules,) if isinstance(self.target_modules, str) \
+                else tuple(self.target_modules)
+
+    def validate(self) -> None:
+        if not isinstance(self.target_modules, tuple) or not self.target_modules:
+            raise SettingError('target_modules', f'target_modules={self.target_modules!r} is invalid: choose from '
+                                                 f'{", ".join(LORA_TARGETS)}')
+
+
+@dataclass
+class AdapterSettings:
+    """The adapter form's own settings."""
     adapter_bottleneck: int = setting(8, 'adapter bottleneck width b', range='[1, 65536]')
     adapter_scale: float = setting(0.1, 'adapter output scale s', range='(-inf, inf)')
     adapter_placement: str = setting('parallel', 'parallel: beside the MLP (AdaptFormer); sequential: after it',
                                       choices=ADAPTER_PLACEMENTS)
-    # prompt
+
+
+@dataclass
+class PromptSettings:
+    """The prompt form's own settings."""
     prompt_length: int = setting(10, 'prompt tokens per block (VPT-deep)', range='[1, 4096]')
     prompt_rank: int = setting(8, 'rank of the factorised prompts; 0 = plain, unfactorised VPT-deep',
                                range='[0, 65536]', range_help='an integer >= 1, or 0 for plain (unfactorised) '
                                                               'VPT-deep prompts, at most 65536')
     prompt_dropout: float = setting(0.0, 'dropout on the prompts, in [0, 1)', range='[0, 1)')
+
+
+FORM_SETTINGS: Dict[str, type] = {}
+"""{form name: the dataclass of its own settings}; its keys are the CapaBoost forms there are."""
+
+
+def register_form_settings(form: str, settings: type) -> type:
+    """Make ``form`` a CapaBoost form with the settings dataclass ``settings`` (its fields declared with
+    ``setting``). A form name is a plain identifier without '_' ('<family>_capaboost_<form>' is split at the last
+    '_'), and a setting name belongs to one form only (create_model kwargs and CLI flags are flat)."""
+    if not form.isidentifier() or '_' in form or not form.islower():
+        raise ValueError(f'form name {form!r} is invalid: lower-case letters and digits only (no "_": model names '
+                         f'end in "_capaboost_<form>")')
+    taken = {f.name: owner for owner, cls in FORM_SETTINGS.items() if owner != form for f in fields(cls)}
+    taken.update({f.name: 'every form' for f in fields(CapaBoostConfig)})
+    for f in fields(settings):
+        if f.name in taken:
+            raise ValueError(f'setting {f.name!r} of form {form!r} is already a setting of {taken[f.name]}')
+    FORM_SETTINGS[form] = settings
+    return settings
+
+
+def form_names() -> Tuple[str, ...]:
+    """The registered CapaBoost forms, in registration order ('lora', 'adapter', 'prompt', ...)."""
+    return tuple(FORM_SETTINGS)
+
+
+def form_only_keys() -> Dict[str, Tuple[str, ...]]:
+    """{form: the settings only that form reads}."""
+    return {form: tuple(f.name for f in fields(cls)) for form, cls in FORM_SETTINGS.items()}
+
+
+def setting_fields() -> Iterator[Field]:
+    """Every setting: the shared ones, then each registered form's own (the CLI's flags, ``create_model``'s
+    CapaBoost kwargs)."""
+    yield from (f for f in fields(CapaBoostConfig) if f.name != 'section')
+    for cls in FORM_SETTINGS.values():
+        yield from fields(cls)
+
+
+def config_keys() -> Tuple[str, ...]:
+    """The names of every setting of every registered form ('method' included)."""
+    return tuple(f.name for f in setting_fields())
+
+
+def setting_defaults() -> Dict[str, Any]:
+    """{setting name: default} for every setting of every registered form."""
+    return {f.name: field_default(f) for f in setting_fields()}
+
+
+def check_choices(f: Field, value: Any) -> None:
+    """SettingError when a setting with ``choices`` has a value (or, for a list setting, an element) outside them."""
+    choices = f.metadata.get('choices')
+    if choices is None:
+        return
+    values = value if f.metadata.get('nargs') and isinstance(value, (tuple, list)) else (value,)
+    if any(not isinstance(v, str) or v not in choices for v in values):
+        verb = 'choose from' if f.metadata.get('nargs') else 'choose one of'
+        raise SettingError(f.name, f'{f.name}={value!r} is invalid: {verb} {", ".join(choices)}')
+
+
+@dataclass(init=False)
+class CapaBoostConfig:
+    """CapaBoost settings: the shared mask settings (fields) plus ``section``, the form's own settings (a registered
+    settings dataclass), read as attributes too (``config.rank``). Defaults follow the official code: d=2 masks of
+    density 0.5, scaling alpha/r.
+
+    ``CapaBoostConfig(method='lora', rank=4)`` takes every setting flat, as ``create_model`` does; another form's
+    setting at its default is dropped (records made before the sections hold every form's settings), at another
+    value it is an error (the form would ignore it). ``num_masks=1, mask_density=1.0`` turns each form into its
+    plain baseline (LoRA, adapter, low-rank prompt); ``prompt_rank=0`` gives plain, unfactorised VPT-deep prompts
+    (0, not None: timm's create_model drops None-valued keyword arguments).
+    """
+    method: str = setting('lora', 'CapaBoost form', cli=False)
+    num_masks: int = setting(2, 'number d of masked branches of the shared weights (1 = the plain method)',
+                             range='[1, 64]')
+    mask_density: float = setting(0.5, 'fraction rho of entries each static mask keeps, in (0, 1]', range='(0, 1]')
+    mask_type: str = setting('random', 'random: exact-count uniform masks; nm: N:M structured masks',
+                              choices=MASK_TYPES)
+    nm: Tuple[int, int] = setting((2, 4), 'N and M for mask_type=nm (N of every M entries kept)', nargs=2)
+    mask_scaling: str = setting('none', "none: the d masked branches are summed unscaled (official code); expected: "
+                                         "the sum is divided by d*rho^2, so the expected update equals the plain "
+                                         "form's at the same alpha and lr", choices=MASK_SCALINGS)
+    seed: int = setting(0, 'mask seed (the CLI uses the run seed unless --mask-seed is given)', flag='mask_seed',
+                         range='[0, inf)')
     autocast_adapter_dtype: bool = setting(True, 'keep CapaBoost weights in float32 on a float16/bfloat16 base (as '
                                                   'HF PEFT does); inputs are cast at the boundary', cli=False)
-    # what else trains
     train_head: bool = setting(True, 'train the classifier head', cli=False)
+    section: Any = setting(None, "the form's own settings", cli=False)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str):
-            self.target_modules = (self.target_modules,)
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = tuple(self.target_modules)
-        if isinstance(self.nm, (list, tuple)):
+    def __init__(self, method: str = 'lora', **settings: Any) -> None:
+        if method not in FORM_SETTINGS:
+            raise SettingError('method', f'method={method!r} is invalid: choose one of {", ".join(FORM_SETTINGS)}')
+        self.method = method
+        for f in fields(self):
+            if f.name not in ('method', 'section'):
+                setattr(self, f.name, settings.pop(f.name, field_default(f)))
+        own_cls = FORM_SETTINGS[method]
+        section = settings.pop('section', None)
+        own = {f.name for f in fields(own_cls)}
+        given = {k: settings.pop(k) for k in list(settings) if k in own}
+        defaults = setting_defaults()
+        for key, value in settings.items():
+            owner = next((form for form, keys in form_only_keys().items() if key in keys), None)
+            if owner is None:
+                raise TypeError(f'CapaBoostConfig got an unexpected setting {key!r}')
+            default = defaults[key]
+            if value != default and value != (list(default) if isinstance(default, tuple) else default):
+                raise SettingError(key, f'{key} applies to the {owner} form only; this method has form {method!r}, '
+                                        f'which would ignore it')
+        if section is not None and not isinstance(section, own_cls):
+            raise TypeError(f'section must be a {own_cls.__name__} for form {method!r}, not {type(section).__name__}')
+        self.section = dataclasses.replace(section, **given) if section is not None else own_cls(**given)
+        if isinstance(self.nm, list):
             self.nm = tuple(self.nm)
         self.validate()
 
+    @classmethod
+    def from_record(cls, record: Dict[str, Any]) -> 'CapaBoostConfig':
+        """The config a recorded settings mapping (a config.yaml's capaboost block, an adapter's config.json) stands
+        for: the settings of another form, which that form never read, are left out whatever their value."""
+        record = dict(record)
+        method = record.get('method', 'lora')
+        others = {k for form, keys in form_only_keys().items() if form != method for k in keys}
+        return cls(**{k: v for k, v in record.items() if k not in others})
+
+    def __getattr__(self, name: str) -> Any:
+        """A setting of the form's own section (``config.rank``); another form's setting is an AttributeError saying
+        whose it is."""
+        section = self.__dict__.get('section')
+        if section is not None and name in {f.name for f in fields(section)}:
+            return getattr(section, name)
+        owner = next((form for form, keys in form_only_keys().items() if name in keys), None)
+        if owner is not None:
+            raise AttributeError(f'{name} is a setting of the {owner} form; this config has form '
+                                 f'{self.__dict__.get("method")!r}')
+        raise AttributeError(name)
+
     def validate(self) -> None:
-        """Raise ValueError naming the parameter and what is allowed."""
+        """Raise SettingError (a ValueError) naming the parameter and what is allowed."""
         def bad(name: str, allowed: str) -> None:
             raise SettingError(name, f'{name}={getattr(self, name)!r} is invalid: {allowed}')
 
-        for f in fields(self):  # every number: its kind and its range, from the field's metadata
+        if self.method not in FORM_SETTINGS or not isinstance(self.section, FORM_SETTINGS[self.method]):
+            bad('method', f'choose one of {", ".join(FORM_SETTINGS)}')
+        for f in setting_fields_of(self):  # every number: its kind and range; every closed set: its choices
             check_setting(f, getattr(self, f.name))
-        if self.method not in METHODS:
-            bad('method', f'choose one of {", ".join(METHODS)}')
-        if self.mask_type not in MASK_TYPES:
-            bad('mask_type', f'choose one of {", ".join(MASK_TYPES)}')
+            check_choices(f, getattr(self, f.name))
         if self.mask_type == 'nm':
             n, m = self.nm if isinstance(self.nm, tuple) and len(self.nm) == 2 else (0, 0)
             if not (isinstance(n, int) and isinstance(m, int) and 0 < n <= m):
                 bad('nm', 'a pair (N, M) of integers with 0 < N <= M is required')
             if abs(self.mask_density - n / m) > 1e-9:
                 bad('mask_density', f'with mask_type="nm" and nm={self.nm} it must equal N/M = {n / m}')
-        if self.mask_scaling not in MASK_SCALINGS:
-            bad('mask_scaling', f'choose one of {", ".join(MASK_SCALINGS)}')
-        if self.lora_init not in LORA_INITS:
-            bad('lora_init', f'choose one of {", ".join(LORA_INITS)}')
-        if not isinstance(self.target_modules, tuple) or not self.target_modules \
-                or any(t not in LORA_TARGETS for t in self.target_modules):
-            bad('target_modules', f'choose from {", ".join(LORA_TARGETS)}')
-        if self.adapter_placement not in ADAPTER_PLACEMENTS:
-            bad('adapter_placement', f'choose one of {", ".join(ADAPTER_PLACEMENTS)}')
-        for name in ('use_dora', 'autocast_adapter_dtype', 'train_head'):
-            if not isinstance(getattr(self, name), bool):
-                bad(name, 'true or false')
-        if self.use_dora and self.method != 'lora':
-            bad('use_dora', 'DoRA applies to the LoRA form only (method="lora")')
+        for f in setting_fields_of(self):
+            if isinstance(field_default(f), bool) and not isinstance(getattr(self, f.name), bool):
+                bad(f.name, 'true or false')
+        if hasattr(self.section, 'validate'):
+            self.section.validate()
 
     @property
     def branch_scale(self) -> float:
@@ -179,38 +297,37 @@ class CapaBoostConfig:
 
     @property
     def scaling(self) -> float:
-        """LoRA scaling alpha/r times ``branch_scale``."""
+        """LoRA scaling alpha/r times ``branch_scale`` (the LoRA form)."""
         return self.lora_alpha / self.rank * self.branch_scale
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON-friendly settings (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-friendly settings, flat: the shared ones and the form's own (tuples become lists)."""
+        return {f.name: list(v) if isinstance(v, tuple) else v
+                for f in setting_fields_of(self) for v in (getattr(self, f.name),)}
 
     @classmethod
     def from_kwargs(cls, kwargs: Dict[str, Any]) -> 'CapaBoostConfig':
-        """Build a config from the CapaBoost keys of ``kwargs``, removing them from it (for create_model)."""
-        names = {f.name for f in fields(cls)}
+        """Build a config from the CapaBoost keys of ``kwargs`` (any registered form's), removing them from it (for
+        create_model)."""
+        names = set(config_keys())
         return cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
 
 
-CONFIG_KEYS = tuple(f.name for f in fields(CapaBoostConfig))
-# the settings only one form reads: given for another form they would be silently ignored
-FORM_ONLY_KEYS = {'lora': ('rank', 'lora_alpha', 'lora_dropout', 'lora_init', 'use_dora', 'target_modules'),
-                  'adapter': ('adapter_bottleneck', 'adapter_scale', 'adapter_placement'),
-                  'prompt': ('prompt_length', 'prompt_rank', 'prompt_dropout')}
+def setting_fields_of(config: CapaBoostConfig) -> List[Field]:
+    """The settings ``config`` holds: the shared ones and its form's own, in that order."""
+    return [f for f in fields(CapaBoostConfig) if f.name != 'section'] + list(fields(config.section))
+
+
+register_form_settings('lora', LoRASettings)
+register_form_settings('adapter', AdapterSettings)
+register_form_settings('prompt', PromptSettings)
 
 
 def check_given_settings(given: Any, config: CapaBoostConfig) -> None:
-    """SettingError for a setting given explicitly (``given``: its names) with a value other than its default that
-    ``config`` would ignore: another form's setting, or N:M values without N:M masks. A default is never an error
-    (a resolved config.yaml records every setting); only a value someone chose."""
-    defaults = {f.name: field_default(f) for f in fields(CapaBoostConfig)}
-    given = [key for key in given if key in defaults and getattr(config, key) != defaults[key]]
-    for form, keys in FORM_ONLY_KEYS.items():
-        for key in keys:
-            if key in given and form != config.method:
-                raise SettingError(key, f'{key} applies to the {form} form only; this method has form '
-                                        f'{config.method!r}, which would ignore it')
-    if 'nm' in given and config.mask_type != 'nm':
+    """SettingError for N:M values given explicitly (``given``: setting names) without N:M masks (another form's
+    setting is refused by ``CapaBoostConfig`` itself). A default is never an error (a resolved config.yaml records
+    every setting); only a value someone chose."""
+    defaults = setting_defaults()
+    if 'nm' in given and config.mask_type != 'nm' and tuple(config.nm) != defaults['nm']:
         raise SettingError('nm', f'nm applies to mask_type="nm" only; with mask_type={config.mask_type!r} it would be '
                                  f'ignored')

@@ -1,52 +1,88 @@
-"""The CapaBoost forms (LoRA, adapter, prompt), one ``Form`` each, registered by the form's own module.
+"""The CapaBoost forms (LoRA, adapter, prompt), one ``Form`` each, registered by the form's own module, and who
+installs each form into each backbone family.
 
-A form says how it installs into a model (given the model's ``Backbone``), the largest rank its update reaches and
-which settings an adapter file must share with the model it is loaded into. ``tuner`` (apply, report), ``hub``
-(loading) and the model entry points in ``models/`` (one per family and form) derive from this registry, so adding a
-fourth form is one module that registers itself plus its settings (and name) in ``config.CapaBoostConfig``.
+A form declares its trainable parameter names (``param_prefixes``), the largest rank its update reaches, which settings
+an adapter file must share with the model it is loaded into, and what it can do (fold into the base weights, export
+to stock PEFT, rank diagnostics). Its settings section is registered with ``config.register_form_settings`` (torch
+free, for the CLI). How it installs is a ``(family, form) -> installer`` registry: a form that works through the
+``Backbone`` description alone (LoRA) registers one installer for every family (``ANY_FAMILY``); a form that needs a
+family's own block forward (adapter, prompts) is installed by what that family's model file registers. ``tuner``,
+``hub``, ``merge``, ``rank`` and the model entry points ask these registries, so adding a form never edits a family
+file it does not support, and adding a family never edits a form.
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from .backbones import Backbone
-from .config import METHODS, CapaBoostConfig
+from .config import CapaBoostConfig, form_names
+
+Installer = Callable[[nn.Module, List[Tuple[str, nn.Module]], Backbone, CapaBoostConfig], None]
+ANY_FAMILY = '*'
 
 COMMON_MATCHING_KEYS = ('method', 'num_masks', 'mask_scaling')  # shape or scale every form
 
 
 @dataclass(frozen=True)
 class Form:
-    """One CapaBoost form. ``install(model, blocks, backbone, config)`` adds the form to every block of
-    ``blocks`` ((name, block) pairs, checked by ``backbones.transformer_blocks``), building every module before
-    replacing any, so a bad setting leaves the model untouched; ``matching_keys`` are the settings beyond
-    ``COMMON_MATCHING_KEYS`` that shape this form's weights.
+    """One CapaBoost form. ``matching_keys`` are the settings beyond ``COMMON_MATCHING_KEYS`` that shape this form's
+    weights. ``param_prefixes``: every parameter and buffer the form adds has a name part starting with one of them;
+    those are the parameters ``apply_capaboost`` leaves trainable and an adapter file holds (``lora_``/``capaboost_``
+    are the shipped forms', and any other is added to ``tuner.is_capaboost_key`` by registering).
 
-    What the form can do, asked by ``merge``, ``predict``, ``load_classifier``, ``export_peft`` and the model card:
-    ``fold(model)`` replaces every layer of the form by the plain module with its update folded into the weights
-    (``None`` where the form is not linear in its input; ``cannot_fold`` says why, in one line); ``peft_type`` is the
-    stock PEFT adapter type it exports as ('' for none).
+    What the form can do, asked by ``merge``, ``predict``, ``load_classifier``, ``export_peft``, ``rank`` and the
+    model card: ``fold(model)`` replaces every layer of the form by the plain module with its update folded into the
+    weights (``None`` where the form is not linear in its input; ``cannot_fold`` says why, in one line);
+    ``peft_type`` is the stock PEFT adapter type it exports as ('' for none); ``delta_weights(model)`` gives
+    {layer: (ΔW in float64, the largest rank it can reach)} for rank diagnostics (``None``: the form has no weight
+    update).
     """
     name: str
-    install: Callable[[nn.Module, List[Tuple[str, nn.Module]], Backbone, CapaBoostConfig], None]
     max_rank: Callable[[nn.Module], int]
     matching_keys: Tuple[str, ...]
     summary: str  # the entry points' docstring: 'CapaBoost-LoRA (attn.qkv)'
+    param_prefixes: Tuple[str, ...] = ('capaboost_',)
     fold: Optional[Callable[[nn.Module], None]] = None
     cannot_fold: str = ''
     peft_type: str = ''
+    delta_weights: Optional[Callable[[nn.Module], Dict[str, Tuple[torch.Tensor, int]]]] = None
 
 
 FORMS: Dict[str, Form] = {}
 
 
+INSTALLERS: Dict[Tuple[str, str], Installer] = {}
+"""{(family, form): installer(model, blocks, backbone, config)}; the family ``ANY_FAMILY`` for a form that installs
+into every family the same way."""
+
+
 def register_form(form: Form) -> Form:
-    """Make ``form`` known; its name must be one of ``config.METHODS`` (the settings' torch-free list)."""
-    if form.name not in METHODS:
-        raise ValueError(f'form {form.name!r} is not listed in config.METHODS ({", ".join(METHODS)})')
+    """Make ``form`` known; its settings section must be registered first (``config.register_form_settings``)."""
+    if form.name not in form_names():
+        raise ValueError(f'form {form.name!r} has no settings: register them first with '
+                         f'config.register_form_settings({form.name!r}, <settings dataclass>)')
     FORMS[form.name] = form
     return form
+
+
+def register_installer(family: str, form: str, installer: Installer) -> Installer:
+    """``installer(model, blocks, backbone, config)`` adds ``form`` to every block of ``blocks`` ((name, block) pairs,
+    checked by ``backbones.transformer_blocks``) of a ``family`` model (``ANY_FAMILY``: of every family without its
+    own), building every module before replacing any, so a bad setting leaves the model untouched."""
+    INSTALLERS[(family, form)] = installer
+    return installer
+
+
+def installer_for(backbone: Backbone, form: str) -> Installer:
+    """The installer of ``form`` for ``backbone``'s family; ValueError in one line where there is none."""
+    installer = INSTALLERS.get((backbone.name, form)) or INSTALLERS.get((ANY_FAMILY, form))
+    if installer is None:
+        supported = sorted(f for (family, f) in INSTALLERS if family in (backbone.name, ANY_FAMILY))
+        raise ValueError(f'the {form} form is not supported on timm {backbone.model_class.__name__} '
+                         f'({backbone.description}): its family supports {", ".join(supported) or "no form"}')
+    return installer
 
 
 def form_of(config: CapaBoostConfig) -> Form:

@@ -26,7 +26,7 @@ from timm.models._hub import save_config_for_hf
 
 from ._io import atomic_path, write_text_atomic
 from .card import CardResult, adapter_card, results_of_card
-from .config import CONFIG_KEYS, MAX_CLASSES, CapaBoostConfig, in_range
+from .config import MAX_CLASSES, CapaBoostConfig, config_keys, in_range
 from .forms import COMMON_MATCHING_KEYS, FORMS
 from .backbones import backbone_of, transformer_blocks
 from .tuner import head_module, head_name, is_capaboost_key
@@ -292,10 +292,11 @@ def check_repo_config(meta: Any, config_file: Path, building: bool) -> CapaBoost
         if not isinstance(block.get(key, ''), str):
             raise _schema_error(config_file, f'"capaboost.{key}" must be a string')
     saved = block.get('config')
-    if not isinstance(saved, dict) or set(saved) - set(CONFIG_KEYS):
-        raise _schema_error(config_file, f'"capaboost.config" must be an object with keys from {", ".join(CONFIG_KEYS)}')
-    try:
-        config = CapaBoostConfig(**saved)
+    if not isinstance(saved, dict) or set(saved) - set(config_keys()):
+        raise _schema_error(config_file, f'"capaboost.config" must be an object with keys from '
+                                         f'{", ".join(config_keys())}')
+    try:  # a file from before the per-form sections holds every form's settings: another form's are left out
+        config = CapaBoostConfig.from_record(saved)
     except (TypeError, ValueError) as e:
         raise _schema_error(config_file, f'"capaboost.config": {e}') from None
     _check_label_names(meta, config_file)
@@ -336,7 +337,7 @@ def _check_model_args(model_args: Any, config_file: Path, method: str) -> None:
     if not isinstance(model_args, dict):
         raise _schema_error(config_file, '"model_args" must be an object')
     for key, value in model_args.items():
-        if key in CONFIG_KEYS and key != 'method':
+        if key in config_keys() and key != 'method':
             continue
         if key not in BASE_MODEL_ARGS:
             raise _schema_error(config_file, f'"model_args.{key}" is not allowed: model_args hold CapaBoost settings '
@@ -344,7 +345,7 @@ def _check_model_args(model_args: Any, config_file: Path, method: str) -> None:
         if not BASE_MODEL_ARGS[key](value):
             raise _schema_error(config_file, f'"model_args.{key}" {value!r} is out of range')
     try:
-        CapaBoostConfig(**{k: v for k, v in model_args.items() if k in CONFIG_KEYS and k != 'method'}, method=method)
+        CapaBoostConfig.from_record({**{k: v for k, v in model_args.items() if k in config_keys()}, 'method': method})
     except (TypeError, ValueError) as e:
         raise _schema_error(config_file, f'"model_args": {e}') from None
 

@@ -13,7 +13,7 @@ Being an ``nn.Linear`` subclass (as in microsoft/loralib), the base ``weight``/`
 (unmasked, initialised to ||W0||) trained with A and B. Still one linear map, so it still merges.
 """
 import math
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .backbones import Backbone
 from .config import CapaBoostConfig
-from .forms import Form, register_form
+from .forms import ANY_FAMILY, Form, register_form, register_installer
 from .masks import adapter_dtype, apply_masks, make_masks, masks_needed
 
 
@@ -145,5 +145,20 @@ def fold_lora(model: nn.Module) -> None:
             setattr(model.get_submodule(parent_name), attr, module.to_linear())
 
 
-register_form(Form('lora', install_lora, lora_max_rank, ('rank', 'lora_alpha', 'target_modules'),
-                   'CapaBoost-LoRA (attn.qkv by default)', fold=fold_lora, peft_type='LORA'))
+def lora_delta_weights(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, int]]:
+    """{layer: (ΔW in float64, min(d*r, in, out))} for every CapaBoostLoRALinear: float64 so float32 rounding does
+    not pose as extra rank, without changing the module's dtype."""
+    out = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, CapaBoostLoRALinear):
+                a_cat, b_cat = m.masked_factors()
+                out[name] = (m.scaling * b_cat.double() @ a_cat.double(),
+                             min(m.num_masks * m.rank, m.in_features, m.out_features))
+    return out
+
+
+register_form(Form('lora', lora_max_rank, ('rank', 'lora_alpha', 'target_modules'),
+                   'CapaBoost-LoRA (attn.qkv by default)', param_prefixes=('lora_',), fold=fold_lora,
+                   peft_type='LORA', delta_weights=lora_delta_weights))
+register_installer(ANY_FAMILY, 'lora', install_lora)  # every family: through its Backbone's lora_linears

@@ -18,9 +18,8 @@ feature extraction).
 
 CapaBoost swaps each ViT block's class for a subclass whose forward is timm's between the insertion and the removal,
 and each Swin window attention's for ``PromptedWindowAttention`` (each family's model file in ``models/`` defines
-them, with its ``Backbone.install_prompt``),
-so every base parameter name stays as it was. Each prompted module reaches its bank through its own subtree (a tied
-submodule, as tied weights are: TorchScript, fx and export need the path); the bank's one name stays
+them, and registers its prompt installer: ``forms.register_installer(family, 'prompt', ...)``), so every base
+parameter name stays as it was. Each prompted module reaches its bank through its own subtree (a tied submodule, as tied weights are: TorchScript, fx and export need the path); the bank's one name stays
 ``capaboost_prompt.banks.<width group>``, listed first so ``named_parameters`` uses it, and state dicts hold it only
 there.
 """
@@ -30,7 +29,6 @@ from typing import List, Tuple
 import torch
 import torch.nn as nn
 
-from .backbones import Backbone
 from .config import CapaBoostConfig
 from .forms import Form, register_form
 from .masks import adapter_dtype, apply_masks, make_masks, masks_needed
@@ -151,17 +149,11 @@ def vpt_init_bound(patch_size, dim: int) -> float:
     return math.sqrt(6.0 / (3 * patch_size[0] * patch_size[1] + dim))
 
 
-def install_prompt(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
-                   config: CapaBoostConfig) -> None:
-    """Deep prompts in every block, the family's way (``Backbone.install_prompt``)."""
-    backbone.install_prompt(model, config)
-
-
 def prompt_max_rank(model: nn.Module) -> int:
     """The largest rank of a bank's prompt matrix: min(d*r, rows, dim) (plain prompts: min(rows, dim))."""
     return max((m.max_rank() for m in model.modules() if isinstance(m, PromptBank)), default=0)
 
 
-register_form(Form('prompt', install_prompt, prompt_max_rank, ('prompt_length', 'prompt_rank'),
+register_form(Form('prompt', prompt_max_rank, ('prompt_length', 'prompt_rank'),
                    'CapaBoost-prompt (factorised VPT-deep)',
                    cannot_fold='prompts add tokens to every block: they cannot be folded into the weights'))

@@ -1,32 +1,32 @@
-"""Rank diagnostics of learned LoRA updates: singular values of ΔW per adapted layer and its effective rank.
+"""Rank diagnostics of learned CapaBoost updates: singular values of ΔW per adapted layer and its effective rank.
 
-Two effective ranks: the entropy-based one (Roy & Vetterli 2007: exp of the entropy of the normalised singular
-values) and the count of singular values above ``threshold`` times the largest.
+The form says what its update is (``Form.delta_weights``); a form without a weight update (adapter, prompts) says
+so in one line. Two effective ranks: the entropy-based one (Roy & Vetterli 2007: exp of the entropy of the
+normalised singular values) and the count of singular values above ``threshold`` times the largest.
 """
 from typing import Dict, List
 
 import torch
 import torch.nn as nn
 
-from .lora import CapaBoostLoRALinear
+from .forms import FORMS, form_of
+
+
+def _delta_weights(model: nn.Module) -> Dict[str, tuple]:
+    config = getattr(model, 'capaboost_config', None)
+    if config is None:
+        raise ValueError('the model has no CapaBoost applied: rank diagnostics apply to a CapaBoost model')
+    form = form_of(config)
+    if form.delta_weights is None:
+        able = ', '.join(f.name for f in FORMS.values() if f.delta_weights is not None)
+        raise ValueError(f'rank diagnostics: the {form.name} form has no weight update ΔW to take singular values of '
+                         f'(forms with one: {able})')
+    return form.delta_weights(model)
 
 
 def singular_values(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """{layer name: singular values of ΔW (float64, descending)} for every CapaBoost-LoRA layer."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, CapaBoostLoRALinear):
-            with torch.no_grad():
-                out[name] = torch.linalg.svdvals(_delta64(module))
-    if not out:
-        raise ValueError('the model has no CapaBoost-LoRA layers: rank diagnostics apply to method="lora"')
-    return out
-
-
-def _delta64(module: CapaBoostLoRALinear) -> torch.Tensor:
-    """ΔW in float64 (so float32 rounding does not pose as extra rank), without changing the module's dtype."""
-    a_cat, b_cat = module.masked_factors()
-    return module.scaling * b_cat.double() @ a_cat.double()
+    """{layer name: singular values of ΔW (float64, descending)} for every layer the form updates."""
+    return {name: torch.linalg.svdvals(delta) for name, (delta, _) in _delta_weights(model).items()}
 
 
 def effective_rank(sv: torch.Tensor, threshold: float = 1e-3) -> Dict[str, float]:
@@ -39,9 +39,6 @@ def effective_rank(sv: torch.Tensor, threshold: float = 1e-3) -> Dict[str, float
 
 
 def rank_table(model: nn.Module, threshold: float = 1e-3) -> List[Dict[str, float]]:
-    rows = []
-    for name, sv in singular_values(model).items():
-        module = model.get_submodule(name)
-        rows.append({'layer': name, 'max_rank': min(module.num_masks * module.rank, *module.weight.shape),
-                     **effective_rank(sv, threshold)})
-    return rows
+    """One row per updated layer: its name, the largest rank its update can reach and its effective ranks."""
+    return [{'layer': name, 'max_rank': max_rank, **effective_rank(torch.linalg.svdvals(delta), threshold)}
+            for name, (delta, max_rank) in _delta_weights(model).items()]

@@ -9,13 +9,15 @@ import torch.nn as nn
 
 from . import lora, adapter, prompt  # noqa: F401  (the forms CapaBoost ships register themselves)
 from .backbones import backbone_of, head_module, head_name, transformer_blocks  # noqa: F401  (re-exported)
-from .config import CONFIG_KEYS, CapaBoostConfig
-from .forms import form_of
+from .config import CapaBoostConfig, config_keys
+from .forms import FORMS, form_of, installer_for
 
 
 def is_capaboost_key(key: str) -> bool:
-    """True for state-dict keys that belong to CapaBoost (parameters and masks), not to the base model."""
-    return any(part.startswith(('lora_', 'capaboost_')) for part in key.split('.'))
+    """True for state-dict keys that belong to CapaBoost (parameters and masks), not to the base model: a name part
+    starts with a registered form's ``param_prefixes``."""
+    prefixes = tuple({p for form in FORMS.values() for p in form.param_prefixes})
+    return any(part.startswith(prefixes) for part in key.split('.'))
 
 
 def apply_capaboost(model: nn.Module, config: CapaBoostConfig) -> nn.Module:
@@ -31,7 +33,7 @@ def apply_capaboost(model: nn.Module, config: CapaBoostConfig) -> nn.Module:
     config.validate()
     if getattr(model, 'capaboost_config', None) is not None:
         raise ValueError('model already has CapaBoost applied (capaboost_config is set); start from a plain model')
-    form_of(config).install(model, transformer_blocks(model), backbone, config)
+    installer_for(backbone, config.method)(model, transformer_blocks(model), backbone, config)
 
     for name, param in model.named_parameters():
         param.requires_grad_(is_capaboost_key(name))
@@ -69,7 +71,7 @@ def merge(model: nn.Module, inplace: bool = False) -> nn.Module:
         model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, architecture=architecture,
                                                         tag=tag or None, notes=(note,))
     model._model_args = {k: v for k, v in getattr(model, '_model_args', {}).items()
-                         if k not in CONFIG_KEYS and k != 'adapter'}
+                         if k not in config_keys() and k != 'adapter'}
     return model
 
 

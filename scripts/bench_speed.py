@@ -6,7 +6,9 @@ are reported as ratios to our plain LoRA r=8 and to HF PEFT LoRA r=8, next to th
     python scripts/bench_speed.py                                   # DINOv2 ViT-S/14, 112 px, CPU
     python scripts/bench_speed.py --model vit_base --img-size 224 --batch-size 64 --device cuda --amp bf16
 
-Random weights (speed does not depend on them). Output: a Markdown table on stdout and a JSON file.
+Random weights (speed does not depend on them). Each row is built and saved by its method kind (``vtab.methods``:
+what a training run builds and saves), and merged where its form can be. Output: a Markdown table on stdout and a
+JSON file.
 """
 import argparse
 import copy
@@ -26,10 +28,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import capaboost_vision as cv
-from capaboost_vision.vtab.building import base_model_name, family_of
-from capaboost_vision.vtab.run_config import CAPABOOST_FORMS
-from capaboost_vision.vtab.peft_baselines import apply_peft
-from capaboost_vision.vtab.methods import stored_parameters
+from capaboost_vision.config import CapaBoostConfig
+from capaboost_vision.forms import can_merge
+from capaboost_vision.vtab.methods import kind_of, stored_parameters
+from capaboost_vision.vtab.run_config import RunConfig, is_capaboost_form
 
 ROWS = {  # name -> (form, kwargs); lora/adapter/prompt: CapaBoost kwargs of our registered models; peft: the
     # peft block of an HF PEFT method (PEFT's code), sized near LoRA r=8's 147,456 on ViT-S/14 qkv where it can be
@@ -54,19 +56,29 @@ ROWS = {  # name -> (form, kwargs); lora/adapter/prompt: CapaBoost kwargs of our
 }
 
 
+def row_config(row: str, args) -> RunConfig:
+    """The run config a training run of ``row`` would have (random weights: speed does not depend on them)."""
+    form, settings = ROWS[row]
+    return RunConfig(task='bench', method=row, name='bench', model=args.model, img_size=args.img_size,
+                     pretrained=False, form=form,
+                     capaboost=CapaBoostConfig(method=form, **settings) if is_capaboost_form(form) else None,
+                     peft=dict(settings, target_modules=['qkv']) if form == 'peft' else {})
+
+
 def build(row: str, args) -> torch.nn.Module:
-    form, kwargs = ROWS[row]
-    family = family_of(args.model)
-    common = dict(img_size=args.img_size, num_classes=100)
-    if form in CAPABOOST_FORMS:
-        return timm.create_model(f'{family}_capaboost_{form}', **common, **kwargs)
-    model = timm.create_model(base_model_name(family), **common)  # random weights: pretrained=False
-    if form == 'peft':
-        return apply_peft(model, dict(kwargs, target_modules=['qkv']), 'head', where=row)
-    if form == 'linear':
-        model.requires_grad_(False)
-        model.head.requires_grad_(True)
-    return model
+    """The model of ``row``, built by its method kind as a training run builds it."""
+    cfg = row_config(row, args)
+    return kind_of(cfg).build(cfg, num_classes=100)
+
+
+def merged(row: str, model: torch.nn.Module):
+    """The row's model with its update folded into the base weights, or None where its form cannot be."""
+    form = ROWS[row][0]
+    if is_capaboost_form(form) and can_merge(form):
+        return cv.merge(model)
+    if form == 'peft':  # every PEFT method here merges into the base weights
+        return copy.deepcopy(model).merge_and_unload()
+    return None
 
 
 class Runner:
@@ -118,19 +130,12 @@ def train_flops(model, x, y) -> int:
     return counter.get_total_flops()
 
 
-def saved_size(row: str, model) -> int:
-    form = ROWS[row][0]
+def saved_size(row: str, model, args) -> int:
+    """The size of the weights file a run of ``row`` saves (its method kind's ``save``; no results: no card
+    numbers)."""
+    cfg = row_config(row, args)
     with tempfile.TemporaryDirectory() as tmp:
-        if form in CAPABOOST_FORMS:
-            cv.save_adapter(model, tmp)
-            return (Path(tmp) / 'adapter.safetensors').stat().st_size
-        if form == 'peft':
-            model.save_pretrained(tmp)
-            return (Path(tmp) / 'adapter_model.safetensors').stat().st_size
-        from safetensors.torch import save_file
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  f'{tmp}/w.safetensors')
-        return (Path(tmp) / 'w.safetensors').stat().st_size
+        return kind_of(cfg).save(model, Path(tmp), {}, cfg).stat().st_size
 
 
 def cpu_peak_memory(row: str, args) -> int:
@@ -206,10 +211,9 @@ def main():
     infer_models = {'plain timm model': plain}
     infer_models.update({row: r.model for row, r in runners.items()})
     for row, r in runners.items():
-        if ROWS[row][0] == 'lora':
-            infer_models[f'{row} merged'] = cv.merge(r.model)
-        elif ROWS[row][0] == 'peft':  # every PEFT method here merges into the base weights
-            infer_models[f'{row} merged'] = copy.deepcopy(r.model).merge_and_unload()
+        folded = merged(row, r.model)
+        if folded is not None:
+            infer_models[f'{row} merged'] = folded
     infer_times = {k: [] for k in infer_models}
     any_runner = next(iter(runners.values()))
     for i in range(args.warmup + args.steps):
@@ -235,7 +239,7 @@ def main():
             'train_step_s': statistics.median(times[row]), 'train_flops': flops[row],
             'trainable_params': sum(p.numel() for p in runner.params),
             'stored_params': counts.trainable_excl_head, 'fixed_params': counts.fixed,
-            'optimizer_state_bytes': runner.optimizer_state_bytes(), 'saved_bytes': saved_size(row, model),
+            'optimizer_state_bytes': runner.optimizer_state_bytes(), 'saved_bytes': saved_size(row, model, args),
             'peak_memory_bytes': mem,
             'infer_s': statistics.median(infer_times[row]),
             'infer_merged_s': statistics.median(infer_times[f'{row} merged']) if f'{row} merged' in infer_times else None,

@@ -78,7 +78,7 @@ def test_dora_counts_its_magnitude_and_refuses_other_forms():
     from capaboost_vision.vtab.methods import stored_parameters
     counts = stored_parameters(model)
     assert counts.trainable_excl_head == 2 * (4 * (32 + 96) + 96)  # A, B and one magnitude entry per qkv output
-    with pytest.raises(ValueError, match='use_dora.*LoRA form only'):
+    with pytest.raises(ValueError, match='use_dora applies to the lora form only'):
         CapaBoostConfig(method='adapter', use_dora=True)
 
 

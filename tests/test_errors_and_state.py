@@ -18,9 +18,12 @@ from conftest import tiny_swin, tiny_vit
     (dict(target_modules=('attn.q',)), 'target_modules=.* choose from attn.qkv, attn.proj, mlp.fc1, mlp.fc2'),
     (dict(mask_type='block'), 'mask_type'),
     (dict(mask_type='nm', mask_density=0.3), 'must equal N/M'),
-    (dict(adapter_placement='inside'), 'adapter_placement'),
-    (dict(prompt_length=0), 'prompt_length'),
-    (dict(prompt_rank=-1), 'prompt_rank=-1 is invalid: an integer >= 1, or 0 for plain'),
+    (dict(method='adapter', adapter_placement='inside'), "adapter_placement='inside' is invalid: choose one of"),
+    (dict(method='prompt', prompt_length=0), 'prompt_length=0 is invalid'),
+    (dict(method='prompt', prompt_rank=-1), 'prompt_rank=-1 is invalid: an integer >= 1, or 0 for plain'),
+    # another form's setting, at a value its form would read, is refused (at its default it is left out)
+    (dict(method='adapter', rank=4), "rank applies to the lora form only; this method has form 'adapter'"),
+    (dict(prompt_rank=-1), 'prompt_rank applies to the prompt form only'),
 ])
 def test_bad_settings_raise_value_error_naming_the_parameter(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -59,7 +62,8 @@ def test_bad_create_model_kwargs():
 @pytest.mark.parametrize('make', [tiny_vit, tiny_swin])
 @pytest.mark.parametrize('method', ['lora', 'adapter', 'prompt'])
 def test_base_checkpoint_loads_and_state_dict_round_trip_is_bit_exact(make, method, tmp_path):
-    cfg = dict(method=method, rank=2, prompt_rank=2, prompt_length=2)
+    own = {'lora': dict(rank=2), 'adapter': {}, 'prompt': dict(prompt_rank=2, prompt_length=2)}[method]
+    cfg = dict(method=method, **own)
     base = make()
     model = apply_capaboost(copy.deepcopy(base), CapaBoostConfig(**cfg))
     # a base checkpoint loads into the adapted model: only CapaBoost keys are missing

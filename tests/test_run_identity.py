@@ -194,8 +194,9 @@ def test_a_custom_folder_named_like_a_vtab_task_stays_custom(tmp_path):
 
 
 def test_a_sweep_run_is_its_config_yaml(small_root, tmp_path, capsys):
-    """sweep writes each run's resolved config.yaml and starts `train --config` on it: the file alone reruns the
-    run (reused as finished), resolves to the same RunConfig, and records the full typed CapaBoost block."""
+    """sweep writes each run's resolved config.yaml and starts `train --run` on it: the file alone reruns the
+    run (reused as finished), resolves to the same RunConfig, and records the typed CapaBoost block of its form
+    only."""
     import yaml
     from capaboost_vision.vtab.run_config import RunConfig
     code, out, _ = run(capsys, 'sweep', '--tasks', 'toy', '--methods', 'lora', 'capaboost_lora', '--seeds', 0, 1,
@@ -206,13 +207,45 @@ def test_a_sweep_run_is_its_config_yaml(small_root, tmp_path, capsys):
             config_file = tmp_path / f'vit_tiny/toy/final/{method}/seed{seed}/config.yaml'
             recorded = yaml.safe_load(config_file.read_text())
             assert recorded['capaboost']['rank'] == 4 and recorded['capaboost']['seed'] == seed  # mask seed = run's
+            assert not {'adapter_scale', 'prompt_length'} & set(recorded['capaboost'])  # the LoRA form's only
             planned = RunConfig.from_dict(recorded)
             resolved = resolve_config({}, str(config_file))
             assert resolved == planned and resolved.capaboost.num_masks == (1 if method == 'lora' else 2)
-            code, out, _ = run(capsys, 'train', '--config', config_file)
-            assert code == 0 and 'skip:' in out
+            for how in ('--config', '--run'):
+                code, out, _ = run(capsys, 'train', how, config_file)
+                assert code == 0 and 'skip:' in out
     # a changed setting in the config file is a different run: refused, naming it
     config_file = tmp_path / 'vit_tiny/toy/final/lora/seed0/config.yaml'
     config_file.write_text(config_file.read_text().replace('rank: 4', 'rank: 2'))
     code, _, err = run(capsys, 'train', '--config', config_file)
     assert code == 2 and 'capaboost.rank: 4 -> 2' in err
+
+
+def test_a_planned_run_is_exactly_its_file_resolved_once(small_root, tmp_path, capsys, monkeypatch):
+    """A planned run's config.yaml is what its job runs: editing the method YAML after planning changes nothing, and
+    the method's block is checked (a meta-device model build for peft_*) once per run, when it is planned."""
+    import shutil
+    import yaml
+    from capaboost_vision.vtab import launch, methods, run_config
+    configs = tmp_path / 'configs'
+    shutil.copytree(run_config.CONFIG_DIR, configs)
+    monkeypatch.setattr(run_config, 'CONFIG_DIR', configs)
+    checks = []
+    real_check = methods.PeftKind.check
+    monkeypatch.setattr(methods.PeftKind, 'check', lambda self, cfg, where: checks.append(cfg.method) or
+                        real_check(self, cfg, where))
+    code, _, err = run(capsys, 'sweep', '--tasks', 'toy', '--methods', 'peft_lora', '--data-path', small_root,
+                       '--output', tmp_path / 'swept', *SMALL)
+    assert code == 0 and checks == ['peft_lora'], (err, checks)  # resolved once, at planning
+    args = cli.make_parser().parse_args(['train', '--task', 'toy', '--method', 'peft_lora', '--data-path',
+                                         str(small_root), '--output', str(tmp_path / 'planned'), *SMALL])
+    [planned] = launch.pending_runs([cli.build_run_config(args, 'toy', 'peft_lora', 0)])
+    method = configs / 'methods' / 'peft_lora.yaml'  # edited after planning: r and a key the plan does not hold
+    method.write_text(method.read_text().replace('r: 8', 'r: 2').replace('}', ', lora_dropout: 0.5}'))
+    assert cli.main(launch.train_command(planned)) == 0
+    results = json.loads((planned.parent / 'results.json').read_text())
+    assert results['config'] == yaml.safe_load(planned.read_text())  # exactly the planned file
+    assert results['config']['peft']['r'] == 8 and 'lora_dropout' not in results['config']['peft']
+    # the same file given with other settings is refused in one line: --run runs it as planned
+    code, _, err = run(capsys, 'train', '--run', planned, '--lr', '0.1')
+    assert code == 2 and err.startswith('error: --run runs') and 'lr' in err

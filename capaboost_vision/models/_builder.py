@@ -1,7 +1,8 @@
 """Shared helpers for the CapaBoost model entry points: the base model is built (and its pretrained weights
 loaded) by timm itself, then CapaBoost is applied and its settings recorded for ``push_to_hf_hub``."""
+import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Sequence
+from typing import Any, Callable, Dict, Iterable, Sequence, Tuple
 
 import torch.nn as nn
 from timm.models import PretrainedCfg, get_pretrained_cfg, register_model
@@ -9,7 +10,7 @@ from timm.layers import Format
 from timm.models._features import FeatureGetterNet
 from timm.models._builder import pretrained_cfg_for_features
 
-from ..config import CONFIG_KEYS, CapaBoostConfig
+from ..config import CapaBoostConfig, config_keys
 from ..forms import FORMS
 from ..hub import check_repo, load_adapter, registered_base_id
 from ..tuner import apply_capaboost
@@ -32,20 +33,41 @@ def base_cfg(name_tag: str, base_papers: Sequence[str], **overrides: Any) -> Dic
     return cfg
 
 
+_FAMILY_MODULES: Dict[str, Tuple[Tuple[str, ...], Callable[..., nn.Module]]] = {}
+"""{model file's module: (its families, its create function)}: where a form registered later adds its entry
+points."""
+
+
+def _entry_point(module: str, variant: str, form: str, create: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """``variant(pretrained=False, **kwargs)`` as a function of ``module``, registered in timm (which reads the
+    module's ``default_cfgs``)."""
+    def create_variant(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return create(variant, pretrained, **kwargs)
+    create_variant.__name__ = create_variant.__qualname__ = variant
+    create_variant.__module__ = module
+    create_variant.__doc__ = f'{FORMS[form].summary} on {variant.split("_capaboost_")[0]}; frozen backbone.'
+    return register_model(create_variant)
+
+
 def register_entry_points(module: str, families: Iterable[str],
                           create: Callable[..., nn.Module]) -> Dict[str, Callable[..., nn.Module]]:
     """Register ``<family>_capaboost_<form>(pretrained=False, **kwargs)`` in timm for every family and registered
     form, as functions of ``module`` (timm reads the module's ``default_cfgs``); returns them by name."""
-    def entry_point(variant: str, form: str) -> Callable[..., nn.Module]:
-        def create_variant(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-            return create(variant, pretrained, **kwargs)
-        create_variant.__name__ = create_variant.__qualname__ = variant
-        create_variant.__module__ = module
-        create_variant.__doc__ = f'{FORMS[form].summary} on {variant.split("_capaboost_")[0]}; frozen backbone.'
-        return register_model(create_variant)
-
-    return {f'{family}_capaboost_{form}': entry_point(f'{family}_capaboost_{form}', form)
+    _FAMILY_MODULES[module] = (tuple(families), create)
+    return {f'{family}_capaboost_{form}': _entry_point(module, f'{family}_capaboost_{form}', form, create)
             for family in families for form in FORMS}
+
+
+def register_form_entry_points(form: str) -> None:
+    """``<family>_capaboost_<form>`` for every family already registered, for a form registered after the model
+    files (a form from outside the package calls this after ``register_form``); each variant's pretrained cfg is its
+    family's (the base weights do not depend on the form)."""
+    for module, (families, create) in _FAMILY_MODULES.items():
+        cfgs = sys.modules[module].default_cfgs
+        for family in families:
+            variant = f'{family}_capaboost_{form}'
+            cfgs[variant] = next(cfg for name, cfg in cfgs.items() if name.startswith(f'{family}_capaboost_'))
+            setattr(sys.modules[module], variant, _entry_point(module, variant, form, create))
 
 
 def loaded_weights_id(model: nn.Module, pretrained: bool) -> str:
@@ -85,7 +107,7 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, base_n
         raise ValueError(f'method={kwargs["method"]!r} is invalid for {variant}: its method is {method!r}')
     kwargs.pop('method', None)
     config = CapaBoostConfig.from_kwargs(dict(kwargs, method=method))  # validate before building anything
-    base_kwargs = {k: v for k, v in kwargs.items() if k not in CONFIG_KEYS}
+    base_kwargs = {k: v for k, v in kwargs.items() if k not in config_keys()}
     features_only = base_kwargs.pop('features_only', False)
     feature_kwargs = {k: base_kwargs.pop(k) for k in ('out_indices', 'feature_cls') if k in base_kwargs}
     if feature_kwargs.pop('feature_cls', 'getter') != 'getter':

@@ -31,7 +31,8 @@ from timm.models.eva import Eva, EvaBlock
 
 from ..backbones import Backbone, register_backbone
 from ..config import CapaBoostConfig
-from ..forms import FORMS
+from ..adapter import adapter_installer
+from ..forms import FORMS, register_installer
 from ..lora import CapaBoostLoRALinear
 from ..prompt import DeepPrompt, PromptBank, attach_bank, name_banks_first, vpt_init_bound
 from ._builder import base_cfg, create_capaboost, register_entry_points
@@ -111,7 +112,8 @@ def eva_width(block: EvaBlock) -> int:
     return block.norm2.weight.shape[0]
 
 
-def install_eva_prompt(model: Eva, config: CapaBoostConfig) -> None:
+def install_eva_prompt(model: Eva, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
+                       config: CapaBoostConfig) -> None:
     """One bank for all blocks, its tokens after the prefix tokens of every block, counted as prefix by the
     attention (RoPE rotates the patch tokens only, as without prompts)."""
     p = model.patch_embed.proj.weight
@@ -127,9 +129,11 @@ def install_eva_prompt(model: Eva, config: CapaBoostConfig) -> None:
     name_banks_first(model)
 
 
-EVA = register_backbone(Backbone('eva', Eva, eva_blocks, {EvaBlock: AdapterEvaBlock}, install_eva_prompt,
+EVA = register_backbone(Backbone('eva', Eva, eva_blocks, (EvaBlock,),
                                  'DINOv3, EVA-02, Perception Encoder', lora_linears=eva_lora_linears,
                                  prepare_lora=eva_prepare_lora, width=eva_width, peft_blocker=eva_peft_blocker))
+register_installer('eva', 'adapter', adapter_installer({EvaBlock: AdapterEvaBlock}))
+register_installer('eva', 'prompt', install_eva_prompt)
 
 _BASE_WEIGHTS = {
     'vit_small_dinov3': 'vit_small_patch16_dinov3.lvd1689m',

@@ -21,7 +21,8 @@ from timm.models.swin_transformer import (SwinTransformer, SwinTransformerBlock,
 
 from ..backbones import Backbone, register_backbone
 from ..config import CapaBoostConfig
-from ..forms import FORMS
+from ..adapter import adapter_installer
+from ..forms import FORMS, register_installer
 from ..prompt import BlockPrompts, DeepPrompt, PromptBank, attach_bank, name_banks_first, vpt_init_bound
 from ._builder import base_cfg, create_capaboost, register_entry_points
 
@@ -68,7 +69,8 @@ def swin_blocks(model: SwinTransformer) -> List[Tuple[str, nn.Module]]:
     return [(f'layers.{s}.blocks.{j}', b) for s, stage in enumerate(model.layers) for j, b in enumerate(stage.blocks)]
 
 
-def install_swin_prompt(model: SwinTransformer, config: CapaBoostConfig) -> None:
+def install_swin_prompt(model: SwinTransformer, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
+                        config: CapaBoostConfig) -> None:
     """One bank per stage (one width each); every window attention of a stage reads its block's rows."""
     banks = []
     for s, stage in enumerate(model.layers):
@@ -86,8 +88,9 @@ def install_swin_prompt(model: SwinTransformer, config: CapaBoostConfig) -> None
     name_banks_first(model)
 
 
-SWIN = register_backbone(Backbone('swin', SwinTransformer, swin_blocks, {SwinTransformerBlock: AdapterSwinBlock},
-                                  install_swin_prompt, 'Swin'))
+SWIN = register_backbone(Backbone('swin', SwinTransformer, swin_blocks, (SwinTransformerBlock,), 'Swin'))
+register_installer('swin', 'adapter', adapter_installer({SwinTransformerBlock: AdapterSwinBlock}))
+register_installer('swin', 'prompt', install_swin_prompt)
 
 _ARGS = {
     'swin_tiny': dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),

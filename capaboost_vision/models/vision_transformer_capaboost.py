@@ -23,7 +23,8 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 
 from ..backbones import Backbone, register_backbone
 from ..config import CapaBoostConfig
-from ..forms import FORMS
+from ..adapter import adapter_installer
+from ..forms import FORMS, register_installer
 from ..prompt import BlockPrompts, DeepPrompt, PromptBank, attach_bank, name_banks_first, vpt_init_bound
 from ._builder import base_cfg, create_capaboost, register_entry_points
 
@@ -103,7 +104,8 @@ def vit_blocks(model: VisionTransformer) -> List[Tuple[str, nn.Module]]:
     return [(f'blocks.{i}', b) for i, b in enumerate(model.blocks)]
 
 
-def install_vit_prompt(model: VisionTransformer, config: CapaBoostConfig) -> None:
+def install_vit_prompt(model: VisionTransformer, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
+                       config: CapaBoostConfig) -> None:
     """One bank for all blocks (one width), its tokens after the prefix (class/register) tokens of every block."""
     p = model.blocks[0].attn.qkv.weight
     bound = vpt_init_bound(model.patch_embed.patch_size, model.embed_dim)
@@ -117,8 +119,9 @@ def install_vit_prompt(model: VisionTransformer, config: CapaBoostConfig) -> Non
     name_banks_first(model)
 
 
-VIT = register_backbone(Backbone('vit', VisionTransformer, vit_blocks, ADAPTER_BLOCKS, install_vit_prompt,
-                                 'ViT, DeiT, DINOv2'))
+VIT = register_backbone(Backbone('vit', VisionTransformer, vit_blocks, tuple(ADAPTER_BLOCKS), 'ViT, DeiT, DINOv2'))
+register_installer('vit', 'adapter', adapter_installer(ADAPTER_BLOCKS))
+register_installer('vit', 'prompt', install_vit_prompt)
 
 _ARGS = {
     'vit_tiny': dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),

@@ -10,13 +10,12 @@ import argparse
 import os
 import sys
 import tempfile
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from .._version import __version__
-from ..config import CapaBoostConfig, field_default, in_range
-from .run_config import FIELDS, RunConfig, RunError, Stopped, method_names, resolve_config
+from ..config import field_default, in_range, setting_fields
+from .run_config import FIELDS, RunConfig, RunError, Stopped, method_names, planned_config, resolve_config
 from .launch_settings import LaunchSettings
 from .tasks import expand_tasks
 
@@ -25,7 +24,8 @@ if TYPE_CHECKING:
 
 
 def _capaboost_fields():
-    for f in fields(CapaBoostConfig):
+    """(field, flag name) of every CapaBoost setting with a flag: the shared ones and every registered form's."""
+    for f in setting_fields():
         if f.metadata.get('cli', True):
             yield f, f.metadata.get('flag', f.name)
 
@@ -137,7 +137,14 @@ def build_run_config(args: argparse.Namespace, task: str, method: Optional[str],
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = build_run_config(args, args.task, args.method, args.seed)  # bad settings answer before torch loads
+    if args.run:  # a planned run: exactly its file
+        given = sorted(k for k, v in _overrides(args, args.task, args.method, args.seed).items() if v is not None)
+        if given or args.config:
+            raise RunError(f'--run runs {args.run} exactly as planned: other settings ({", ".join(given) or "--config"}'
+                           f') are not allowed with it')
+        cfg = planned_config(Path(args.run))
+    else:
+        cfg = build_run_config(args, args.task, args.method, args.seed)  # bad settings answer before torch loads
     from .engine import train
     train(cfg)
     return 0
@@ -406,16 +413,20 @@ def cmd_from_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
-    """Singular values and effective rank of ΔW per LoRA layer, printed and plotted."""
+    """Singular values and effective rank of ΔW per updated layer (the form says what its ΔW is), printed and
+    plotted."""
     from ..rank import rank_table, singular_values
     if args.source.startswith('hf-hub:'):
         from ..hub import create_model_from_hub
         model = create_model_from_hub(args.source, pretrained=False)
     else:
         model = load_run_adapter(Path(args.source))[0]
-    rows = rank_table(model, args.threshold)
+    try:
+        rows = rank_table(model, args.threshold)
+    except ValueError as e:  # a form without a weight update
+        raise RunError(f'{args.source}: {e}') from None
     if not rows:
-        raise RunError(f'{args.source} has no LoRA layers: rank applies to CapaBoost-LoRA adapters')
+        raise RunError(f'{args.source} has no updated layers to take singular values of')
     print(f'| layer | max rank d*r | effective rank (entropy) | rank (sigma > {args.threshold:g} max) |')
     print('|---|---|---|---|')
     for r in rows:
@@ -479,6 +490,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser('train', help='one run: task x model x method x seed')
+    p.add_argument('--run', metavar='CONFIG_YAML', help='run exactly this planned config.yaml (what sweep and search '
+                                                        'write in a run folder): no method or task YAML is layered '
+                                                        'under it (default: none)')
     _add_run_flags(p, ('train', 'run'))
     p.set_defaults(fn=cmd_train)
 

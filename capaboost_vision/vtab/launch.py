@@ -1,5 +1,6 @@
 """Launching runs. A run is its resolved config: ``plan`` writes it as the run folder's ``config.yaml``, and the run
-is ``capaboost-vtab train --config <run folder>/config.yaml`` wherever it executes. A ``Launcher`` takes the planned
+is ``capaboost-vtab train --run <run folder>/config.yaml`` wherever it executes: exactly that file, resolved once at
+planning (no method or task YAML is layered under it again). A ``Launcher`` takes the planned
 config files of one wave and runs them: ``LocalLauncher`` here (one after another in this process, or
 ``runs_per_gpu`` at once on each GPU as subprocesses), ``slurm.SlurmLauncher`` as Slurm jobs through submitit,
 ``ray_runs.RayLauncher`` as Ray tasks (the CLI picks one: ``cli.make_launcher``).
@@ -37,8 +38,8 @@ def cli_main() -> Callable[[List[str]], int]:
 
 
 def train_command(config_file: Path) -> List[str]:
-    """The ``capaboost-vtab`` arguments that run a planned config."""
-    return ['train', '--config', str(config_file)]
+    """The ``capaboost-vtab`` arguments that run a planned config, exactly as planned."""
+    return ['train', '--run', str(config_file)]
 
 
 def plan(cfg: RunConfig) -> Path:

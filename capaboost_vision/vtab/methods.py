@@ -18,7 +18,7 @@ from ..models._builder import loaded_weights_id
 from ..tuner import apply_capaboost, head_module, head_name, is_capaboost_key, parameter_report
 from .building import base_of, create, is_registered_family, family_of, model_errors
 from .peft_baselines import apply_peft, is_peft_model, peft_version, save_peft
-from .run_config import CAPABOOST_FORMS, RunConfig, RunError
+from .run_config import RunConfig, RunError, is_capaboost_form
 
 
 @dataclass
@@ -124,8 +124,8 @@ class CapaBoostKind(MethodKind):
                 'peft': None}
 
     def save(self, model: nn.Module, run_dir: Path, results: Dict[str, Any], cfg: RunConfig) -> Path:
-        save_adapter(model, run_dir, results=results, label_names=results.get('label_names'),
-                     repo_id=f'{results["task"]}-{cfg.name or cfg.method}')  # push writes the card anew
+        save_adapter(model, run_dir, results=results or None, label_names=results.get('label_names'),
+                     repo_id=f'{results.get("task", cfg.task)}-{cfg.name or cfg.method}')  # push writes the card anew
         return run_dir / WEIGHTS_NAME
 
 
@@ -180,13 +180,14 @@ class FullKind(MethodKind):
         return create(cfg, base_of(cfg), num_classes)
 
 
-KINDS: Dict[str, MethodKind] = {**dict.fromkeys(CAPABOOST_FORMS, CapaBoostKind()), 'peft': PeftKind(),
-                                'linear': LinearKind(), 'full': FullKind()}
+KINDS: Dict[str, MethodKind] = {'capaboost': CapaBoostKind(), 'peft': PeftKind(), 'linear': LinearKind(),
+                                'full': FullKind()}
 
 
 def kind_of(cfg: RunConfig) -> MethodKind:
-    """The kind of ``cfg``'s method (by its YAML's ``form``)."""
-    return KINDS[cfg.form]
+    """The kind of ``cfg``'s method (by its YAML's ``form``: every registered CapaBoost form is the CapaBoost
+    kind)."""
+    return KINDS['capaboost' if is_capaboost_form(cfg.form) else cfg.form]
 
 
 def check_method(cfg: RunConfig, where: str) -> None:

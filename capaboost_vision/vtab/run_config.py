@@ -13,8 +13,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
-from ..config import (METHODS, CapaBoostConfig, SettingError, check_given_settings, check_setting, field_default,
-                      setting)
+from ..config import (CapaBoostConfig, SettingError, check_given_settings, check_setting, field_default, form_names,
+                      setting, setting_fields)
 
 
 
@@ -37,8 +37,17 @@ def _config_dir() -> Path:
 
 
 CONFIG_DIR = _config_dir()
-CAPABOOST_FORMS = METHODS  # the CapaBoost forms; 'peft' = an HF PEFT method; 'linear' and 'full' are references
-FORMS = CAPABOOST_FORMS + ('peft', 'linear', 'full')
+OTHER_FORMS = ('peft', 'linear', 'full')  # 'peft' = an HF PEFT method; 'linear' and 'full' are references
+
+
+def method_forms() -> Tuple[str, ...]:
+    """The forms a method YAML may name: the registered CapaBoost forms and the others."""
+    return form_names() + OTHER_FORMS
+
+
+def is_capaboost_form(form: Any) -> bool:
+    """True for a registered CapaBoost form ('lora', 'adapter', 'prompt', or one registered from outside)."""
+    return form in form_names()
 PROTOCOLS = ('final', 'val')
 AMP_MODES = ('bf16', 'fp16', 'none')
 NORMS = ('imagenet', 'model', 'none')
@@ -127,7 +136,7 @@ class RunConfig:
     device: str = setting('auto', 'auto, cpu, cuda or cuda:N', identity=False)
     eval_interval: int = setting(0, 'evaluate every N epochs (0: the last epoch only for --protocol final, '
                                      'every epoch for val)', identity=False, range='[0, inf)')
-    form: str = setting('', 'the method\'s form', choices=FORMS, cli=False)
+    form: str = setting('', 'the method\'s form (a registered CapaBoost form, peft, linear or full)', cli=False)
     capaboost: Optional[CapaBoostConfig] = setting(None, 'CapaBoost settings of a CapaBoost form (a mapping of '
                                                          'CapaBoostConfig keys in YAML; typed once resolved)',
                                                    cli=False)
@@ -142,8 +151,9 @@ class RunConfig:
             origin = (source or {}).get(name, 'command line')
             return f'--{_flag(name)}' if origin == 'command line' else f'{origin}: {name}'
 
-        if self.form not in FORMS:
-            raise RunError(f'method {self.method!r} has form {self.form!r}: allowed forms are {", ".join(FORMS)}')
+        if self.form not in method_forms():
+            raise RunError(f'method {self.method!r} has form {self.form!r}: allowed forms are '
+                           f'{", ".join(method_forms())}')
         if (self.form == 'peft') != bool(self.peft):
             raise RunError(f'method {self.method!r}: a peft block goes with form peft (and form peft needs one: '
                            f'{{type: <PeftType>, ...}}); this one has form {self.form!r} and '
@@ -182,8 +192,8 @@ class RunConfig:
         """The inverse of ``to_dict`` (a run folder's config.yaml); TypeError/ValueError on a malformed one."""
         data = dict(data)
         block = data.get('capaboost')
-        if isinstance(block, dict) and data.get('form') in CAPABOOST_FORMS:
-            data['capaboost'] = CapaBoostConfig(**dict(block, method=data['form']))
+        if isinstance(block, dict) and is_capaboost_form(data.get('form')):
+            data['capaboost'] = CapaBoostConfig.from_record(dict(block, method=data['form']))
         elif not isinstance(block, CapaBoostConfig):
             data['capaboost'] = None
         return cls(**data)
@@ -194,7 +204,11 @@ def _flag(name: str) -> str:
 
 
 FIELDS = {f.name: f for f in fields(RunConfig)}
-CAPABOOST_FIELDS = {f.name: f for f in fields(CapaBoostConfig)}
+
+
+def capaboost_fields() -> Dict[str, Any]:
+    """{name: field} of every CapaBoost setting of every registered form."""
+    return {f.name: f for f in setting_fields()}
 
 
 _TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,), dict: (dict,)}
@@ -211,9 +225,9 @@ def identity_settings(config: Dict[str, Any]) -> Dict[str, Any]:
     # a run recorded before a setting existed ran with its default (e.g. no augmentation)
     flat = {k: config.get(k, field_default(FIELDS[k])) for k in IDENTITY_FIELDS if k not in ('capaboost', 'peft')}
     capaboost = dict(config.get('capaboost') or {})
-    if config.get('form') in CAPABOOST_FORMS:  # every CapaBoost setting, defaults filled in
+    if is_capaboost_form(config.get('form')):  # the form's settings, defaults filled in, another form's left out
         try:
-            capaboost = CapaBoostConfig(**{'method': config['form'], **capaboost}).to_dict()
+            capaboost = CapaBoostConfig.from_record({**capaboost, 'method': config['form']}).to_dict()
         except (TypeError, ValueError):
             pass  # compared as recorded
     for block, settings in (('capaboost', capaboost), ('peft', config.get('peft') or {})):
@@ -267,19 +281,20 @@ def load_yaml(path: Path) -> Dict[str, Any]:
 def check_capaboost_block(block: Dict[str, Any], form: str, origins: Dict[str, str]) -> None:
     """RunError naming the YAML file (or flag) and key of the first unknown or invalid CapaBoost setting: checked
     when the config is resolved, so a sweep or search refuses it before any run starts."""
+    known = capaboost_fields()
+
     def where(key: str) -> str:
         origin = origins.get(key, 'command line')
         if origin == 'command line':
-            return '--' + CAPABOOST_FIELDS[key].metadata.get('flag', key).replace('_', '-') \
-                if key in CAPABOOST_FIELDS else key
+            return '--' + known[key].metadata.get('flag', key).replace('_', '-') if key in known else key
         return f'{origin}: capaboost.{key}'
 
-    unknown = [key for key in block if key not in CAPABOOST_FIELDS]
+    unknown = [key for key in block if key not in known]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], CAPABOOST_FIELDS, n=1)
+        close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ''
         raise RunError(f'{where(unknown[0])}: unknown CapaBoost setting {unknown[0]!r}{hint}: valid settings are '
-                       f'{", ".join(k for k in CAPABOOST_FIELDS if k != "method")}')
+                       f'{", ".join(k for k in known if k != "method")}')
     try:
         check_given_settings(block, CapaBoostConfig(**dict(block, method=form)))
     except SettingError as e:
@@ -316,16 +331,22 @@ def config_layers(overrides: Dict[str, Any], config_file: Optional[str]) -> Tupl
     if not isinstance(method, str):
         raise RunError(f'method: {method!r} is invalid: a method name is required ({", ".join(method_names())})')
     method_file = CONFIG_DIR / 'methods' / f'{method}.yaml'
-    if not method_file.is_file():
-        raise RunError(f'unknown method {method!r}: choose one of {", ".join(method_names())}')
+    if method.endswith(('.yaml', '.yml')):  # a method YAML of one's own (e.g. for a form registered from outside)
+        method_file = Path(method).expanduser()
+        if not method_file.is_file():
+            raise RunError(f'method file {method} does not exist')
+        method = method_file.stem
+    elif not method_file.is_file():
+        raise RunError(f'unknown method {method!r}: choose one of {", ".join(method_names())}, or give a method '
+                       f'YAML file (PATH.yaml)')
     layers: Layers = [(str(method_file), load_yaml(method_file))]
     task = overrides.get('task') or config_layer.get('task') or ''
     task_file = CONFIG_DIR / 'tasks' / f'{task}.yaml'
     if isinstance(task, str) and task and task_file.is_file():
         layers.append((str(task_file), load_yaml(task_file)))  # overrides only: classes and group are in TASKS
-    if config_file:
-        layers.append((str(config_file), config_layer))
-    layers.append(('command line', {k: v for k, v in overrides.items() if v is not None}))
+    if config_file:  # the method is named by the method YAML's name (a file's stem), set first by merge_layers
+        layers.append((str(config_file), {k: v for k, v in config_layer.items() if k != 'method'}))
+    layers.append(('command line', {k: v for k, v in overrides.items() if v is not None and k != 'method'}))
     return method, layers
 
 
@@ -375,6 +396,29 @@ def _clamp_warmup(cfg: RunConfig, source: Dict[str, str]) -> None:
     cfg.warmup_epochs = clamped
 
 
+def planned_config(path: Path) -> RunConfig:
+    """The run a planned ``config.yaml`` (written by ``sweep``/``search``, or any run folder's) is, exactly: no method
+    or task YAML is layered under it and nothing is resolved again, so editing a method YAML after planning does not
+    change a planned run. RunError naming the file when it is not a complete, valid run config."""
+    data = load_yaml(path)
+    missing = [name for name in ('task', 'method', 'form', 'model') if name not in data]
+    if missing:
+        raise RunError(f'{path} is not a planned run config (no {", ".join(missing)}): --run takes the config.yaml '
+                       f'sweep and search write; a partial YAML goes in --config')
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise RunError(f'{path}: unknown setting {unknown[0]!r}: valid settings are {", ".join(sorted(FIELDS))}')
+    values = {key: check_type(key, value, str(path)) for key, value in data.items() if value is not None}
+    try:
+        cfg = RunConfig.from_dict(values)
+    except SettingError as e:
+        raise RunError(f'{path}: capaboost.{e}') from None
+    except (TypeError, ValueError) as e:
+        raise RunError(f'{path}: {e}') from None
+    cfg.validate(dict.fromkeys(values, str(path)))
+    return cfg
+
+
 def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
                    check_method: Optional[Callable[[RunConfig, str], None]] = None) -> RunConfig:
     """Defaults <- method YAML <- task YAML <- --config YAML <- command-line flags (``overrides``), validated, with
@@ -402,7 +446,7 @@ def resolve_config(overrides: Dict[str, Any], config_file: Optional[str] = None,
     if cfg.form == 'peft' and block:
         raise RunError(f'method {cfg.method!r} has form peft: CapaBoost settings ({", ".join(block)}) do not apply; '
                        f'PEFT arguments go in the peft block or --peft-args')
-    if cfg.form in CAPABOOST_FORMS:  # the masks differ per seed unless mask_seed fixes them
+    if is_capaboost_form(cfg.form):  # the masks differ per seed unless mask_seed fixes them
         check_capaboost_block(block, cfg.form, merged.capaboost_source)
         cfg.capaboost = CapaBoostConfig(**{'seed': cfg.seed, **block, 'method': cfg.form})
     if check_method is not None:

@@ -159,7 +159,7 @@ def reusable_results(cfg: RunConfig, run_dir: Path, main: bool,
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> Path:
-    """``run_dir/config.yaml``: the resolved config, which ``train --config`` runs again as it is."""
+    """``run_dir/config.yaml``: the resolved config, which ``train --run`` runs exactly as it is."""
     path = run_dir / 'config.yaml'
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return path

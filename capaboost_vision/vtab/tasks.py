@@ -3,12 +3,12 @@ import difflib
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
-from ..config import MAX_CLASSES
+from ..config import MAX_CLASSES, VTAB_GROUPS
 from .run_config import HF_PREFIX, TASK_INFO_FILE, hf_task_name, load_yaml  # a custom task folder describes itself:
 # {num_classes: N, group: G}
 
 
-GROUPS = ('natural', 'specialized', 'structured')
+GROUPS = VTAB_GROUPS
 
 
 class Task(NamedTuple):
