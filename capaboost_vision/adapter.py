@@ -20,7 +20,7 @@ with the adapter added. Nothing is carried between modules
 or calls, so the blocks script (TorchScript), trace (fx), compile and export as timm's do.
 """
 import math
-from typing import List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -28,8 +28,18 @@ import torch.nn.functional as F
 
 from .backbones import Backbone
 from .config import CapaBoostConfig
-from .forms import Form, Installer, register_form
+from .forms import Form, Installer, register_form, register_mixed_layer, sample_rows
 from .masks import adapter_dtype, apply_masks, make_masks, masks_needed
+
+
+def adapter_weights(down: torch.Tensor, down_bias: torch.Tensor, up: torch.Tensor, mask_down: Optional[torch.Tensor],
+                    mask_up: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_down_cat (d*b, dim), b_down_cat (d*b,), W_up_cat (dim, d*b)) of one adapter's tensors; its own weights
+    where nothing is masked (no masks)."""
+    if mask_down is not None and mask_up is not None:
+        down_cat = (down.unsqueeze(0) * mask_down).flatten(0, 1)  # (d, b, dim) -> (d*b, dim)
+        return down_cat, down_bias.repeat(mask_down.shape[0]), apply_masks(up, mask_up)
+    return down, down_bias, up
 
 
 class CapaBoostAdapter(nn.Module):
@@ -64,8 +74,7 @@ class CapaBoostAdapter(nn.Module):
         """(W_down_cat (d*b, dim), b_down_cat (d*b,), W_up_cat (dim, d*b)); the plain adapter's own weights."""
         if not self.masked:
             return self.down_weight, self.down_bias, self.up_weight
-        down = (self.down_weight.unsqueeze(0) * self.mask_down).flatten(0, 1)  # (d, b, dim) -> (d*b, dim)
-        return down, self.down_bias.repeat(self.num_masks), apply_masks(self.up_weight, self.mask_up)
+        return adapter_weights(self.down_weight, self.down_bias, self.up_weight, self.mask_down, self.mask_up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, down_bias, up = self.masked_weights()
@@ -75,6 +84,24 @@ class CapaBoostAdapter(nn.Module):
     def extra_repr(self) -> str:
         b, dim = self.down_weight.shape
         return f'dim={dim}, bottleneck={b}, num_masks={self.num_masks}, scale={self.scale}, placement={self.placement}'
+
+
+class MixedAdapter(CapaBoostAdapter):
+    """A CapaBoostAdapter during a mixed batch (``multi``; the class is swapped in for one forward): each group of
+    samples through its own adapter's bottleneck. ``capaboost_groups``: [(sample indices, {tensor name: tensor})]."""
+
+    capaboost_groups: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+    capaboost_batch: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)  # (rows, ..., dim): every sample is in one group
+        for samples, t in self.capaboost_groups:
+            idx = sample_rows(samples, x.shape[0], self.capaboost_batch)
+            down, down_bias, up = adapter_weights(t['down_weight'], t['down_bias'], t['up_weight'], t.get('mask_down'),
+                                                  t.get('mask_up'))
+            branches = F.linear(self.act(F.linear(x[idx].to(down.dtype), down, down_bias)), up)
+            out = out.index_copy(0, idx, (self.scale * (branches * self.branch_scale + t['up_bias'])).to(x.dtype))
+        return out
 
 
 def adapter_installer(adapter_blocks: Mapping[type, type]) -> Installer:
@@ -96,6 +123,7 @@ def adapter_installer(adapter_blocks: Mapping[type, type]) -> Installer:
                                             device=ref.device, dtype=ref.dtype))
         for (_, block), adapter in zip(blocks, planned):
             block.mlp.capaboost_adapter = adapter
+            block.capaboost_base_class = type(block)  # what disable_adapters runs instead
             block.__class__ = adapter_blocks[type(block)]  # timm's forward with the adapter in it
     return install_adapter
 
@@ -110,3 +138,4 @@ register_form(Form('adapter', adapter_max_rank,
                    ('adapter_bottleneck', 'adapter_scale', 'adapter_placement'), 'CapaBoost-adapter',
                    cannot_fold='an adapter is a ReLU bottleneck, not linear in its input: it cannot be folded into '
                                'the weights'))
+register_mixed_layer(CapaBoostAdapter, MixedAdapter)

@@ -37,7 +37,8 @@ class Form:
     weights (``None`` where the form is not linear in its input; ``cannot_fold`` says why, in one line);
     ``peft_type`` is the stock PEFT adapter type it exports as ('' for none); ``delta_weights(model)`` gives
     {layer: (ΔW in float64, the largest rank it can reach)} for rank diagnostics (``None``: the form has no weight
-    update).
+    update). A form runs mixed batches (``multi``) when it registers, for each of its layer classes, the subclass that
+    runs one (``register_mixed_layer``).
     """
     name: str
     max_rank: Callable[[nn.Module], int]
@@ -51,6 +52,27 @@ class Form:
 
 
 FORMS: Dict[str, Form] = {}
+
+
+def sample_rows(idx: torch.Tensor, rows: int, batch: int) -> torch.Tensor:
+    """The rows of a layer's input (``rows`` of them) that belong to the samples ``idx`` of a batch of ``batch``: a
+    layer may see each sample as several consecutive rows (Swin's attention: one per window, sample-major as timm's
+    ``window_partition`` orders them), for a mixed batch's groups."""
+    per_sample = rows // batch
+    if per_sample == 1:
+        return idx
+    return (idx.unsqueeze(1) * per_sample + torch.arange(per_sample, device=idx.device)).flatten()
+
+
+MIXED_LAYERS: Dict[type, type] = {}
+"""{layer class: its subclass that runs a mixed batch}: what ``multi`` swaps in for one forward with
+``adapter_names=``. A form registers its layers' (each group of samples through its own adapter's tensors, given as
+``capaboost_groups``); a family registers a module of its own that must follow (Swin's prompted window attention)."""
+
+
+def register_mixed_layer(layer_class: type, mixed_class: type) -> None:
+    """``mixed_class`` (a subclass of ``layer_class``) runs ``layer_class``'s modules in a mixed batch."""
+    MIXED_LAYERS[layer_class] = mixed_class
 
 
 INSTALLERS: Dict[Tuple[str, str], Installer] = {}

@@ -419,14 +419,15 @@ def drop_all_ones_masks(state: Dict[str, torch.Tensor], expected: Dict[str, torc
         del state[key]
 
 
-def check_adapter(model: nn.Module, adapter: AdapterFile, check_base: bool = True) -> None:
+def check_adapter(model: nn.Module, adapter: AdapterFile, check_base: bool = True, own_head: bool = False) -> None:
     """Architecture, classes, every setting that shapes the model, and every key and shape; warns when the base
-    weights differ from the ones the adapter was trained on."""
+    weights differ from the ones the adapter was trained on. ``own_head``: the adapter brings a head of its own class
+    count (a named adapter beside others), so only the head's input width must fit."""
     config = _capaboost_config(model)
     expected_arch, found_arch = model.pretrained_cfg.get('architecture'), adapter.meta['architecture']
     if expected_arch != found_arch:
         raise AdapterError(f'adapter is for architecture {found_arch!r}, the model is {expected_arch!r}')
-    if adapter.meta['num_classes'] != model.num_classes:
+    if adapter.meta['num_classes'] != model.num_classes and not own_head:
         raise AdapterError(f'adapter has num_classes={adapter.meta["num_classes"]}, the model has {model.num_classes}; '
                            f'build the model with num_classes={adapter.meta["num_classes"]}')
     saved, mine = adapter.config.to_dict(), config.to_dict()
@@ -441,7 +442,11 @@ def check_adapter(model: nn.Module, adapter: AdapterFile, check_base: bool = Tru
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise AdapterError(f'{weights_file} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}')
+    head = f'{head_name(model)}.'
     for key, value in state.items():
+        if own_head and key.startswith(head) and value.shape[0] == adapter.meta['num_classes'] \
+                and value.shape[1:] == expected[key].shape[1:]:
+            continue  # its own classes, the model's feature width
         if value.shape != expected[key].shape or value.dtype.is_floating_point != expected[key].dtype.is_floating_point:
             raise AdapterError(f'{weights_file}: {key} has shape {tuple(value.shape)} ({value.dtype}), '
                                f'the model expects {tuple(expected[key].shape)} ({expected[key].dtype})')

@@ -13,7 +13,7 @@ Being an ``nn.Linear`` subclass (as in microsoft/loralib), the base ``weight``/`
 (unmasked, initialised to ||W0||) trained with A and B. Still one linear map, so it still merges.
 """
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,8 +21,17 @@ import torch.nn.functional as F
 
 from .backbones import Backbone
 from .config import CapaBoostConfig
-from .forms import ANY_FAMILY, Form, register_form, register_installer
+from .forms import ANY_FAMILY, Form, register_form, register_installer, register_mixed_layer, sample_rows
 from .masks import adapter_dtype, apply_masks, make_masks, masks_needed
+
+
+def lora_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, mask_A: Optional[torch.Tensor],
+                 mask_B: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A_cat (d*r, in), B_cat (out, d*r)), the concatenated masked branches of one adapter's factors; A and B
+    themselves where nothing is masked (no masks)."""
+    if mask_A is not None and mask_B is not None:
+        return (lora_A.unsqueeze(0) * mask_A).flatten(0, 1), apply_masks(lora_B, mask_B)  # (d, r, in) -> (d*r, in)
+    return lora_A, lora_B
 
 
 class CapaBoostLoRALinear(nn.Linear):
@@ -58,6 +67,7 @@ class CapaBoostLoRALinear(nn.Linear):
             self.register_buffer('lora_mask_A', mask_a.to(dd['device']))  # (d, r, in)
             self.register_buffer('lora_mask_B', mask_b.permute(1, 0, 2).contiguous().to(dd['device']))  # (out, d, r)
         self.use_dora = config.use_dora
+        self.capaboost_base_class = nn.Linear  # what disable_adapters runs instead: the plain linear
         if self.use_dora:  # ||W0|| per output row: the model starts as the base model
             self.lora_magnitude = nn.Parameter(torch.linalg.vector_norm(base.weight.detach().to(dd['dtype']), dim=1))
 
@@ -65,9 +75,7 @@ class CapaBoostLoRALinear(nn.Linear):
         """(A_cat, B_cat): A_cat (d*r, in), B_cat (out, d*r), the concatenated masked branches (plain LoRA: A, B)."""
         if not self.masked:
             return self.lora_A, self.lora_B
-        a_cat = (self.lora_A.unsqueeze(0) * self.lora_mask_A).flatten(0, 1)  # (d, r, in) -> (d*r, in)
-        b_cat = apply_masks(self.lora_B, self.lora_mask_B)  # (out, d*r)
-        return a_cat, b_cat
+        return lora_factors(self.lora_A, self.lora_B, self.lora_mask_A, self.lora_mask_B)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (alpha/r) * B_cat A_cat, shape (out, in): the low-rank update (with ``use_dora``, before the
@@ -111,6 +119,28 @@ class CapaBoostLoRALinear(nn.Linear):
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, rank={self.rank}, num_masks={self.num_masks}, dora={self.use_dora}, '
                 f'scaling={self.scaling:g}, max_rank={min(self.num_masks * self.rank, self.in_features, self.out_features)}')
+
+
+class MixedLoRALinear(CapaBoostLoRALinear):
+    """A CapaBoostLoRALinear during a mixed batch (``multi``; the class is swapped in for one forward): each group of
+    samples gets its own adapter's low-rank update on the one shared base product. ``capaboost_groups``: [(sample
+    indices, {tensor name: that adapter's tensor})]."""
+
+    capaboost_groups: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+    capaboost_batch: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)  # (rows, ..., out): the base product, once for the whole batch
+        for samples, t in self.capaboost_groups:
+            idx = sample_rows(samples, x.shape[0], self.capaboost_batch)
+            a_cat, b_cat = lora_factors(t['lora_A'], t['lora_B'], t.get('lora_mask_A'), t.get('lora_mask_B'))
+            update = F.linear(F.linear(self.lora_dropout(x[idx]).to(a_cat.dtype), a_cat), b_cat * self.scaling)
+            group = out[idx].to(update.dtype) + update
+            if self.use_dora:  # m / ||W0 + dW|| of this adapter, per output row
+                norm = torch.linalg.vector_norm(self.weight.to(update.dtype) + self.scaling * b_cat @ a_cat, dim=1)
+                group = t['lora_magnitude'] / norm.detach() * group
+            out = out.index_copy(0, idx, group.to(out.dtype))
+        return out if self.bias is None else out + self.bias
 
 
 def install_lora(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,
@@ -161,4 +191,5 @@ def lora_delta_weights(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, int]]:
 register_form(Form('lora', lora_max_rank, ('rank', 'lora_alpha', 'target_modules'),
                    'CapaBoost-LoRA (attn.qkv by default)', param_prefixes=('lora_',), fold=fold_lora,
                    peft_type='LORA', delta_weights=lora_delta_weights))
+register_mixed_layer(CapaBoostLoRALinear, MixedLoRALinear)
 register_installer(ANY_FAMILY, 'lora', install_lora)  # every family: through its Backbone's lora_linears

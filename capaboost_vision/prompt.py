@@ -24,14 +24,23 @@ parameter name stays as it was. Each prompted module reaches its bank through it
 there.
 """
 import math
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .config import CapaBoostConfig
-from .forms import Form, register_form
+from .forms import Form, register_form, register_mixed_layer
 from .masks import adapter_dtype, apply_masks, make_masks, masks_needed
+
+
+def prompt_factors(prompt_U: torch.Tensor, prompt_V: torch.Tensor, mask_U: Optional[torch.Tensor],
+                   mask_V: Optional[torch.Tensor], start: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(U_cat rows start:end (end - start, d*r), V_cat (dim, d*r)) of one adapter's factors; U and V themselves where
+    nothing is masked (no masks)."""
+    if mask_U is not None and mask_V is not None:
+        return apply_masks(prompt_U[start:end], mask_U[start:end]), apply_masks(prompt_V, mask_V)
+    return prompt_U[start:end], prompt_V
 
 
 class PromptBank(nn.Module):
@@ -72,7 +81,7 @@ class PromptBank(nn.Module):
         """(U_cat rows start:end (end - start, d*r), V_cat (dim, d*r)); unmasked U and V where nothing is masked."""
         if not self.masked:
             return self.prompt_U[start:end], self.prompt_V
-        return apply_masks(self.prompt_U[start:end], self.mask_U[start:end]), apply_masks(self.prompt_V, self.mask_V)
+        return prompt_factors(self.prompt_U, self.prompt_V, self.mask_U, self.mask_V, start, end)
 
     def materialize(self) -> torch.Tensor:
         """The prompts, shape (num_blocks, n, dim)."""
@@ -100,6 +109,29 @@ class PromptBank(nn.Module):
         u, v = self.masked_factors(start, end)
         prompts = u @ v.t()  # (n, d*r) @ (d*r, dim) -> (n, dim)
         return self.dropout(prompts * self.branch_scale if self.branch_scale != 1.0 else prompts)
+
+
+class MixedPromptBank(PromptBank):
+    """A PromptBank during a mixed batch (``multi``; the class is swapped in for one forward): a block's prompts per
+    sample, (B, n, dim), each group of samples with its own adapter's. ``capaboost_groups``: [(sample indices,
+    {tensor name: tensor})]; ``capaboost_batch``: B."""
+
+    capaboost_groups: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+    capaboost_batch: int
+
+    def block_prompts(self, index: int) -> torch.Tensor:
+        start, end = index * self.length, (index + 1) * self.length
+        out = None
+        for idx, t in self.capaboost_groups:
+            if self.factorised:
+                u, v = prompt_factors(t['prompt_U'], t['prompt_V'], t.get('mask_U'), t.get('mask_V'), start, end)
+                prompts = u @ v.t() * self.branch_scale  # (n, d*r) @ (d*r, dim) -> (n, dim)
+            else:
+                prompts = t['prompt'][start:end]
+            prompts = self.dropout(prompts)
+            out = prompts.new_zeros(self.capaboost_batch, *prompts.shape) if out is None else out
+            out = out.index_copy(0, idx, prompts.expand(len(idx), -1, -1))  # (B, n, dim)
+        return out
 
 
 class DeepPrompt(nn.Module):
@@ -157,3 +189,4 @@ def prompt_max_rank(model: nn.Module) -> int:
 register_form(Form('prompt', prompt_max_rank, ('prompt_length', 'prompt_rank'),
                    'CapaBoost-prompt (factorised VPT-deep)',
                    cannot_fold='prompts add tokens to every block: they cannot be folded into the weights'))
+register_mixed_layer(PromptBank, MixedPromptBank)

@@ -122,6 +122,8 @@ def install_eva_prompt(model: Eva, blocks: List[Tuple[str, nn.Module]], backbone
                                          bound, device=p.device, dtype=p.dtype)])
     model.capaboost_prompt = deep_prompt
     for i, block in enumerate(model.blocks):
+        block.capaboost_base_class = type(block)  # what disable_adapters runs instead, with the attention's own count
+        block.attn.capaboost_base_attrs = {'num_prefix_tokens': model.num_prefix_tokens}
         block.__class__ = PromptedEvaBlock
         block.capaboost_num_prefix = model.num_prefix_tokens
         block.attn.num_prefix_tokens = model.num_prefix_tokens + config.prompt_length

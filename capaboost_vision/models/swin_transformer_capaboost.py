@@ -22,7 +22,7 @@ from timm.models.swin_transformer import (SwinTransformer, SwinTransformerBlock,
 from ..backbones import Backbone, register_backbone
 from ..config import CapaBoostConfig
 from ..adapter import adapter_installer
-from ..forms import FORMS, register_installer
+from ..forms import FORMS, register_installer, register_mixed_layer
 from ..prompt import BlockPrompts, DeepPrompt, PromptBank, attach_bank, name_banks_first, vpt_init_bound
 from ._builder import base_cfg, create_capaboost, register_entry_points
 
@@ -46,14 +46,19 @@ class AdapterSwinBlock(SwinTransformerBlock):
 class PromptedWindowAttention(BlockPrompts, WindowAttention):
     """timm's WindowAttention with the block's prompts as extra keys/values (zero bias, never masked)."""
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        prompt = self.capaboost_prompts().to(x.dtype)  # (n, C)
-        B_, N, C = x.shape
+    def prompt_keys_values(self, prompt: torch.Tensor, num_windows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The block's prompts as keys and values of every window, (B_, H, n, hd) each: (n, C) prompts, shared."""
         n = prompt.shape[0]
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, H, N, hd)
         _, pk, pv = self.qkv(prompt).reshape(n, 3, self.num_heads, -1).permute(1, 2, 0, 3).unbind(0)  # (H, n, hd)
-        k = torch.cat([pk.expand(B_, -1, -1, -1), k], dim=2)  # (B_, H, n+N, hd)
-        v = torch.cat([pv.expand(B_, -1, -1, -1), v], dim=2)
+        return pk.expand(num_windows, -1, -1, -1), pv.expand(num_windows, -1, -1, -1)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, H, N, hd)
+        pk, pv = self.prompt_keys_values(self.capaboost_prompts().to(x.dtype), B_)
+        n = pk.shape[2]
+        k = torch.cat([pk, k], dim=2)  # (B_, H, n+N, hd)
+        v = torch.cat([pv, v], dim=2)
         bias = self._get_rel_pos_bias()  # (1, H, N, N)
         if mask is not None:  # (nW, N, N) shift mask, windows innermost in B_ as in timm
             num_win = mask.shape[0]
@@ -64,6 +69,18 @@ class PromptedWindowAttention(BlockPrompts, WindowAttention):
                                            dropout_p=self.attn_drop.p if self.training else 0.0)
         x = self.proj(x.transpose(1, 2).reshape(B_, N, -1))
         return self.proj_drop(x)
+
+class MixedPromptedWindowAttention(PromptedWindowAttention):
+    """A PromptedWindowAttention during a mixed batch (``multi``; swapped in for one forward): its bank gives
+    prompts per sample, (B, n, C), and each sample's windows (consecutive in B_, as timm's ``window_partition``
+    orders them) attend to its own."""
+
+    def prompt_keys_values(self, prompt: torch.Tensor, num_windows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        B, n, _ = prompt.shape
+        _, pk, pv = self.qkv(prompt).reshape(B, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,n,hd)
+        per_sample = num_windows // B
+        return pk.repeat_interleave(per_sample, dim=0), pv.repeat_interleave(per_sample, dim=0)  # (B_, H, n, hd)
+
 
 def swin_blocks(model: SwinTransformer) -> List[Tuple[str, nn.Module]]:
     return [(f'layers.{s}.blocks.{j}', b) for s, stage in enumerate(model.layers) for j, b in enumerate(stage.blocks)]
@@ -83,6 +100,7 @@ def install_swin_prompt(model: SwinTransformer, blocks: List[Tuple[str, nn.Modul
     model.capaboost_prompt = deep_prompt
     for s, stage in enumerate(model.layers):
         for j, block in enumerate(stage.blocks):
+            block.attn.capaboost_base_class = type(block.attn)  # what disable_adapters runs instead
             block.attn.__class__ = PromptedWindowAttention
             attach_bank(block.attn, deep_prompt.banks[s], j)
     name_banks_first(model)
@@ -91,6 +109,7 @@ def install_swin_prompt(model: SwinTransformer, blocks: List[Tuple[str, nn.Modul
 SWIN = register_backbone(Backbone('swin', SwinTransformer, swin_blocks, (SwinTransformerBlock,), 'Swin'))
 register_installer('swin', 'adapter', adapter_installer({SwinTransformerBlock: AdapterSwinBlock}))
 register_installer('swin', 'prompt', install_swin_prompt)
+register_mixed_layer(PromptedWindowAttention, MixedPromptedWindowAttention)
 
 _ARGS = {
     'swin_tiny': dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),

@@ -113,6 +113,7 @@ def install_vit_prompt(model: VisionTransformer, blocks: List[Tuple[str, nn.Modu
                                          bound, device=p.device, dtype=p.dtype)])
     model.capaboost_prompt = deep_prompt
     for i, block in enumerate(model.blocks):
+        block.capaboost_base_class = type(block)  # what disable_adapters runs instead
         block.__class__ = PROMPTED_BLOCKS[type(block)]
         block.capaboost_num_prefix = model.num_prefix_tokens
         attach_bank(block, deep_prompt.banks[0], i)
