@@ -7,7 +7,7 @@ into the base weights: zero extra inference cost), the eval transform its config
     print(clf.label_names[int(probs.argmax())])
 """
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -18,6 +18,7 @@ from timm.data import create_transform
 from .hub import AdapterError, AdapterFile, apply_adapter, base_mismatch, check_adapter, check_repo_config, \
     explain_hub_error, read_adapter
 from .forms import can_merge
+from .multi import load_adapter, set_adapter
 from .tuner import merge
 
 
@@ -30,6 +31,7 @@ class Classifier(NamedTuple):
     img_size: int
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    adapter_name: str = 'default'  # its adapter on ``model`` (several sources: ``set_adapter`` before using it)
 
 
 def squash_transform(img_size: int, mean: Tuple[float, ...], std: Tuple[float, ...]) -> Callable[[Any], torch.Tensor]:
@@ -72,10 +74,13 @@ def _base_weights(source: Union[str, Path], adapter: AdapterFile, weights: Optio
     return None
 
 
-def load_classifier(source: Union[str, Path], weights: Optional[Union[str, Path]] = None, merged: bool = True,
-                    device: Union[str, torch.device] = 'cpu') -> Classifier:
+def load_classifier(source: Union[str, Path, Sequence[Union[str, Path]]], weights: Optional[Union[str, Path]] = None,
+                    merged: bool = True, device: Union[str, torch.device] = 'cpu') -> Union[Classifier,
+                                                                                             List[Classifier]]:
     """The classifier of a CapaBoost adapter: a local adapter folder (a finished run folder is one) or
-    ``hf-hub:org/repo[@revision]``, on the base weights it was trained on.
+    ``hf-hub:org/repo[@revision]``, on the base weights it was trained on. A list of sources gives a list of
+    classifiers on one backbone (``multi``: every adapter beside the first, named by its source, nothing merged);
+    ``set_adapter(clf.model, clf.adapter_name)`` before using one, or a mixed batch.
 
     The base weights load from the hub id the adapter records (the Hugging Face cache offline), from ``weights``
     (a local .safetensors/.pth of the base model), or, for a run folder, from the file its config.yaml names. An
@@ -83,6 +88,8 @@ def load_classifier(source: Union[str, Path], weights: Optional[Union[str, Path]
     are an error, not a warning. ``merged`` folds a LoRA update into the weights (adapter and prompt forms are not
     linear and stay as they are). AdapterError (one line) for anything that does not fit.
     """
+    if isinstance(source, (list, tuple)):
+        return _load_together([str(s) for s in source], weights, device)
     adapter = read_adapter(source)  # config.json schema, safetensors, finite values: before anything is built
     # what timm builds from the file's model_args: CapaBoost settings and bounded sizes only, never a path, overlay
     # or checkpoint of the file's choosing (the check create_model('hf-hub:...') and rank run)
@@ -106,8 +113,30 @@ def load_classifier(source: Union[str, Path], weights: Optional[Union[str, Path]
     apply_adapter(model, adapter)
     if merged and can_merge(adapter.config.method):
         model = merge(model)
+    return _classifier(model.to(device).eval(), 'default')
+
+
+def _classifier(model: nn.Module, adapter_name: str) -> Classifier:
+    """The model with its active adapter's preprocessing and class names (what ``apply_adapter`` put in its
+    ``pretrained_cfg``: the adapter's config.json)."""
+    cfg = model.pretrained_cfg
     img_size = int((cfg.get('input_size') or [3, 224, 224])[-1])
-    mean = tuple(cfg.get('mean') or model.pretrained_cfg['mean'])
-    std = tuple(cfg.get('std') or model.pretrained_cfg['std'])
-    names = tuple(meta.get('label_names') or (str(i) for i in range(meta['num_classes'])))
-    return Classifier(model.to(device).eval(), squash_transform(img_size, mean, std), names, img_size, mean, std)
+    mean, std = tuple(cfg['mean']), tuple(cfg['std'])
+    names = tuple(cfg.get('label_names') or (str(i) for i in range(model.num_classes)))
+    return Classifier(model, squash_transform(img_size, mean, std), names, img_size, mean, std, adapter_name)
+
+
+def _load_together(sources: List[str], weights: Optional[Union[str, Path]], device: Union[str, torch.device]
+                   ) -> List[Classifier]:
+    """Several adapters on one backbone: the first built as ``load_classifier`` builds it (unmerged), the others
+    loaded beside it by name (their source)."""
+    if len(set(sources)) != len(sources):
+        raise AdapterError(f'{next(s for s in sources if sources.count(s) > 1)} is given twice')
+    classifiers = [load_classifier(sources[0], weights=weights, merged=False, device=device)]
+    model = classifiers[0].model
+    for source in sources[1:]:
+        load_adapter(model, source, adapter_name=source)
+        set_adapter(model, source)
+        classifiers.append(_classifier(model.to(device).eval(), source))
+    set_adapter(model, 'default')
+    return classifiers

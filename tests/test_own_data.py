@@ -260,6 +260,41 @@ def test_predict_matches_evaluate_and_bad_inputs_are_one_line(own, trained_run, 
     one_line_error(*cli('predict', run_dir, tmp_path / 'empty'), 'holds no image files')
 
 
+def test_predict_with_several_adapters_builds_one_backbone_and_one_column_group_each(own, trained_run, tmp_path):
+    """predict A B images/: the backbone once, each adapter in turn; each group of columns is that adapter's own
+    prediction (as predict with it alone), and load_classifier([A, B]) gives the same two classifiers on one model."""
+    import capaboost_vision as cv
+    run_a, _, base = trained_run
+    cfg = resolve_config(dict(task='digits', data_path=str(own), output=str(tmp_path / 'runs'),
+                              method='capaboost_lora', weights=str(base), seed=1, **dict(TINY, pretrained=True)))
+    train(cfg)
+    run_b = tmp_path / 'runs/vit_tiny/digits/final/capaboost_lora/seed1'
+    images = own / 'digits' / 'test' / 'seven'
+    alone = {}
+    for name, run in (('a', run_a), ('b', run_b)):
+        code, _, err = cli('predict', run, images, '--output', tmp_path / f'{name}.csv', '--top-k', 2)
+        assert code == 0, err[-2000:]
+        alone[name] = list(csv.DictReader((tmp_path / f'{name}.csv').open()))
+    code, out, err = cli('predict', run_a, run_b, images, '--output', tmp_path / 'both.csv', '--top-k', 2)
+    assert code == 0, err[-2000:]
+    both = list(csv.DictReader((tmp_path / 'both.csv').open()))
+    assert [r['path'] for r in both] == [r['path'] for r in alone['a']] and len(both) > 5
+    for name, run in (('a', run_a), ('b', run_b)):
+        for row, single in zip(both, alone[name]):
+            assert row[f'{run}:label_1'] == single['label_1']
+            assert abs(float(row[f'{run}:prob_1']) - float(single['prob_1'])) < 1e-4
+    assert f'[{run_b}]' in out.splitlines()[0]
+    clf_a, clf_b = cv.load_classifier([run_a, run_b])
+    assert clf_a.model is clf_b.model and cv.list_adapters(clf_a.model) == ['default', str(run_b)]
+    x = clf_b.transform(Image.open(next(images.iterdir())).convert('RGB')).unsqueeze(0)
+    with torch.no_grad():
+        cv.set_adapter(clf_b.model, clf_b.adapter_name)
+        together = clf_b.model(x)
+        alone_b = cv.load_classifier(run_b, merged=False).model(x)
+    assert torch.allclose(together, alone_b, atol=1e-6)
+    one_line_error(*cli('predict', run_a, run_a, images), 'is given twice')
+
+
 def test_load_classifier_transform_gives_the_training_pixels(own, trained_run):
     import capaboost_vision as cv
     from capaboost_vision.vtab.data import load_resized, to_float_normalized

@@ -334,25 +334,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_adapter_source(item: str) -> bool:
+    """True for ``hf-hub:...`` and for a folder holding an adapter (config.json) or a run (config.yaml)."""
+    return item.startswith('hf-hub:') or any((Path(item) / name).is_file() for name in ('config.json', 'config.yaml'))
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Top-k class names and probabilities per image (printed; CSV with --output)."""
-    from .inference import files_split, image_files, load_trained, logits_over, write_predictions
+    """Top-k class names and probabilities per image (printed; CSV with --output), for one adapter or several on one
+    backbone (the leading arguments that are adapters: ``predict A B C images/``)."""
+    from .inference import files_split, image_files, load_trained, load_trained_together, logits_over, \
+        write_predictions
     from .run_folder import check_output_file
     if args.top_k < 1 or args.batch_size < 1:
         raise RunError(f'--top-k {args.top_k} and --batch-size {args.batch_size} must be at least 1')
     if args.output:
         check_output_file(Path(args.output), '--output', replace=args.overwrite)
-    files = image_files(args.images)
-    trained = load_trained(args.adapter, args.weights, merged=True)
-    k = min(args.top_k, len(trained.label_names))
-    logits, _ = logits_over(trained.model, files_split(files, trained.img_size), trained, _device(args.device),
-                            args.batch_size, None, args.workers)
-    probs = logits.softmax(-1)
-    top = probs.topk(k, dim=1)
-    for f, values, indices in zip(files, top.values.tolist(), top.indices.tolist()):
-        print(f'{f}  ' + '  '.join(f'{trained.label_names[i]} {v:.3f}' for v, i in zip(values, indices)))
+    adapters, items = [args.adapter], list(args.images)
+    while len(items) > 1 and _is_adapter_source(items[0]):
+        adapters.append(items.pop(0))
+    files = image_files(items)
+    if len(adapters) == 1:  # one adapter: LoRA merged into the weights, zero extra cost
+        together = [load_trained(args.adapter, args.weights, merged=True)]
+    else:  # several: one backbone, each adapter set in turn
+        from ..multi import set_adapter
+        together = load_trained_together(adapters, args.weights)
+    groups = []
+    for adapter, trained in zip(adapters, together):
+        if len(together) > 1:
+            set_adapter(trained.model, trained.adapter_name)
+        logits, _ = logits_over(trained.model, files_split(files, trained.img_size), trained, _device(args.device),
+                                args.batch_size, None, args.workers)
+        groups.append((adapter, logits.softmax(-1), trained.label_names))
+    for row, f in enumerate(files):
+        cells = []
+        for adapter, probs, names in groups:
+            top = probs[row].topk(min(args.top_k, len(names)))
+            cells.append(('' if len(groups) == 1 else f'[{adapter}] ') +
+                         '  '.join(f'{names[i]} {v:.3f}' for v, i in zip(top.values.tolist(), top.indices.tolist())))
+        print(f'{f}  ' + '  '.join(cells))
     if args.output:
-        write_predictions(Path(args.output), files, probs, trained.label_names, k)
+        write_predictions(Path(args.output), files, groups, args.top_k)
         print(f'predictions: {args.output}')
     return 0
 
@@ -564,7 +585,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('predict', help='classify image files with an adapter (LoRA merged into the weights)',
                        formatter_class=fmt)
     p.add_argument('adapter', help='a run folder (CapaBoost or HF PEFT), an adapter folder, or hf-hub:org/repo[@rev]')
-    p.add_argument('images', nargs='+', help='image files, folders (searched recursively) or glob patterns')
+    p.add_argument('images', nargs='+', help='image files, folders (searched recursively) or glob patterns; '
+                                             'further adapters first (predict A B C images/: one backbone, one '
+                                             'group of columns per adapter)')
     p.add_argument('--top-k', type=int, default=5, help='classes per image')
     p.add_argument('--output', help='write a CSV (path, label_i, prob_i) here (default: print only); never into a '
                                     'run or adapter folder')

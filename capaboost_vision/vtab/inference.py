@@ -38,6 +38,7 @@ class Trained:
     std: Tuple[float, ...]
     claims: List[Any] = field(default_factory=list)  # hub.CardResult: what its card or results.json states
     run_config: Optional[RunConfig] = None  # a run folder's config
+    adapter_name: str = 'default'  # its adapter on ``model`` (several adapters on one backbone: ``set_adapter``)
 
 
 def _run_config(folder: Path) -> Optional[RunConfig]:
@@ -114,6 +115,31 @@ def load_trained(source: str, weights: Optional[str] = None, merged: bool = Fals
     return Trained(clf.model, clf.label_names, clf.img_size, clf.mean, clf.std, card_results(source))
 
 
+def load_trained_together(sources: Sequence[str], weights: Optional[str] = None) -> List[Trained]:
+    """Several CapaBoost adapters on one backbone, built once: the first source as ``load_trained`` builds it
+    (unmerged), every other one loaded beside it by name (the source as given: ``multi.load_adapter``, so they must
+    share its base weights and shape settings). Each Trained shares the one model and has its own classes and
+    preprocessing; ``set_adapter(model, trained.adapter_name)`` before using it."""
+    from ..multi import load_adapter, set_adapter
+    if len(set(sources)) != len(sources):
+        raise RunError(f'adapter {next(s for s in sources if sources.count(s) > 1)} is given twice')
+    first = load_trained(sources[0], weights, merged=False)
+    if not hasattr(first.model, 'capaboost_config'):
+        raise RunError(f'{sources[0]} is not a CapaBoost adapter: only CapaBoost adapters share one backbone')
+    together = [first]
+    for source in sources[1:]:
+        if not source.startswith('hf-hub:') and not (Path(source) / CONFIG_NAME).is_file():
+            raise RunError(f'{source} holds no {CONFIG_NAME}: only CapaBoost adapters share one backbone')
+        load_adapter(first.model, source, adapter_name=source)
+        set_adapter(first.model, source)
+        cfg = first.model.pretrained_cfg
+        names = tuple(cfg.get('label_names') or (str(i) for i in range(first.model.num_classes)))
+        together.append(Trained(first.model, names, int(cfg['input_size'][-1]), tuple(cfg['mean']), tuple(cfg['std']),
+                                adapter_name=source))
+    set_adapter(first.model, first.adapter_name)
+    return together
+
+
 def check_fits(trained: Trained, source: TaskSource, adapter: str) -> None:
     """RunError when the task's classes are not the adapter's: another count, or other names in another order."""
     task = source.task
@@ -178,13 +204,19 @@ def files_split(files: Sequence[Path], img_size: int) -> ImageSplit:
     return ImageSplit(Path('/'), Path('images.txt'), text, samples, img_size, listed=False)
 
 
-def write_predictions(path: Path, files: Sequence[Path], probs: torch.Tensor, names: Sequence[str], k: int) -> None:
-    """CSV: path, then label_i and prob_i for the top ``k`` classes; written atomically."""
-    top = probs.topk(k, dim=1)
+def write_predictions(path: Path, files: Sequence[Path], groups: Sequence[Tuple[str, torch.Tensor, Sequence[str]]],
+                      k: int) -> None:
+    """CSV: path, then for each (adapter, probabilities (N, C), class names) of ``groups`` its label_i and prob_i for
+    the top ``k`` classes (columns prefixed '<adapter>:' when there are several); written atomically."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(['path'] + [f'{col}_{i}' for i in range(1, k + 1) for col in ('label', 'prob')])
-    for f, values, indices in zip(files, top.values.tolist(), top.indices.tolist()):
-        writer.writerow([str(f)] + [x for v, i in zip(values, indices) for x in (names[i], f'{v:.6f}')])
+    prefix = [f'{adapter}:' if len(groups) > 1 else '' for adapter, _, _ in groups]
+    writer.writerow(['path'] + [f'{p}{col}_{i}' for p, (_, probs, names) in zip(prefix, groups)
+                                for i in range(1, min(k, len(names)) + 1) for col in ('label', 'prob')])
+    tops = [(probs.topk(min(k, len(names)), dim=1), names) for _, probs, names in groups]
+    for row, f in enumerate(files):
+        writer.writerow([str(f)] + [x for top, names in tops for v, i in zip(top.values[row].tolist(),
+                                                                             top.indices[row].tolist())
+                                    for x in (names[i], f'{v:.6f}')])
     with atomic_path(path) as tmp:
         Path(tmp).write_text(out.getvalue())
