@@ -100,7 +100,7 @@ class MixedAdapter(CapaBoostAdapter):
             down, down_bias, up = adapter_weights(t['down_weight'], t['down_bias'], t['up_weight'], t.get('mask_down'),
                                                   t.get('mask_up'))
             branches = F.linear(self.act(F.linear(x[idx].to(down.dtype), down, down_bias)), up)
-            out = out.index_copy(0, idx, (self.scale * (branches * self.branch_scale + t['up_bias'])).to(x.dtype))
+            out.index_copy_(0, idx, (self.scale * (branches * self.branch_scale + t['up_bias'])).to(x.dtype))
         return out
 
 

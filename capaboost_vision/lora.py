@@ -130,17 +130,19 @@ class MixedLoRALinear(CapaBoostLoRALinear):
     capaboost_batch: int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)  # (rows, ..., out): the base product, once for the whole batch
+        # the base product once for the whole batch, (rows, ..., out); each group's update added to its rows in place
+        out = F.linear(x, self.weight, None if self.use_dora else self.bias)
         for samples, t in self.capaboost_groups:
             idx = sample_rows(samples, x.shape[0], self.capaboost_batch)
             a_cat, b_cat = lora_factors(t['lora_A'], t['lora_B'], t.get('lora_mask_A'), t.get('lora_mask_B'))
             update = F.linear(F.linear(self.lora_dropout(x[idx]).to(a_cat.dtype), a_cat), b_cat * self.scaling)
-            group = out[idx].to(update.dtype) + update
-            if self.use_dora:  # m / ||W0 + dW|| of this adapter, per output row
-                norm = torch.linalg.vector_norm(self.weight.to(update.dtype) + self.scaling * b_cat @ a_cat, dim=1)
-                group = t['lora_magnitude'] / norm.detach() * group
+            if not self.use_dora:
+                out.index_add_(0, idx, update.to(out.dtype))
+                continue
+            norm = torch.linalg.vector_norm(self.weight.to(update.dtype) + self.scaling * b_cat @ a_cat, dim=1)
+            group = t['lora_magnitude'] / norm.detach() * (out[idx].to(update.dtype) + update)  # m / ||W0 + dW||
             out = out.index_copy(0, idx, group.to(out.dtype))
-        return out if self.bias is None else out + self.bias
+        return out if not self.use_dora or self.bias is None else out + self.bias
 
 
 def install_lora(model: nn.Module, blocks: List[Tuple[str, nn.Module]], backbone: Backbone,

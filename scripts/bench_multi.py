@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=1)
     p.add_argument('--device', default='cpu')
     p.add_argument('--no-peft', action='store_true', help='leave out HF PEFT (a machine without peft)')
+    p.add_argument('--no-memory', action='store_true', help='leave out the memory probes (two fresh processes per N)')
     p.add_argument('--output', default='bench_multi.json')
     p.add_argument('--memory-of', choices=['shared', 'separate'], help=argparse.SUPPRESS)  # one fresh-process probe
     p.add_argument('--n', type=int, help=argparse.SUPPRESS)
@@ -168,9 +169,10 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             save_adapters(args, n, Path(tmp))
             times = time_setups(args, n, Path(tmp), x)
-            rows[n] = {'time_s': times,
-                       'memory_bytes': {'one backbone + N adapters': measure_memory(args, n, 'shared', Path(tmp)),
-                                        'N separate models': measure_memory(args, n, 'separate', Path(tmp))}}
+            memory = None if args.no_memory else {
+                'one backbone + N adapters': measure_memory(args, n, 'shared', Path(tmp)),
+                'N separate models': measure_memory(args, n, 'separate', Path(tmp))}
+            rows[n] = {'time_s': times, 'memory_bytes': memory}
         print(f'N={n}: {rows[n]}', flush=True)
     results = {'config': vars(args), 'settings': SETTINGS,
                'machine': f'{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}'
@@ -191,10 +193,11 @@ def markdown(results) -> str:
         t, m = row['time_s'], row['memory_bytes']
         ours, sep, peft = (t['ours: one backbone, mixed batch'], t['N merged models, one after another'],
                            t.get('HF PEFT LoRA, mixed batch'))
-        shared, separate = m['one backbone + N adapters'], m['N separate models']
+        memory = '– | – | –' if m is None else (
+            f'{m["one backbone + N adapters"] / 1e6:.0f} MB | {m["N separate models"] / 1e6:.0f} MB | '
+            f'{m["N separate models"] / max(m["one backbone + N adapters"], 1):.2f}')
         out.append(f'| {n} | {ours:.3f} | {sep:.3f} | {sep / ours:.2f} | '
-                   + (f'{peft:.3f} | {peft / ours:.2f}' if peft else '– | –')
-                   + f' | {shared / 1e6:.0f} MB | {separate / 1e6:.0f} MB | {separate / max(shared, 1):.2f} |')
+                   + (f'{peft:.3f} | {peft / ours:.2f}' if peft else '– | –') + f' | {memory} |')
     return '\n'.join(out)
 
 

@@ -117,6 +117,14 @@ def main() -> None:
                *(['--compile-backend', 'aot_eager'] if dry else []),
                '--output', str(out / 'bench_speed_compile.json')], json_file=str(out / 'bench_speed_compile.json'))
 
+    # 2b. many tasks on one backbone: N adapters in one mixed batch vs N merged models vs HF PEFT's mixed batch
+    several = (['--model', 'vit_tiny', '--img-size', '32', '--batch-size', '4', '--adapters', '2', '--steps', '1',
+                '--warmup', '0', '--no-memory'] if dry else ['--batch-size', '64', '--steps', '5', '--warmup', '2'])
+    check.run('several adapters on one backbone',
+              [py, 'scripts/bench_multi.py', *several, *device,
+               *(['--no-peft'] if importlib.util.find_spec('peft') is None else []),
+               '--output', str(out / 'bench_multi.json')], json_file=str(out / 'bench_multi.json'))
+
     # 3. data path on one 1,000-image task (with the test split of step 4's task: built once, in tmp)
     data = (['--img-size', '32', '--model', 'vit_tiny', '--batch-size', '50', '--steps', '2', '--workers', '2',
              '--num-test', '50'] if dry else ['--img-size', '224', '--model', 'vit_base', '--batch-size', '64',

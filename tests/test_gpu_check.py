@@ -14,20 +14,22 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     data = json.loads((tmp_path / 'res' / 'gpu_check.json').read_text())
     names = [s['name'] for s in data['steps']]
-    assert len(names) == 9 and names[0].startswith('cuda tests') and all(s['returncode'] == 0 for s in data['steps'])
+    assert len(names) == 10 and names[0].startswith('cuda tests') and all(s['returncode'] == 0 for s in data['steps'])
     assert '7 passed' in data['steps'][0]['output_tail']  # the cuda subset really ran (on CPU)
     speed = data['steps'][1]['results']['rows']
     assert speed['capaboost-lora r8 d2']['stored_params'] == speed['lora r8 (ours)']['stored_params']
-    assert data['steps'][3]['results']['cached_images_per_s'] > 0
-    assert data['steps'][4]['results']['epochs'] == 2 and data['versions']['torch']
+    several = data['steps'][3]['results']['rows']['2']['time_s']  # 2 adapters on one backbone, one mixed batch
+    assert names[3] == 'several adapters on one backbone' and several['ours: one backbone, mixed batch'] > 0
+    assert data['steps'][4]['results']['cached_images_per_s'] > 0
+    assert data['steps'][5]['results']['epochs'] == 2 and data['versions']['torch']
     assert (tmp_path / 'res' / 'gpu_check.md').read_text().startswith('# GPU check (dry run')
     # the offline study: lr search and finals on two generated tasks, then report --compare
-    assert names[5:7] == ['offline study: lr search + finals', 'offline study: report --compare']
-    compare = data['steps'][6]['results']['compare']
+    assert names[6:8] == ['offline study: lr search + finals', 'offline study: report --compare']
+    compare = data['steps'][7]['results']['compare']
     assert '| capaboost_lora - lora |' in compare and '2 (2)' in compare and 'Learning-rate sensitivity' in compare
     # the size sweep: two rows named by size, then report's curve and its equal-params pairing
-    assert names[7:] == ['accuracy per stored parameter: size sweep (224 px)', 'accuracy per stored parameter: report']
-    curve = data['steps'][8]['results']['report']
+    assert names[8:] == ['accuracy per stored parameter: size sweep (224 px)', 'accuracy per stored parameter: report']
+    curve = data['steps'][9]['results']['report']
     assert '## Accuracy per stored parameter (test)' in curve and '| lora_r4 |' in curve and 'capaboost_lora_r4' in curve
     assert (tmp_path / 'res' / 'curve_curve.png').is_file() and (tmp_path / 'res' / 'curve_compare.md').is_file()
 
