@@ -17,6 +17,7 @@ from timm.data import create_transform
 
 from .hub import AdapterError, AdapterFile, apply_adapter, base_mismatch, check_adapter, check_repo_config, \
     explain_hub_error, read_adapter
+from .config import CapaBoostConfig, config_keys
 from .forms import can_merge
 from .multi import load_adapter, set_adapter
 from .tuner import merge
@@ -96,7 +97,12 @@ def load_classifier(source: Union[str, Path, Sequence[Union[str, Path]]], weight
     check_repo_config(adapter.meta, adapter.config_file, building=True)
     meta = adapter.meta
     cfg = meta.get('pretrained_cfg') or {}
-    kwargs = dict(meta.get('model_args') or {}, num_classes=meta['num_classes'])
+    recorded = meta.get('model_args') or {}
+    settings = CapaBoostConfig.from_record({**{k: v for k, v in recorded.items() if k in config_keys()},
+                                            'method': adapter.config.method}).to_dict()  # the form's own only
+    settings.pop('method')
+    kwargs = dict({k: v for k, v in recorded.items() if k not in config_keys()}, **settings,
+                  num_classes=meta['num_classes'])
     base_file = _base_weights(source, adapter, weights)
     if base_file is not None:
         kwargs['pretrained_cfg_overlay'] = dict(file=str(base_file))

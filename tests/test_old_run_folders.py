@@ -6,9 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import capaboost_vision as cv
 from capaboost_vision.vtab import cli
@@ -45,6 +46,17 @@ def test_old_finished_runs_are_reused_and_their_adapters_load(tmp_path, capsys):
     floats = {k: v for k, v in saved.items() if v.dtype.is_floating_point}  # masks are stored bit-packed
     assert len(floats) == 12 * 2 + 2 and all(torch.equal(state[k], v) for k, v in floats.items())
     assert cli.main(['rank', str(run_dir)]) == 0 and 'mean effective rank' in capsys.readouterr().out
+    # its config.json records every form's settings, as files did before the per-form sections; one where another
+    # form's setting was given a value of its own (a LoRA model built with prompt_rank=3 then) still builds
+    meta = json.loads((run_dir / 'config.json').read_text())
+    meta['model_args']['prompt_rank'] = meta['capaboost']['config']['prompt_rank'] = 3
+    (run_dir / 'config.json').write_text(json.dumps(meta))
+    rebuilt = timm.create_model(f'local-dir:{run_dir}', pretrained=False)
+    assert rebuilt.capaboost_config.rank == 1 and 'prompt_rank' not in rebuilt.capaboost_config.to_dict()
+    base = tmp_path / 'other_base.safetensors'  # load_classifier builds the model from those model_args too; on
+    save_file(timm.create_model('vit_tiny_patch16_224', num_classes=0).state_dict(), str(base))  # other weights
+    with pytest.raises(cv.hub.AdapterError, match='fingerprint'):  # it gets as far as comparing the base weights
+        cv.load_classifier(run_dir, weights=base)
     from peft import PeftModel
     plain = timm.create_model('vit_tiny_patch16_224', num_classes=3, img_size=32)
     peft_dir = runs / 'vit_tiny/toy/final/peft_lora/seed0'

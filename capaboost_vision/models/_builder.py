@@ -95,7 +95,8 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, base_n
     adapter = kwargs.pop('adapter', None)
     source_cfg = kwargs.get('pretrained_cfg')
     source_cfg = source_cfg.to_dict() if isinstance(source_cfg, PretrainedCfg) else source_cfg
-    if isinstance(source_cfg, dict) and source_cfg.get('source') in ('hf-hub', 'local-dir'):
+    from_repo = isinstance(source_cfg, dict) and source_cfg.get('source') in ('hf-hub', 'local-dir')
+    if from_repo:
         # an adapter repo (timm's 'hf-hub:'/'local-dir:' names): the repo holds the adapter, and its recorded tag
         # names the base weights, which load from their own source. Its config.json is someone else's data: its
         # schema is checked before anything is built from it (no adapter path, file or overlay of its choosing)
@@ -106,7 +107,10 @@ def create_capaboost(create_base: Callable[..., nn.Module], variant: str, base_n
     if kwargs.get('method', method) != method:
         raise ValueError(f'method={kwargs["method"]!r} is invalid for {variant}: its method is {method!r}')
     kwargs.pop('method', None)
-    config = CapaBoostConfig.from_kwargs(dict(kwargs, method=method))  # validate before building anything
+    # validated before anything is built; the settings of a repo's config.json are a record: one written before the
+    # per-form sections holds every form's settings, and another form's are left out, as the form never read them
+    config = CapaBoostConfig.from_record({k: v for k, v in dict(kwargs, method=method).items() if k in config_keys()}) \
+        if from_repo else CapaBoostConfig.from_kwargs(dict(kwargs, method=method))
     base_kwargs = {k: v for k, v in kwargs.items() if k not in config_keys()}
     features_only = base_kwargs.pop('features_only', False)
     feature_kwargs = {k: base_kwargs.pop(k) for k in ('out_indices', 'feature_cls') if k in base_kwargs}
