@@ -131,6 +131,8 @@ class PromptSettings:
 
 FORM_SETTINGS: Dict[str, type] = {}
 """{form name: the dataclass of its own settings}; its keys are the CapaBoost forms there are."""
+SETTING_FORM: Dict[str, str] = {}
+"""{setting name: the form it belongs to}, for every form's own settings (kept by ``register_form_settings``)."""
 
 
 def register_form_settings(form: str, settings: type) -> type:
@@ -140,23 +142,21 @@ def register_form_settings(form: str, settings: type) -> type:
     if not form.isidentifier() or '_' in form or not form.islower():
         raise ValueError(f'form name {form!r} is invalid: lower-case letters and digits only (no "_": model names '
                          f'end in "_capaboost_<form>")')
-    taken = {f.name: owner for owner, cls in FORM_SETTINGS.items() if owner != form for f in fields(cls)}
+    taken = {name: owner for name, owner in SETTING_FORM.items() if owner != form}
     taken.update({f.name: 'every form' for f in fields(CapaBoostConfig)})
     for f in fields(settings):
         if f.name in taken:
             raise ValueError(f'setting {f.name!r} of form {form!r} is already a setting of {taken[f.name]}')
+    for name in [name for name, owner in SETTING_FORM.items() if owner == form]:  # registered again: replaced
+        del SETTING_FORM[name]
     FORM_SETTINGS[form] = settings
+    SETTING_FORM.update({f.name: form for f in fields(settings)})
     return settings
 
 
 def form_names() -> Tuple[str, ...]:
     """The registered CapaBoost forms, in registration order ('lora', 'adapter', 'prompt', ...)."""
     return tuple(FORM_SETTINGS)
-
-
-def form_only_keys() -> Dict[str, Tuple[str, ...]]:
-    """{form: the settings only that form reads}."""
-    return {form: tuple(f.name for f in fields(cls)) for form, cls in FORM_SETTINGS.items()}
 
 
 def setting_fields() -> Iterator[Field]:
@@ -230,7 +230,7 @@ class CapaBoostConfig:
         given = {k: settings.pop(k) for k in list(settings) if k in own}
         defaults = setting_defaults()
         for key, value in settings.items():
-            owner = next((form for form, keys in form_only_keys().items() if key in keys), None)
+            owner = SETTING_FORM.get(key)
             if owner is None:
                 raise TypeError(f'CapaBoostConfig got an unexpected setting {key!r}')
             default = defaults[key]
@@ -250,16 +250,15 @@ class CapaBoostConfig:
         for: the settings of another form, which that form never read, are left out whatever their value."""
         record = dict(record)
         method = record.get('method', 'lora')
-        others = {k for form, keys in form_only_keys().items() if form != method for k in keys}
-        return cls(**{k: v for k, v in record.items() if k not in others})
+        return cls(**{k: v for k, v in record.items() if SETTING_FORM.get(k, method) == method})
 
     def __getattr__(self, name: str) -> Any:
         """A setting of the form's own section (``config.rank``); another form's setting is an AttributeError saying
         whose it is."""
         section = self.__dict__.get('section')
-        if section is not None and name in {f.name for f in fields(section)}:
+        if section is not None and name in section.__dataclass_fields__:
             return getattr(section, name)
-        owner = next((form for form, keys in form_only_keys().items() if name in keys), None)
+        owner = SETTING_FORM.get(name)
         if owner is not None:
             raise AttributeError(f'{name} is a setting of the {owner} form; this config has form '
                                  f'{self.__dict__.get("method")!r}')
