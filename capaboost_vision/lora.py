@@ -77,10 +77,13 @@ class CapaBoostLoRALinear(nn.Linear):
             return self.lora_A, self.lora_B
         return lora_factors(self.lora_A, self.lora_B, self.lora_mask_A, self.lora_mask_B)
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """ΔW = (alpha/r) * B_cat A_cat, shape (out, in): the low-rank update (with ``use_dora``, before the
-        magnitude and the row normalisation)."""
+        magnitude and the row normalisation), computed in ``dtype`` (default: the factors' own; float64 for rank
+        diagnostics, so float32 rounding does not pose as extra rank)."""
         a_cat, b_cat = self.masked_factors()
+        if dtype is not None:
+            a_cat, b_cat = a_cat.to(dtype), b_cat.to(dtype)
         return self.scaling * b_cat @ a_cat
 
     def dora_scale(self, delta: torch.Tensor) -> torch.Tensor:
@@ -184,9 +187,7 @@ def lora_delta_weights(model: nn.Module) -> Dict[str, Tuple[torch.Tensor, int]]:
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, CapaBoostLoRALinear):
-                a_cat, b_cat = m.masked_factors()
-                out[name] = (m.scaling * b_cat.double() @ a_cat.double(),
-                             min(m.num_masks * m.rank, m.in_features, m.out_features))
+                out[name] = (m.delta_weight(torch.float64), min(m.num_masks * m.rank, m.in_features, m.out_features))
     return out
 
 
