@@ -19,7 +19,7 @@ from .hub import AdapterError, AdapterFile, apply_adapter, base_mismatch, check_
     explain_hub_error, read_adapter
 from .config import CapaBoostConfig, config_keys
 from .forms import can_merge
-from .multi import load_adapter, set_adapter
+from .multi import data_config, load_together
 from .tuner import merge
 
 
@@ -123,12 +123,8 @@ def load_classifier(source: Union[str, Path, Sequence[Union[str, Path]]], weight
 
 
 def _classifier(model: nn.Module, adapter_name: str) -> Classifier:
-    """The model with its active adapter's preprocessing and class names (what ``apply_adapter`` put in its
-    ``pretrained_cfg``: the adapter's config.json)."""
-    cfg = model.pretrained_cfg
-    img_size = int((cfg.get('input_size') or [3, 224, 224])[-1])
-    mean, std = tuple(cfg['mean']), tuple(cfg['std'])
-    names = tuple(cfg.get('label_names') or (str(i) for i in range(model.num_classes)))
+    """The model with the named adapter's preprocessing and class names (its config.json's data config)."""
+    names, img_size, mean, std = data_config(model, adapter_name)
     return Classifier(model, squash_transform(img_size, mean, std), names, img_size, mean, std, adapter_name)
 
 
@@ -136,13 +132,7 @@ def _load_together(sources: List[str], weights: Optional[Union[str, Path]], devi
                    ) -> List[Classifier]:
     """Several adapters on one backbone: the first built as ``load_classifier`` builds it (unmerged), the others
     loaded beside it by name (their source)."""
-    if len(set(sources)) != len(sources):
-        raise AdapterError(f'{next(s for s in sources if sources.count(s) > 1)} is given twice')
-    classifiers = [load_classifier(sources[0], weights=weights, merged=False, device=device)]
-    model = classifiers[0].model
-    for source in sources[1:]:
-        load_adapter(model, source, adapter_name=source)
-        set_adapter(model, source)
-        classifiers.append(_classifier(model.to(device).eval(), source))
-    set_adapter(model, 'default')
-    return classifiers
+    model = load_classifier(sources[0], weights=weights, merged=False, device=device).model
+    names = load_together(model, sources)
+    model.to(device).eval()
+    return [_classifier(model, name) for name in names]

@@ -14,7 +14,7 @@ to the one shared base product, the adapter runs each group's bottleneck, prompt
 each group's own head. The adapters of one batch must have the same number of classes.
 """
 import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 from pathlib import Path
 
 import torch
@@ -138,6 +138,47 @@ def load_adapter(model: nn.Module, source: Union[str, Path], adapter_name: Optio
     return model
 
 
+def load_together(model: nn.Module, sources: Sequence[Union[str, Path]]) -> List[str]:
+    """``model`` holds ``sources[0]`` (active); load every other source beside it, named by the source as given. The
+    adapter names in the order of ``sources``; all or nothing (those loaded before a failure are removed)."""
+    names = [str(s) for s in sources]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise AdapterError(f'adapter {twice} is given twice')
+    loaded: List[str] = []
+    try:
+        for source, name in zip(sources[1:], names[1:]):
+            load_adapter(model, source, adapter_name=name)
+            loaded.append(name)
+    except BaseException:
+        for name in loaded:
+            delete_adapter(model, name)
+        raise
+    return [active_adapter(model)] + loaded
+
+
+class DataConfig(NamedTuple):
+    """What an adapter was trained with besides its tensors: class names in output order, and the preprocessing
+    (squash-resize to ``img_size``, then ``mean``/``std``)."""
+    label_names: Tuple[str, ...]
+    img_size: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+
+def data_config(model: nn.Module, adapter_name: Optional[str] = None) -> DataConfig:
+    """The classes and preprocessing of a named adapter (default: the active one), from the data config its file
+    put in ``pretrained_cfg``."""
+    if adapter_name is None or adapter_name == getattr(model, 'capaboost_active_adapter', DEFAULT_NAME):
+        cfg, num_classes = model.pretrained_cfg, model.num_classes
+    else:
+        stored = _stored(model, adapter_name)
+        cfg, num_classes = stored.pretrained_cfg, stored.num_classes
+    names = tuple(cfg.get('label_names') or (str(i) for i in range(num_classes)))
+    img_size = int((cfg.get('input_size') or [3, 224, 224])[-1])
+    return DataConfig(names, img_size, tuple(cfg['mean']), tuple(cfg['std']))
+
+
 def _activate(model: nn.Module, stored: NamedAdapter) -> None:
     """Put ``stored``'s tensors where the model runs them (a new head where its class count differs)."""
     head = head_module(model)
@@ -234,29 +275,30 @@ def _begin_mixed_batch(model: nn.Module, args: tuple, kwargs: dict) -> Tuple[tup
                          f'{", ".join(map(repr, list_adapters(model)))}')
     used = list(dict.fromkeys(names))
     active = active_adapter(model)
-    states = {n: live_state(model) if n == active else _stored(model, n).state() for n in used}
     classes = {n: model.num_classes if n == active else _stored(model, n).num_classes for n in used}
     if len(set(classes.values())) > 1:
         raise ValueError(f'adapter_names mixes adapters with different class counts ({classes}): one batch needs one '
                          f'output width; run them in separate batches')
+    # each inactive adapter's tensors by layer: {layer name: {tensor name: tensor}}, read once per batch
+    stored = {n: _by_layer(_stored(model, n).state()) for n in used if n != active}
     groups = [(n, torch.tensor([i for i, m in enumerate(names) if m == n], device=x.device)) for n in used]
     swapped = []
     for layer_name, module in model.named_modules():
         mixed_class = MIXED_LAYERS.get(type(module))
         if mixed_class is None:
             continue
-        prefix = f'{layer_name}.'
-        module.capaboost_groups = [(idx, {k[len(prefix):]: v for k, v in states[n].items()
-                                          if k.startswith(prefix) and '.' not in k[len(prefix):]})
-                                   for n, idx in groups]
+        own = _own_tensors(module, f'{layer_name}.')  # the active adapter's: read from the layer itself
+        module.capaboost_groups = [(idx, own if n == active else stored[n].get(layer_name, {})) for n, idx in groups]
         module.capaboost_batch = x.shape[0]
         swapped.append((module, type(module)))
         module.__class__ = mixed_class
     if not swapped:
         raise ValueError(f'the {model.capaboost_config.method} form registers no mixed-batch layers '
                          f'(forms.register_mixed_layer): it cannot mix adapters in one batch')
-    head, prefix = head_module(model), f'{head_name(model)}.'
-    heads = [(idx, states[n][prefix + 'weight'], states[n].get(prefix + 'bias')) for n, idx in groups]
+    head, head_prefix = head_module(model), head_name(model)
+    head_state = {n: _own_tensors(head, f'{head_prefix}.', head=True) if n == active else stored[n][head_prefix]
+                  for n in used}
+    heads = [(idx, head_state[n]['weight'], head_state[n].get('bias')) for n, idx in groups]
 
     def per_group_head(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         out = output
@@ -266,6 +308,23 @@ def _begin_mixed_batch(model: nn.Module, args: tuple, kwargs: dict) -> Tuple[tup
 
     model.capaboost_mixed_state = (swapped, head.register_forward_hook(per_group_head))
     return args, kwargs
+
+
+def _by_layer(state: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """``{'blocks.0.attn.qkv.lora_A': t, ...}`` -> ``{'blocks.0.attn.qkv': {'lora_A': t}, ...}``."""
+    layers: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        layer, _, name = key.rpartition('.')
+        layers.setdefault(layer, {})[name] = tensor
+    return layers
+
+
+def _own_tensors(module: nn.Module, prefix: str, head: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors of ``module`` itself (not its children) that an adapter stores, by their short names, detached:
+    its CapaBoost weights and masks (``is_capaboost_key`` of the full name), or every one for the head."""
+    tensors = dict(module._parameters)
+    tensors.update((k, v) for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set)
+    return {k: v.detach() for k, v in tensors.items() if v is not None and (head or is_capaboost_key(prefix + k))}
 
 
 def _end_mixed_batch(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

@@ -117,27 +117,18 @@ def load_trained(source: str, weights: Optional[str] = None, merged: bool = Fals
 
 def load_trained_together(sources: Sequence[str], weights: Optional[str] = None) -> List[Trained]:
     """Several CapaBoost adapters on one backbone, built once: the first source as ``load_trained`` builds it
-    (unmerged), every other one loaded beside it by name (the source as given: ``multi.load_adapter``, so they must
-    share its base weights and shape settings). Each Trained shares the one model and has its own classes and
-    preprocessing; ``set_adapter(model, trained.adapter_name)`` before using it."""
-    from ..multi import load_adapter, set_adapter
-    if len(set(sources)) != len(sources):
-        raise RunError(f'adapter {next(s for s in sources if sources.count(s) > 1)} is given twice')
-    first = load_trained(sources[0], weights, merged=False)
-    if not hasattr(first.model, 'capaboost_config'):
-        raise RunError(f'{sources[0]} is not a CapaBoost adapter: only CapaBoost adapters share one backbone')
-    together = [first]
+    (unmerged), every other one loaded beside it by name (``multi.load_together``, so they must share its base
+    weights and shape settings). Each Trained shares the one model and has its own classes and preprocessing;
+    ``set_adapter(model, trained.adapter_name)`` before using it."""
+    from ..multi import data_config, load_together
     for source in sources[1:]:
         if not source.startswith('hf-hub:') and not (Path(source) / CONFIG_NAME).is_file():
             raise RunError(f'{source} holds no {CONFIG_NAME}: only CapaBoost adapters share one backbone')
-        load_adapter(first.model, source, adapter_name=source)
-        set_adapter(first.model, source)
-        cfg = first.model.pretrained_cfg
-        names = tuple(cfg.get('label_names') or (str(i) for i in range(first.model.num_classes)))
-        together.append(Trained(first.model, names, int(cfg['input_size'][-1]), tuple(cfg['mean']), tuple(cfg['std']),
-                                adapter_name=source))
-    set_adapter(first.model, first.adapter_name)
-    return together
+    first = load_trained(sources[0], weights, merged=False)
+    if not hasattr(first.model, 'capaboost_config'):
+        raise RunError(f'{sources[0]} is not a CapaBoost adapter: only CapaBoost adapters share one backbone')
+    names = load_together(first.model, sources)
+    return [first] + [Trained(first.model, *data_config(first.model, name), adapter_name=name) for name in names[1:]]
 
 
 def check_fits(trained: Trained, source: TaskSource, adapter: str) -> None:
