@@ -29,16 +29,16 @@ CURVE_FIELDS = ('task', 'method', 'seed', 'top1', 'lr', 'family', 'group', 'prot
                 'fixed_params', 'max_rank', 'train_images_per_s', 'run_seconds', 'config')
 
 
-def rerender(study: str) -> Path:
-    runs = json.loads((RESULTS / f'{study}_runs.json').read_text())
+def rerender(study: str, folder: Path = RESULTS) -> Path:
+    runs = json.loads((folder / f'{study}_runs.json').read_text())
     results = [dict(r, family='vit_small_dinov2', group='custom', protocol='final') for r in runs]
     methods = {r['method'] for r in runs}
     comparisons = [c for candidate, baseline in PAIRS if candidate in methods and baseline in methods
                    for c in compare(results, [candidate, baseline], check_settings=False)]
-    command = (RESULTS / f'{study}.md').read_text().splitlines()[0]
+    command = (folder / f'{study}.md').read_text().splitlines()[0]
     md = (f'# {study}: paired comparisons, tasks as the units\n\nRe-rendered by `python scripts/rerender_studies.py` '
           f'from `{study}_runs.json` (no retraining), the final runs of\n{command}\n\n' + comparisons_markdown(comparisons))
-    path = RESULTS / f'{study}_compare.md'
+    path = folder / f'{study}_compare.md'
     write_text_atomic(path, md)
     return path
 
@@ -60,13 +60,14 @@ def export_curve_runs(runs_dir: Path) -> Path:
     return path
 
 
-def rerender_curve() -> Path:
+def rerender_curve(folder: Path = RESULTS, plot: bool = True) -> Path:
     """``<study>_curve.md`` (the curve's table, then the paired differences at equal stored parameters and at equal
     rank of the update) and ``<study>_curve.png``, from ``<study>_runs.json``."""
-    results = json.loads((RESULTS / f'{CURVE_STUDY}_runs.json').read_text())
+    results = json.loads((folder / f'{CURVE_STUDY}_runs.json').read_text())
     points, left_out = curve_points(results)
-    plot_curve(points, RESULTS / f'{CURVE_STUDY}_curve.png')
-    command = (RESULTS / f'{CURVE_STUDY}.md').read_text().splitlines()[0]
+    if plot:
+        plot_curve(points, folder / f'{CURVE_STUDY}_curve.png')
+    command = (folder / f'{CURVE_STUDY}.md').read_text().splitlines()[0]
     md = [f'# {CURVE_STUDY}: accuracy per stored parameter, and CapaBoost-LoRA paired two ways', '',
           f'Re-rendered by `python scripts/rerender_studies.py` from `{CURVE_STUDY}_runs.json` (no retraining), the '
           f'final runs of', command, '', f'Curve: `{CURVE_STUDY}_curve.png`.', '', curve_markdown(points, left_out)]
@@ -76,7 +77,7 @@ def rerender_curve() -> Path:
         md += [f'## Paired at {meaning} (`report --compare-pairing {pairing}`)', '',
                'Candidate minus baseline, test top-1 points; tasks are the units.', '',
                comparisons_markdown(comparisons)]
-    path = RESULTS / f'{CURVE_STUDY}_curve.md'
+    path = folder / f'{CURVE_STUDY}_curve.md'
     write_text_atomic(path, '\n'.join(md))
     return path
 

@@ -125,3 +125,9 @@ def test_an_adapter_that_cannot_sit_beside_the_others_is_refused_and_changes_not
     with pytest.raises(ValueError, match='already loaded'):
         multi.load_adapter(model, tmp_path / 'a0', adapter_name='a0')
     assert multi.list_adapters(model) == ['a0']
+    # several at once (load_classifier([...]), predict A B C): all or nothing, the first one loaded is taken back
+    with pytest.raises(ValueError, match='rank: model has 2, adapter has 4'):
+        multi.load_together(model, ['a0', tmp_path / 'a0', tmp_path / 'rank4'])
+    with pytest.raises(ValueError, match='is given twice'):
+        multi.load_together(model, ['a0', tmp_path / 'a0', tmp_path / 'a0'])
+    assert multi.list_adapters(model) == ['a0']
