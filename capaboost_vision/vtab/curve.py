@@ -171,9 +171,15 @@ def plot_curve(points: List[Point], path: Path) -> bool:
         return False
     tasks = sorted(points[0].task_means)
     families = sorted({p.family for p in points})
-    columns = min(4, len(tasks) + 1)
-    panels_down = -(-(len(tasks) + 1) // columns)
-    fig, axes = plt.subplots(panels_down, columns, figsize=(4.2 * columns, 3.4 * panels_down), squeeze=False)
+    # the mean over tasks takes 2 x 2 panels (top left: its task spread spans tens of points), the task panels
+    # fill the other slots
+    columns = min(4, len(tasks) + 2)
+    panels_down = max(2, -(-(len(tasks) + 4) // columns))
+    fig = plt.figure(figsize=(4.2 * columns, 3.2 * panels_down))
+    grid = fig.add_gridspec(panels_down, columns)
+    main = fig.add_subplot(grid[0:2, 0:2])
+    slots = [(i // columns, i % columns) for i in range(panels_down * columns)
+             if not (i // columns < 2 and i % columns < 2)]
     colours = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
 
     def draw(ax, value, title: str, spread: bool) -> None:
@@ -193,14 +199,12 @@ def plot_curve(points: List[Point], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
 
-    draw(axes[0][0], lambda p: p.mean, 'mean over tasks (bars: task spread)', True)
-    axes[0][0].set_xlabel('stored parameters excl. head (log; 0 drawn at 1)', fontsize=8)
-    axes[0][0].set_ylabel('test top-1 (%)', fontsize=8)
-    for i, task in enumerate(tasks, 1):
-        draw(axes[i // columns][i % columns], lambda p, t=task: p.task_means[t], task, False)
-    for j in range(len(tasks) + 1, panels_down * columns):
-        axes[j // columns][j % columns].axis('off')
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    draw(main, lambda p: p.mean, 'mean over tasks (bars: task spread)', True)
+    main.set_xlabel('stored parameters excl. head (log; 0 drawn at 1)', fontsize=8)
+    main.set_ylabel('test top-1 (%)', fontsize=8)
+    for task, (down, across) in zip(tasks, slots):
+        draw(fig.add_subplot(grid[down, across]), lambda p, t=task: p.task_means[t], task, False)
+    handles, labels = main.get_legend_handles_labels()
     fig.legend(handles, labels, loc='lower center', ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.suptitle('Accuracy per stored parameter: one line per method family across its sizes', fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
