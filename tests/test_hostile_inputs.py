@@ -222,6 +222,11 @@ def test_numbers_outside_their_range_are_refused_naming_the_flag(data, tmp_path,
     (['search', '--tasks', 'toy', '--methods', 'lora', '--max-extensions', '-1', *TINY],
      '--max-extensions -1 is invalid: an integer in [0, 100]'),
     (['search', '--tasks', 'toy', '--methods', 'lora', '--lrs', '1e-3', 'inf', *TINY], '--lrs inf is invalid'),
+    # the same runs planned twice (a search's jobs would overwrite each other's record)
+    (['search', '--tasks', 'toy', '--methods', 'lora', 'capaboost_lora', 'lora', *TINY],
+     '--methods: lora is given twice'),
+    (['search', '--tasks', 'toy', 'toy', '--methods', 'lora', *TINY], '--tasks: toy is given twice'),
+    (['sweep', '--tasks', 'toy', '--methods', 'lora', '--seeds', '0', '1', '0', *TINY], '--seeds: 0 is given twice'),
 ])
 def test_settings_meaningless_together_are_refused(data, tmp_path, argv, fragment):
     """A setting is checked against its meaning: one the method would ignore, or a search that cannot be run."""
@@ -648,3 +653,15 @@ def test_no_command_writes_into_a_run_folder_or_over_a_file_unasked(data, tmp_pa
     code, _, err = cli('predict', run_dir, image, '--output', tmp_path)
     one_line_error(code, err, f'--output {tmp_path} is a folder')
     assert cli('predict', run_dir, image, '--output', preds, '--overwrite')[0] == 0 and preds.read_text() != 'keep me'
+
+
+def test_search_refuses_the_same_task_and_method_twice_before_any_run(tmp_path):
+    """A script calling ``search`` with a method listed twice (scripts/offline_suite.py does) is one error up front,
+    not a KeyError after the first round of runs."""
+    from capaboost_vision.vtab.search import SearchJob, search
+    ran = []
+    jobs = [SearchJob('toy', 'lora', [1e-3]), SearchJob('toy', 'capaboost_lora', [1e-3]), SearchJob('toy', 'lora', [1e-3])]
+    with pytest.raises(RunError, match='method lora is searched twice on task toy'):
+        search(jobs, [0], 0, 0, lambda requests: ran.extend(requests) or [], lambda request: {'top1': 1.0},
+               lambda job: tmp_path)
+    assert ran == [] and list(tmp_path.iterdir()) == []

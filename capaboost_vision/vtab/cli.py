@@ -199,10 +199,26 @@ def make_launcher(settings: LaunchSettings, output: Path, in_process: Callable[[
     return launcher_class(settings, output)
 
 
+def _each_once(values: List[Any], flag: str) -> List[Any]:
+    """``values``, or RunError for one given twice (after expansion: a task alias and its name are one task), which
+    would plan the same runs twice."""
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        raise RunError(f'{flag}: {twice} is given twice: name each once')
+    return values
+
+
+def _grid(args: argparse.Namespace) -> List[str]:
+    """The tasks of a sweep or search (``--tasks`` expanded), each of tasks, methods and seeds given once."""
+    _each_once(args.methods, '--methods')
+    _each_once(args.seeds, '--seeds')
+    return _each_once(expand_tasks(args.tasks, Path(args.data_path) if args.data_path else None), '--tasks')
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """task x method x seed; on GPUs, ``--runs-per-gpu`` runs at once on each; finished runs are skipped."""
     settings = _launch_settings(args)
-    tasks = expand_tasks(args.tasks, Path(args.data_path) if args.data_path else None)
+    tasks = _grid(args)
     configs = [build_run_config(args, task, method, seed, resume=True)  # every run validated before any
                for task in tasks for method in args.methods for seed in args.seeds]  # starts (or torch loads)
     from .launch import pending_runs
@@ -226,7 +242,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise RunError(f'--max-extensions {args.max_extensions} is invalid: an integer in [0, 100] is required (grid '
                        f'steps added in each direction)')
     settings = _launch_settings(args)
-    tasks = expand_tasks(args.tasks, Path(args.data_path) if args.data_path else None)
+    tasks = _grid(args)
     jobs = []
     for task in tasks:
         for method in args.methods:

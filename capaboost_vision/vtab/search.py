@@ -87,6 +87,10 @@ def search(jobs: List[SearchJob], seeds: List[int], search_seed: int, max_extens
     """Run the search of every job, round by round (each round's runs in parallel through ``run_all``, which
     returns the failed runs' commands), then the final runs; returns {name@task: record}. ``results_of(request)``
     reads a finished run's results.json."""
+    keys = [(job.task, job.name) for job in jobs]
+    twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    if twice is not None:  # one record and one set of runs per (task, method)
+        raise RunError(f'method {twice[1]} is searched twice on task {twice[0]}: give each method and task once')
     pending = {(job.task, job.name): list(job.grid) for job in jobs}
     while pending:  # one round: every missing (job, lr) validation run
         by_key = {(job.task, job.name): job for job in jobs}
