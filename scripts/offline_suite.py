@@ -197,6 +197,7 @@ def write_outputs(args, results: Dict[Tuple[str, str, int], Dict[str, Any]], rec
     """The report's table of the final runs (``report.summarize``), the CapaBoost-X vs X comparisons
     (``compare.compare``, as ``report --compare``), the lr comparison and the search records, as .md, .csv, .png."""
     tasks, seeds = args.tasks, args.seeds
+    report.mark_custom_tasks(list(results.values()))  # the generated look-alikes are not the VTAB tasks they mimic
     rows = report.summarize(list(results.values()))
     pairs = [c for boosted, plain in PAIRS if boosted in args.methods and plain in args.methods
              for c in compare.compare(list(results.values()), [boosted, plain])]

@@ -80,10 +80,16 @@ def collect_with_skipped(runs_dir: Path) -> Tuple[List[Dict[str, Any]], List[str
         raise FileNotFoundError(f'no results.json under {runs_dir}' if not skipped else
                                 f'no usable results.json under {runs_dir}: {len(skipped)} malformed (first: '
                                 f'{skipped[0]})')
-    for r in results:  # a custom task named like a VTAB task (a task.yaml with its own group) is not that task
+    return mark_custom_tasks(results), skipped
+
+
+def mark_custom_tasks(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """``results`` with a custom task named like a VTAB task (a task.yaml with its own group, which is not that task)
+    renamed '<name> (custom)', in place, so no table or mean takes it for the VTAB task."""
+    for r in results:
         if r['task'] in TASKS and r['group'] != TASKS[r['task']].group:
             r['task'] = f'{r["task"]} (custom)'
-    return results, skipped
+    return results
 
 
 def collect(runs_dir: Path) -> List[Dict[str, Any]]:
